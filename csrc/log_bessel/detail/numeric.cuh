@@ -1,0 +1,102 @@
+// Small numeric helpers shared by the log-Bessel branches, for float and double,
+// on the host and on the device: precision constants, lgamma, digamma, asinh(v/x).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/host_device.h"
+
+#if !defined(__CUDA_ARCH__)
+#include <math.h>  // lgamma_r: std::lgamma writes the global signgam, a race under OpenMP
+#endif
+
+namespace diffkern {
+namespace log_bessel {
+
+template <class T>
+struct Precision;
+
+template <>
+struct Precision<double> {
+  static constexpr double eps = 1.1102230246251565e-16;  // unit roundoff 2^-53
+  static constexpr double ln2 = 0.69314718055994530942;
+  static constexpr double half_log_two_pi = 0.91893853320467274178;
+  static constexpr double log_pi_over_two = 0.45158270528945486473;  // log(pi/2)
+  // Trapezoid step for K at small orders (see trapezoid.cuh): h <= h0 - slope log(1+v)
+  // keeps the strip error below e^-41, h <= scale / sqrt(hypot(x, v)) resolves the peak.
+  static constexpr double trapezoid_h0 = 0.2407;
+  static constexpr double trapezoid_h_slope = 0.0397;
+  static constexpr double trapezoid_h_scale = 0.40;
+};
+
+template <>
+struct Precision<float> {
+  static constexpr float eps = 5.9604645e-8f;  // 2^-24
+  static constexpr float ln2 = 0.69314718f;
+  static constexpr float half_log_two_pi = 0.91893853f;
+  static constexpr float log_pi_over_two = 0.45158270f;
+  static constexpr float trapezoid_h0 = 0.4486f;  // strip error below e^-22
+  static constexpr float trapezoid_h_slope = 0.093f;
+  static constexpr float trapezoid_h_scale = 0.55f;
+};
+
+template <class T>
+DK_HOST_DEVICE T quiet_nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+template <class T>
+DK_HOST_DEVICE T infinity() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// log Gamma(z) for z > 0.
+DK_HOST_DEVICE double log_gamma(double z) {
+#if defined(__CUDA_ARCH__)
+  return ::lgamma(z);
+#else
+  int sign;
+  return ::lgamma_r(z, &sign);
+#endif
+}
+
+DK_HOST_DEVICE float log_gamma(float z) {
+#if defined(__CUDA_ARCH__)
+  return ::lgammaf(z);
+#else
+  int sign;
+  return ::lgammaf_r(z, &sign);
+#endif
+}
+
+// Digamma psi(z) for z >= 1 (all the log-Bessel code needs): recurrence up to z >= 10,
+// then the asymptotic series, whose first neglected term is below 1e-17 there.
+template <class T>
+DK_HOST_DEVICE T digamma_ge1(T z) {
+  T shift = T(0);
+  while (z < T(10)) {
+    shift -= T(1) / z;
+    z += T(1);
+  }
+  const T r = T(1) / (z * z);
+  // Bernoulli terms B_2n / (2n z^2n), n = 1..7, by Horner in 1/z^2.
+  const T series =
+      r * (T(1) / 12 -
+           r * (T(1) / 120 -
+                r * (T(1) / 252 -
+                     r * (T(1) / 240 - r * (T(1) / 132 - r * (T(691) / 32760 - r * (T(1) / 12)))))));
+  return shift + std::log(z) - T(0.5) / z - series;
+}
+
+// asinh(v / x) for v >= 0, x > 0 without overflowing v / x when x is tiny.
+template <class T>
+DK_HOST_DEVICE T asinh_ratio(T v, T x) {
+  // Past 1/sqrt(eps), asinh(y) = log(2y) to working precision.
+  const T big = T(1) / std::sqrt(Precision<T>::eps);
+  if (v > big * x) return Precision<T>::ln2 + std::log(v) - std::log(x);
+  return std::asinh(v / x);
+}
+
+}  // namespace log_bessel
+}  // namespace diffkern

@@ -1,0 +1,96 @@
+// log I_v(x) from the power series, for small orders or small x:
+//
+//   I_v(x) = (x/2)^v / Gamma(v+1) * sum_k t_k,   t_0 = 1,  t_k = t_{k-1} q / (k (v + k)),
+//   q = x^2 / 4.
+//
+// All terms are positive, so the sum is accurate to a few roundings; the log is
+// taken of the prefactor analytically. Derivatives follow from the same terms:
+//   d/dx log I = (v + 2 sum k t_k / sum t_k) / x,
+//   d/dv log I = log(x/2) - psi(v+1) - sum t_k H_k / sum t_k,  H_k = sum_{j<=k} 1/(v+j).
+#pragma once
+#include <cmath>
+
+#include "log_bessel/detail/numeric.cuh"
+#include "log_bessel/detail/result.cuh"
+
+namespace diffkern {
+namespace log_bessel {
+
+// Branch limits, chosen by measured error (bench/NOTES-log_bessel.md):
+//  - below order 20 the series serves every x up to 35 (at most ~70 terms); beyond it
+//    the shifted-order branch is accurate, below it that branch would subtract two
+//    logs of size ~v log(v/x);
+//  - from order 20 on the Debye branch is accurate everywhere, and the series is kept
+//    only for small q / (v+1), where it needs fewer than ~10 terms.
+constexpr double kSeriesSmallOrder = 20.0;
+constexpr double kSeriesMaxXSmallOrder = 35.0;
+constexpr double kSeriesMaxQOverV = 0.05;
+
+template <class T>
+DK_HOST_DEVICE bool series_applies(T v, T x) {
+  if (v < T(kSeriesSmallOrder)) return x <= T(kSeriesMaxXSmallOrder);
+  return x * x <= T(4 * kSeriesMaxQOverV) * (v + T(1));
+}
+
+// log((x/2)^v / Gamma(v+1)). Where (x/2)^v and Gamma(v+1) are both representable the
+// quotient is formed first: pow and tgamma are correctly rounded to a few ulps, so the
+// log has an absolute error of a few ulps even when v log(x/2) and log Gamma(v+1)
+// nearly cancel (around x ~ 2 v / e). Elsewhere the two logs differ by far.
+template <class T>
+DK_HOST_DEVICE T series_prefactor(T v, T x, T log_half_x) {
+  if (v == T(0)) return T(0);
+  const T max_exponent = T(sizeof(T) == 8 ? 600 : 60);
+  if (v < T(kSeriesSmallOrder) && v * std::fabs(log_half_x) < max_exponent &&
+      x > T(1e-30)) {
+    return std::log(std::pow(T(0.5) * x, v) / std::tgamma(v + T(1)));
+  }
+  return v * log_half_x - log_gamma(v + T(1));
+}
+
+// v >= 0, x > 0 finite.
+template <class T>
+DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
+  const T eps = Precision<T>::eps;
+  const T q = T(0.25) * x * x;
+  // Terms are kept divided by q so that x^2 may underflow without losing the ratio:
+  // u_k = t_k / q.
+  T u = T(1) / (v + T(1));  // u_1
+  T sum = T(0);             // sum_{k>=1} t_k
+  T sum_k_u = T(0);         // sum_{k>=1} k u_k
+  T sum_h = T(0);           // sum_{k>=1} t_k H_k
+  T harmonic = T(0);        // H_k
+  for (int k = 1; k < 400; ++k) {
+    const T t = u * q;
+    sum += t;
+    if (want.dx) sum_k_u += T(k) * u;
+    if (want.dv) {
+      harmonic += T(1) / (v + T(k));
+      sum_h += t * harmonic;
+    }
+    // Terms decrease once q < k (v + k); stop when the next cannot matter to any of
+    // the sums asked for (each relative to its own size: for tiny x the derivative
+    // sums are much smaller than the value's sum 1 + S).
+    const T next_ratio = q / (T(k + 1) * (v + T(k + 1)));
+    const T tol = eps * T(0.05);
+    if (next_ratio < T(1) && t * next_ratio <= tol * (T(1) + sum) &&
+        (!want.dx || T(k + 1) * u * next_ratio <= tol * sum_k_u) &&
+        (!want.dv || t * next_ratio * (harmonic + T(1) / (v + T(k + 1))) <= tol * sum_h)) {
+      break;
+    }
+    u *= next_ratio;
+  }
+  const T log_half_x = std::log(x) - Precision<T>::ln2;  // x/2 would lose a bit if subnormal
+  LogBesselValue<T> r;
+  r.log_value = series_prefactor(v, x, log_half_x) + std::log1p(sum);
+  if (want.scaled) r.log_value -= x;
+  if (want.dx) {
+    // ratio = 2 sum k t_k / (x sum t) = (x/2) sum k u_k / (1 + sum)
+    r.ratio = x * sum_k_u / (T(2) * (T(1) + sum));
+    r.dlog_dx = v / x + r.ratio;
+  }
+  if (want.dv) r.dlog_dv = log_half_x - digamma_ge1(v + T(1)) - sum_h / (T(1) + sum);
+  return r;
+}
+
+}  // namespace log_bessel
+}  // namespace diffkern

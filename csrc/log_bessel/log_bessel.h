@@ -1,0 +1,38 @@
+// log-Bessel family: core entry points (no Python, no torch).
+//
+// Every op is elementwise over two broadcast inputs, the order v and the argument x,
+// of one dtype (float32 or float64), writing one contiguous output of that dtype.
+#pragma once
+#include <cstdint>
+
+#include "common/broadcast.h"
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace diffkern {
+
+// What to compute for each (v, x). The "scaled" forms remove the exponential
+// factor exactly (never by subtracting two large numbers).
+enum class LogBesselOp : int {
+  log_iv = 0,      // log I_v(x)
+  log_kv = 1,      // log K_v(x)
+  log_ive = 2,     // log I_v(x) - x
+  log_kve = 3,     // log K_v(x) + x
+  iv_ratio = 4,    // I_{v+1}(x) / I_v(x)
+  dlog_iv_dx = 5,  // d/dx log I_v(x)
+  dlog_kv_dx = 6,  // d/dx log K_v(x)
+  dlog_iv_dv = 7,  // d/dv log I_v(x)   (derivative in the order)
+  dlog_kv_dv = 8,  // d/dv log K_v(x)
+};
+constexpr int kNumLogBesselOps = 9;
+
+// CPU: OpenMP over elements with num_threads threads (<= 0: OpenMP's default).
+Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x, void* out,
+                      const BinaryBroadcast& geometry, int num_threads);
+
+// CUDA: launches on `stream` (a cudaStream_t) on the current device; never synchronizes.
+// Returns Status::unsupported when the library was built without CUDA.
+Status log_bessel_cuda(LogBesselOp op, DType dtype, const void* v, const void* x, void* out,
+                       const BinaryBroadcast& geometry, void* stream);
+
+}  // namespace diffkern
