@@ -3,7 +3,6 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "common/host_device.h"
 
@@ -41,14 +40,15 @@ struct Precision<float> {
   static constexpr float trapezoid_h_scale = 0.55f;
 };
 
+// (The <cmath> macros rather than numeric_limits: those are host-only constexpr for nvcc.)
 template <class T>
 DK_HOST_DEVICE T quiet_nan() {
-  return std::numeric_limits<T>::quiet_NaN();
+  return T(NAN);
 }
 
 template <class T>
 DK_HOST_DEVICE T infinity() {
-  return std::numeric_limits<T>::infinity();
+  return T(INFINITY);
 }
 
 // log Gamma(z) for z > 0.
