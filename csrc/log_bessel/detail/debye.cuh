@@ -80,8 +80,17 @@ DK_HOST_DEVICE void eta_zero<float>(float& hi, float& lo) {
 // E = s - v asinh(v/x) (scaled: E - x), accurate also where it nearly cancels.
 template <class T>
 DK_HOST_DEVICE T debye_exponent(T v, T x, T s, bool scaled) {
+  if (scaled && v < T(0.05) * x) {
+    // E - x = v phi(u), u = v/x, phi(u) = (sqrt(1+u^2) - 1)/u - asinh(u): the two terms
+    // cancel to a third for small u, so sum phi's Taylor series instead.
+    const T u = v / x, u2 = u * u;
+    const T phi = u * (T(-0.5) + u2 * (T(1.0 / 24) + u2 * (T(-1.0 / 80) + u2 * (T(5.0 / 896) +
+                  u2 * (T(-7.0 / 2304) + u2 * (T(21.0 / 11264) + u2 * (T(-33.0 / 26624) +
+                  u2 * T(143.0 / 163840))))))));
+    return v * phi;
+  }
   const T asinh_vx = asinh_ratio(v, x);
-  if (scaled) return v * v / (s + x) - v * asinh_vx;  // never cancels badly: see notes
+  if (scaled) return v * v / (s + x) - v * asinh_vx;
   T z0_hi, z0_lo;
   eta_zero<T>(z0_hi, z0_lo);
   const T w = (std::fma(-z0_hi, v, x) - z0_lo * v) / v;
@@ -108,13 +117,18 @@ DK_HOST_DEVICE DebyeResult<T> log_bessel_debye(T v, T x, bool is_i, Want want) {
   const T p = v / s;
   const T sign = is_i ? T(1) : T(-1);
   const DebyeSum<T> A = debye_sum<T, kDerivs>(v, p, s, sign);
-  const T e = debye_exponent(v, x, s, want.scaled);
+  // The exponent and log s are of size ~v and nearly cancel where the result is small:
+  // they are assembled in double even for float inputs (a few double operations per
+  // element; the sum A, the costly part, stays in T).
+  const double vd = v, xd = x, sd = std::hypot(vd, xd);
+  const double e = debye_exponent<double>(vd, xd, sd, want.scaled);
   DebyeResult<T> out;
   LogBesselValue<T>& r = out.value;
   if (is_i) {
-    r.log_value = e - Precision<T>::half_log_two_pi - T(0.5) * std::log(s) + std::log(A.a);
+    r.log_value = T(e - Precision<double>::half_log_two_pi - 0.5 * std::log(sd)) + std::log(A.a);
   } else {
-    r.log_value = -e + T(0.5) * (Precision<T>::log_pi_over_two - std::log(s)) + std::log(A.a);
+    r.log_value = T(-e + 0.5 * (Precision<double>::log_pi_over_two - std::log(sd))) +
+                  std::log(A.a);
   }
   if (kDerivs >= 1) {
     const T x_s = x / s;

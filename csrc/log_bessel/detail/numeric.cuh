@@ -70,6 +70,18 @@ DK_HOST_DEVICE float log_gamma(float z) {
 #endif
 }
 
+// Gamma(z) for z > 0. On the host the float version goes through double: glibc's
+// tgammaf was measured 2.6e-6 off at z = 16.87 (some 40 ulps).
+DK_HOST_DEVICE double gamma_function(double z) { return ::tgamma(z); }
+
+DK_HOST_DEVICE float gamma_function(float z) {
+#if defined(__CUDA_ARCH__)
+  return ::tgammaf(z);
+#else
+  return static_cast<float>(::tgamma(static_cast<double>(z)));
+#endif
+}
+
 // Digamma psi(z) for z >= 1 (all the log-Bessel code needs): recurrence up to z >= 10,
 // then the asymptotic series, whose first neglected term is below 1e-17 there.
 template <class T>

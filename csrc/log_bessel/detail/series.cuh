@@ -32,19 +32,31 @@ DK_HOST_DEVICE bool series_applies(T v, T x) {
   return x * x <= T(4 * kSeriesMaxQOverV) * (v + T(1));
 }
 
-// log((x/2)^v / Gamma(v+1)). Where (x/2)^v and Gamma(v+1) are both representable the
-// quotient is formed first: pow and tgamma are correctly rounded to a few ulps, so the
-// log has an absolute error of a few ulps even when v log(x/2) and log Gamma(v+1)
-// nearly cancel (around x ~ 2 v / e). Elsewhere the two logs differ by far.
+// (x/2)^v / Gamma(v+1) as a number, when it and its factors are normal numbers. Then
+// the log of the whole product is taken once: pow and Gamma are accurate to a few ulps,
+// so the log has an absolute error of a few ulps even where v log(x/2) and
+// log Gamma(v+1) nearly cancel (around x ~ 2v/e). Returns false when out of range.
 template <class T>
-DK_HOST_DEVICE T series_prefactor(T v, T x, T log_half_x) {
-  if (v == T(0)) return T(0);
-  const T max_exponent = T(sizeof(T) == 8 ? 600 : 60);
-  if (v < T(kSeriesSmallOrder) && v * std::fabs(log_half_x) < max_exponent &&
-      x > T(1e-30)) {
-    return std::log(std::pow(T(0.5) * x, v) / std::tgamma(v + T(1)));
+DK_HOST_DEVICE bool series_prefactor_linear(T v, T x, T log_half_x, T& prefactor) {
+  // Gamma(v+1) < e^43 below order 20, so |v log(x/2)| < max_exponent keeps the power,
+  // the quotient and its product with the sum (< e^35) normal (double: e^+-708,
+  // float: e^+-87).
+  const T max_exponent = T(sizeof(T) == 8 ? 600 : 40);
+  if (!(v < T(kSeriesSmallOrder) && v * std::fabs(log_half_x) < max_exponent && x > T(1e-30))) {
+    return false;
   }
-  return v * log_half_x - log_gamma(v + T(1));
+  // Gamma(v+1) as v Gamma(v): v + 1 would be rounded (badly so in float).
+  prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) / (v * gamma_function(v));
+  return true;
+}
+
+// log((x/2)^v / Gamma(v+1)) from logs, where the two terms differ by far; in double for
+// float inputs all the same (two double operations).
+template <class T>
+DK_HOST_DEVICE T series_log_prefactor(T v, T log_half_x) {
+  if (v == T(0)) return T(0);
+  const double vd = v;
+  return T(vd * double(log_half_x) - log_gamma(vd + 1.0));
 }
 
 // v >= 0, x > 0 finite.
@@ -81,8 +93,15 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
   }
   const T log_half_x = std::log(x) - Precision<T>::ln2;  // x/2 would lose a bit if subnormal
   LogBesselValue<T> r;
-  r.log_value = series_prefactor(v, x, log_half_x) + std::log1p(sum);
-  if (want.scaled) r.log_value -= x;
+  T prefactor;
+  if (series_prefactor_linear(v, x, log_half_x, prefactor)) {
+    // One log of the product; the scaled form multiplies by e^-x instead of subtracting
+    // x from a log of similar size.
+    r.log_value = std::log(prefactor * (T(1) + sum) * (want.scaled ? std::exp(-x) : T(1)));
+  } else {
+    r.log_value = series_log_prefactor(v, log_half_x) + std::log1p(sum);
+    if (want.scaled) r.log_value -= x;
+  }
   if (want.dx) {
     // ratio = 2 sum k t_k / (x sum t) = (x/2) sum k u_k / (1 + sum)
     r.ratio = x * sum_k_u / (T(2) * (T(1) + sum));

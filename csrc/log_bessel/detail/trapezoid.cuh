@@ -60,7 +60,6 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv_trapezoid(T v, T x, Want want) {
   const T h_strip = Precision<T>::trapezoid_h0 - Precision<T>::trapezoid_h_slope * std::log1p(v);
   const T h_peak = Precision<T>::trapezoid_h_scale / std::sqrt(std::hypot(x, v));
   const T h = T(0.92) * std::fmin(h_strip, h_peak);
-  const T lc_c = log_cosh(v * tc);
   const T log1p_c = std::log1p(std::exp(T(-2) * v * tc));
   // g(t) - g(tc) = 2 x sinh((t+tc)/2) sinh((t-tc)/2) - (log cosh(vt) - log cosh(v tc)).
   auto delta_g = [&](T t) {
@@ -90,11 +89,13 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv_trapezoid(T v, T x, Want want) {
     if (w <= tol * sum) break;
   }
   // g(tc) - x = 2 x sinh^2(tc/2) - log cosh(v tc): the scaled form needs no subtraction.
-  const T xs_half = x_times_hyperbolic(x, log_x, T(0.5) * tc, false);
-  const T g_c_scaled = T(2) * xs_half * std::sinh(T(0.5) * tc) - lc_c;
+  // Its two terms are of size ~v and nearly cancel where K_v(x) ~ 1, so they (and the
+  // unscaling by x) are done in double even for float inputs.
+  const double xd = x, vd = v, tcd = tc;
+  const double xs_half = x_times_hyperbolic(xd, std::log(xd), 0.5 * tcd, false);
+  const double g_c_scaled = 2.0 * xs_half * std::sinh(0.5 * tcd) - log_cosh(vd * tcd);
   LogBesselValue<T> r;
-  r.log_value = -g_c_scaled + std::log(h * sum);
-  if (!want.scaled) r.log_value -= x;
+  r.log_value = T(-g_c_scaled - (want.scaled ? 0.0 : xd)) + std::log(h * sum);
   if (want.dx) r.dlog_dx = -(sum_xcosh / sum) / x;
   if (want.dv) r.dlog_dv = sum_ttanh / sum;
   return r;
