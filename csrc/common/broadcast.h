@@ -21,6 +21,17 @@ struct BinaryBroadcast {
     return n;
   }
 
+  // True when both inputs are laid out exactly like the (contiguous) output, so the
+  // linear index is the offset and offsets() (a division per dimension) can be skipped.
+  DK_HOST_DEVICE bool inputs_match_output() const {
+    int64_t expected = 1;
+    for (int d = ndim - 1; d >= 0; --d) {
+      if (sizes[d] != 1 && (a_strides[d] != expected || b_strides[d] != expected)) return false;
+      expected *= sizes[d];
+    }
+    return true;
+  }
+
   // Offsets of both inputs for the linear (row-major) output index i.
   DK_HOST_DEVICE void offsets(int64_t i, int64_t& a_off, int64_t& b_off) const {
     a_off = 0;

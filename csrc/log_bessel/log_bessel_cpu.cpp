@@ -11,7 +11,8 @@
 namespace diffkern {
 namespace {
 
-template <class T>
+// kContiguous: inputs laid out like the output, no per-element offset arithmetic.
+template <class T, bool kContiguous>
 void run(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadcast& g,
          int num_threads) {
   const int64_t n = g.numel();
@@ -22,8 +23,8 @@ void run(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadcast& 
 #pragma omp parallel for schedule(dynamic, 1024) num_threads(num_threads) if (n > 2048)
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    int64_t v_off, x_off;
-    g.offsets(i, v_off, x_off);
+    int64_t v_off = i, x_off = i;
+    if (!kContiguous) g.offsets(i, v_off, x_off);
     out[i] = log_bessel::evaluate<T>(op, v[v_off], x[x_off]);
   }
 }
@@ -39,8 +40,14 @@ Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x,
   if (v == nullptr || x == nullptr || out == nullptr) return Status::invalid_argument;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    run<T>(op, static_cast<const T*>(v), static_cast<const T*>(x), static_cast<T*>(out),
-           geometry, num_threads);
+    const auto* vp = static_cast<const T*>(v);
+    const auto* xp = static_cast<const T*>(x);
+    auto* op_out = static_cast<T*>(out);
+    if (geometry.inputs_match_output()) {
+      run<T, true>(op, vp, xp, op_out, geometry, num_threads);
+    } else {
+      run<T, false>(op, vp, xp, op_out, geometry, num_threads);
+    }
     return 0;
   });
   return Status::ok;

@@ -28,17 +28,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-bool is_plain_contiguous(const BinaryBroadcast& g) {
-  int64_t expected = 1;
-  for (int d = g.ndim - 1; d >= 0; --d) {
-    if (g.sizes[d] != 1 && (g.a_strides[d] != expected || g.b_strides[d] != expected)) {
-      return false;
-    }
-    expected *= g.sizes[d];
-  }
-  return true;
-}
-
 template <class T>
 Status launch(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadcast& g,
               cudaStream_t stream) {
@@ -51,7 +40,7 @@ Status launch(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadc
   // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
   const int64_t wanted = (n + kThreadsPerBlock - 1) / kThreadsPerBlock;
   const int blocks = static_cast<int>(std::min<int64_t>(wanted, int64_t(sm_count) * 32));
-  if (is_plain_contiguous(g)) {
+  if (g.inputs_match_output()) {
     log_bessel_kernel<T, true><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x, out, g, n);
   } else {
     log_bessel_kernel<T, false><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x, out, g, n);

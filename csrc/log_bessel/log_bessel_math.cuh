@@ -1,11 +1,13 @@
 // The math of the log-Bessel family, shared by the CPU and CUDA kernels.
 //
 // Branches (each documented in its own file under detail/):
-//   log I_v(x):  power series        when x^2/4 <= 4 (v + 1)        (series.cuh)
-//                Debye expansion     when v >= 20                     (debye.cuh)
-//                Debye at v + n, then the backward recurrence down to v (shifted_order.cuh)
-//   log K_v(x):  Debye expansion     when |v| >= 20
-//                trapezoid rule on the integral of exp(-x cosh t) cosh(v t) (trapezoid.cuh)
+//   log I_v(x):  power series     v < 20 and x <= 35, or x^2 <= 0.2 (v+1)   (series.cuh)
+//                Debye expansion  v >= 20                                    (debye.cuh)
+//                Hankel expansion x >= 40 and x >= v^2/2, if it converges    (hankel.cuh)
+//                else Debye at v + n, then the backward recurrence down to v (shifted_order.cuh)
+//   log K_v(x):  Debye expansion  |v| >= 20
+//                Hankel expansion x >= 40 and x >= v^2/2, if it converges
+//                else the trapezoid rule on int exp(-x cosh t) cosh(v t) dt  (trapezoid.cuh)
 // The branch limits were chosen by measuring the error against mpmath references
 // (bench/NOTES-log_bessel.md). Special values follow SciPy: NaN in or x < 0 gives NaN.
 #pragma once
@@ -13,6 +15,7 @@
 
 #include "common/host_device.h"
 #include "log_bessel/detail/debye.cuh"
+#include "log_bessel/detail/hankel.cuh"
 #include "log_bessel/detail/numeric.cuh"
 #include "log_bessel/detail/result.cuh"
 #include "log_bessel/detail/series.cuh"
@@ -59,7 +62,7 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv(T v, T x, Want want) {
   } else if (v >= T(kDebyeMinOrder)) {
     r = want.dx || want.dv ? log_bessel_debye<T, 1>(v, x, true, want).value
                            : log_bessel_debye<T, 0>(v, x, true, want).value;
-  } else {
+  } else if (!(hankel_applies(v, x) && log_bessel_hankel(v, x, true, want, r))) {
     r = log_iv_shifted_order(v, x, want);
   }
   if (negative_integer_order) r.dlog_dv = nan;
@@ -85,7 +88,7 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv(T v, T x, Want want) {
   } else if (v >= T(kDebyeMinOrder)) {
     r = want.dx || want.dv ? log_bessel_debye<T, 1>(v, x, false, want).value
                            : log_bessel_debye<T, 0>(v, x, false, want).value;
-  } else {
+  } else if (!(hankel_applies(v, x) && log_bessel_hankel(v, x, false, want, r))) {
     r = log_kv_trapezoid(v, x, want);
   }
   r.dlog_dv *= order_sign;

@@ -113,14 +113,14 @@ struct DebyeResult {
 // 2 also d/dv of the ratio (for the recurrence that starts from this order).
 template <class T, int kDerivs>
 DK_HOST_DEVICE DebyeResult<T> log_bessel_debye(T v, T x, bool is_i, Want want) {
-  const T s = std::hypot(v, x);
+  const T s = hypot_fast(v, x);
   const T p = v / s;
   const T sign = is_i ? T(1) : T(-1);
   const DebyeSum<T> A = debye_sum<T, kDerivs>(v, p, s, sign);
   // The exponent and log s are of size ~v and nearly cancel where the result is small:
   // they are assembled in double even for float inputs (a few double operations per
   // element; the sum A, the costly part, stays in T).
-  const double vd = v, xd = x, sd = std::hypot(vd, xd);
+  const double vd = v, xd = x, sd = hypot_fast(vd, xd);
   const double e = debye_exponent<double>(vd, xd, sd, want.scaled);
   DebyeResult<T> out;
   LogBesselValue<T>& r = out.value;

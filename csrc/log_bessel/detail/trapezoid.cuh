@@ -58,7 +58,7 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv_trapezoid(T v, T x, Want want) {
   //    the h that keeps it below e^-41 (double) for 0 <= v <= 20 from below;
   //  - peak: the peak is about 1/sqrt(g'') wide, and g''(tc) is close to hypot(x, v).
   const T h_strip = Precision<T>::trapezoid_h0 - Precision<T>::trapezoid_h_slope * std::log1p(v);
-  const T h_peak = Precision<T>::trapezoid_h_scale / std::sqrt(std::hypot(x, v));
+  const T h_peak = Precision<T>::trapezoid_h_scale / std::sqrt(hypot_fast(x, v));
   const T h = T(0.92) * std::fmin(h_strip, h_peak);
   const T log1p_c = std::log1p(std::exp(T(-2) * v * tc));
   // g(t) - g(tc) = 2 x sinh((t+tc)/2) sinh((t-tc)/2) - (log cosh(vt) - log cosh(v tc)).

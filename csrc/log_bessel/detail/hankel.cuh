@@ -1,0 +1,86 @@
+// log I_v(x) and log K_v(x) for large x and small orders from Hankel's expansion
+// (DLMF 10.40.1-2), with a_k(v) = prod_{j<=k} (4v^2 - (2j-1)^2) / (k! 8^k):
+//
+//   log I_v(x) =  x - log(2 pi x)/2 + log sum_k (-1)^k a_k(v) / x^k   (+ O(e^-2x))
+//   log K_v(x) = -x + log(pi/(2x))/2 + log sum_k a_k(v) / x^k
+//
+// The series is asymptotic: its terms shrink, reach a minimum, then grow. It is used
+// only where the terms fall below rounding before that minimum (checked as it is
+// summed: if they turn upward first, the caller falls back to another branch), and
+// for I only where e^-2x is far below rounding. Derivatives come from the same terms.
+#pragma once
+#include <cmath>
+
+#include "log_bessel/detail/numeric.cuh"
+#include "log_bessel/detail/result.cuh"
+
+namespace diffkern {
+namespace log_bessel {
+
+// Used for x >= kHankelMinX and x >= v^2 / 2 (terms then start shrinking at once).
+constexpr double kHankelMinX = 40.0;
+
+template <class T>
+DK_HOST_DEVICE bool hankel_applies(T v, T x) {
+  return x >= T(kHankelMinX) && T(2) * x >= v * v;
+}
+
+// Returns false (and leaves `out` unspecified) if the series would not converge.
+template <class T>
+DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselValue<T>& out) {
+  const T tol = Precision<T>::eps * T(0.05);
+  const T sign = is_i ? T(-1) : T(1);
+  const T four_v2 = T(4) * v * v;
+  const T inv_8x = T(1) / (T(8) * x);
+  T term = T(1);       // sign^k a_k / x^k
+  T dterm_dv = T(0);   // its derivative in v
+  T sum = T(1), sum_k = T(0), sum_dv = T(0);
+  bool converged = false;
+  for (int k = 1; k <= 60; ++k) {
+    const T odd = T(2 * k - 1);
+    const T c = (four_v2 - odd * odd) * inv_8x / T(k) * sign;
+    if (want.dv) dterm_dv = dterm_dv * c + term * (T(8) * v * inv_8x / T(k) * sign);
+    const T previous = term;
+    term *= c;
+    sum += term;
+    if (want.dx) sum_k += T(k) * term;
+    if (want.dv) sum_dv += dterm_dv;
+    if (std::fabs(term) <= tol * std::fabs(sum) &&
+        (!want.dx || std::fabs(T(k) * term) <= tol * (std::fabs(sum_k) + tol)) &&
+        (!want.dv || std::fabs(dterm_dv) <= tol * (std::fabs(sum_dv) + tol))) {
+      converged = true;
+      break;
+    }
+    if (term == T(0)) {  // v half-odd-integer: the series terminates exactly
+      converged = true;
+      break;
+    }
+    if (std::fabs(term) > std::fabs(previous) && T(2 * k + 1) > T(2) * v) break;  // diverging
+  }
+  if (!converged) return false;
+  const double xd = x;
+  // x and log x are assembled in double for float inputs too (they nearly cancel in
+  // the scaled forms' neighbours; a couple of double operations).
+  if (is_i) {
+    const double base = -Precision<double>::half_log_two_pi - 0.5 * std::log(xd);
+    out.log_value = T(want.scaled ? base : xd + base) + std::log(sum);
+  } else {
+    const double base = 0.5 * (Precision<double>::log_pi_over_two - std::log(xd));
+    out.log_value = T(want.scaled ? base : base - xd) + std::log(sum);
+  }
+  if (want.dx) {
+    const T dlog_sum_dx = -sum_k / (sum * x);
+    const T half_over_x = T(0.5) / x;
+    if (is_i) {
+      out.ratio = T(1) - (half_over_x + v / x) + dlog_sum_dx;
+      out.dlog_dx = T(1) - half_over_x + dlog_sum_dx;
+    } else {
+      out.dlog_dx = T(-1) - half_over_x + dlog_sum_dx;
+    }
+  }
+  if (want.dv) out.dlog_dv = sum_dv / sum;
+  return true;
+}
+
+}  // namespace log_bessel
+}  // namespace diffkern
