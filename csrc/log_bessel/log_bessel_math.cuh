@@ -3,10 +3,11 @@
 // Branches (each documented in its own file under detail/):
 //   log I_v(x):  power series     v < 20 and x <= 35, or x^2 <= 0.2 (v+1)   (series.cuh)
 //                Debye expansion  v >= 20                                    (debye.cuh)
-//                Hankel expansion x >= 40 and x >= v^2/2, if it converges    (hankel.cuh)
+//                Hankel expansion x >= 20 and x >= v^2/2, if it converges    (hankel.cuh)
 //                else Debye at v + n, then the backward recurrence down to v (shifted_order.cuh)
 //   log K_v(x):  Debye expansion  |v| >= 20
-//                Hankel expansion x >= 40 and x >= v^2/2, if it converges
+//                Temme's series + forward recurrence for x <= 2 (not for d/dv) (temme.cuh)
+//                Hankel expansion x >= 20 and x >= v^2/2, if it converges
 //                else the trapezoid rule on int exp(-x cosh t) cosh(v t) dt  (trapezoid.cuh)
 // The branch limits were chosen by measuring the error against mpmath references
 // (bench/NOTES-log_bessel.md). Special values follow SciPy: NaN in or x < 0 gives NaN.
@@ -20,6 +21,7 @@
 #include "log_bessel/detail/result.cuh"
 #include "log_bessel/detail/series.cuh"
 #include "log_bessel/detail/shifted_order.cuh"
+#include "log_bessel/detail/temme.cuh"
 #include "log_bessel/detail/trapezoid.cuh"
 #include "log_bessel/log_bessel.h"
 
@@ -88,6 +90,8 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv(T v, T x, Want want) {
   } else if (v >= T(kDebyeMinOrder)) {
     r = want.dx || want.dv ? log_bessel_debye<T, 1>(v, x, false, want).value
                            : log_bessel_debye<T, 0>(v, x, false, want).value;
+  } else if (x <= T(kTemmeMaxX) && !want.dv) {
+    r = log_kv_temme(v, x, want);
   } else if (!(hankel_applies(v, x) && log_bessel_hankel(v, x, false, want, r))) {
     r = log_kv_trapezoid(v, x, want);
   }

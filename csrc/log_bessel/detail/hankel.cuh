@@ -17,8 +17,9 @@
 namespace diffkern {
 namespace log_bessel {
 
-// Used for x >= kHankelMinX and x >= v^2 / 2 (terms then start shrinking at once).
-constexpr double kHankelMinX = 40.0;
+// Used for x >= kHankelMinX (the minimal term, ~e^-2x, and the neglected e^-2x part of
+// I are then below rounding) and x >= v^2 / 2 (terms start shrinking at once).
+constexpr double kHankelMinX = 20.0;
 
 template <class T>
 DK_HOST_DEVICE bool hankel_applies(T v, T x) {
