@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU check on an offline CUDA machine (H100): build in place (no isolation, no downloads),
+# run the CUDA tests, compute-sanitizer (memcheck + racecheck), the C++ CUDA benchmark, the
+# self-check and the Python benchmark. A failing step does not stop the others; the exit
+# status is non-zero if any failed. A summary table is printed last.
+#
+#   bash scripts/gpu_check.sh OUTDIR
+#
+# OUTDIR gets at most 8 files: build.log pytest.log junit.xml sanitizer.log run.log
+# selfcheck.json bench_log_bessel.json bench_cpp_cuda.json. Target: < 9 minutes.
+set -uo pipefail  # no -e: every step runs; failures are collected instead
+
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+NAMES=(); STATES=(); SECS=()
+
+# step NAME TIMEOUT_S LOGFILE CMD...: runs CMD under a timeout, appending to LOGFILE.
+step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  local t=$(date +%s) rc
+  echo "=== [$(( t - T0 ))s] $name: $*" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  local state=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then state="TIMEOUT(${limit}s)"
+  elif [ $rc -ne 0 ]; then state="FAIL(rc=$rc)"; fi
+  echo "=== $name: $state in $(( $(date +%s) - t ))s" | tee -a "$log"
+  NAMES+=("$name"); STATES+=("$state"); SECS+=($(( $(date +%s) - t )))
+}
+skip() { NAMES+=("$1"); STATES+=("skip: $2"); SECS+=(0); echo "=== $1: skipped ($2)"; }
+
+SAN=$(command -v compute-sanitizer || true)
+[ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
+if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/run.log" 2>&1
+
+# 1. Build + install; the same CMake build also compiles the C++ benchmarks (one nvcc pass).
+step build 420 "$OUT/build.log" \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . \
+  -Cbuild-dir=build/gpu \
+  -Ccmake.define.DIFFKERN_CUDA=ON \
+  -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+  -Ccmake.define.DIFFKERN_BUILD_BENCH=ON
+BUILD_OK=$([ "${STATES[-1]}" = ok ] && echo 1 || echo 0)
+
+if [ "$BUILD_OK" = 1 ]; then
+  # 2. CUDA tests (the cpu half of the suite runs in CI).
+  step pytest-cuda 300 "$OUT/pytest.log" \
+    "$PY" -m pytest -q -m cuda tests --junitxml="$OUT/junit.xml"
+
+  # 3. compute-sanitizer on a small workload. No caching allocator under memcheck, so
+  #    out-of-bounds accesses hit unallocated memory instead of a neighbour's block.
+  if [ -n "$SAN" ]; then
+    step memcheck 240 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SAN" --tool memcheck --error-exitcode 1 --leak-check no "$PY" scripts/sanitizer_smoke.py
+    step racecheck 240 "$OUT/sanitizer.log" \
+      "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/sanitizer_smoke.py
+  else
+    skip memcheck "compute-sanitizer not found"; skip racecheck "compute-sanitizer not found"
+  fi
+
+  # 4. C++ CUDA microbenchmark (built above when nvcc was found).
+  BENCH=build/gpu/bench/cpp/bench_log_bessel_cuda
+  if [ -x "$BENCH" ]; then
+    step bench-cpp-cuda 120 "$OUT/run.log" "$BENCH" --json "$OUT/bench_cpp_cuda.json"
+  else
+    skip bench-cpp-cuda "$BENCH not built"
+  fi
+
+  # 5. Self-check of every family, then the Python benchmark against peers.
+  step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$OUT/selfcheck.json"
+  if [ -f bench/log_bessel.py ]; then
+    step bench-log-bessel 240 "$OUT/run.log" "$PY" bench/log_bessel.py --json "$OUT/bench_log_bessel.json"
+  else
+    skip bench-log-bessel "bench/log_bessel.py missing"
+  fi
+else
+  for s in pytest-cuda memcheck racecheck bench-cpp-cuda selfcheck bench-log-bessel; do
+    skip "$s" "build failed (see build.log)"
+  done
+fi
+
+FAILED=0
+echo
+echo "gpu_check summary ($(( $(date +%s) - T0 ))s total, logs in $OUT)"
+printf '%-18s %-22s %6s\n' step status seconds
+printf '%-18s %-22s %6s\n' ------------------ ---------------------- ------
+for i in "${!NAMES[@]}"; do
+  printf '%-18s %-22s %6s\n' "${NAMES[$i]}" "${STATES[$i]}" "${SECS[$i]}"
+  case "${STATES[$i]}" in ok|skip*) ;; *) FAILED=1 ;; esac
+done
+# A missing sanitizer or benchmark is reported but is not a failure of the code.
+exit $FAILED
