@@ -41,10 +41,10 @@ DK_HOST_DEVICE bool series_prefactor_linear(T v, T x, T log_half_x, T& prefactor
   // Gamma(v+1) < e^43 below order 20, so |v log(x/2)| < max_exponent keeps the power,
   // the quotient and its product with the sum (< e^35) normal (double: e^+-708,
   // float: e^+-87).
+  // For x <= 2 both logs have one sign (log Gamma(v+1) >= -0.13), so the cheaper log
+  // form cannot cancel there; pow and tgamma are only paid for x > 2.
   const T max_exponent = T(sizeof(T) == 8 ? 600 : 40);
-  if (!(v < T(kSeriesSmallOrder) && v * std::fabs(log_half_x) < max_exponent && x > T(1e-30))) {
-    return false;
-  }
+  if (!(v < T(kSeriesSmallOrder) && x > T(2) && v * log_half_x < max_exponent)) return false;
   // Gamma(v+1) as v Gamma(v): v + 1 would be rounded (badly so in float).
   prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) / (v * gamma_function(v));
   return true;

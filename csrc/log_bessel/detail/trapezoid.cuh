@@ -116,14 +116,29 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv_trapezoid(T v, T x, Want want) {
     const T w = add(j);
     if (w <= tol * sum) break;
   }
-  // g(tc) - x = 2 x sinh^2(tc/2) - log cosh(v tc): the scaled form needs no subtraction.
-  // Its two terms are of size ~v and nearly cancel where K_v(x) ~ 1, so they (and the
-  // unscaling by x) are done in double even for float inputs.
-  const double xd = x, vd = v, tcd = tc;
-  const double xs_half = x_times_hyperbolic(xd, std::log(xd), 0.5 * tcd, false);
-  const double g_c_scaled = 2.0 * xs_half * std::sinh(0.5 * tcd) - log_cosh(vd * tcd);
+  // g(tc) (scaled: g(tc) - x = 2 x sinh^2(tc/2) - log cosh(v tc), no subtraction of x).
+  // Its two terms are of size ~v and nearly cancel where K_v(x) ~ 1, so they are formed
+  // in double even for float inputs, with both products exact (fma) and the difference
+  // taken before the small parts are added: what rounding is left is that of cosh(tc).
+  const double xd = x, vd = v, tcd = tc, log_xd = std::log(xd);
+  double hyper;  // cosh(tc), or 2 sinh^2(tc/2) for the scaled form
+  double x_hyper_hi, x_hyper_lo;
+  if (0.5 * tcd < 700.0) {
+    const double sh = std::sinh(0.5 * tcd);
+    hyper = want.scaled ? 2.0 * sh * sh : std::cosh(tcd);
+    x_hyper_hi = xd * hyper;
+    x_hyper_lo = std::fma(xd, hyper, -x_hyper_hi);
+  } else {  // tiny x, huge tc: x e^tc / 2 without overflow (x cosh tc >> 1 here anyway)
+    x_hyper_hi = 0.5 * std::exp(log_xd + tcd);
+    x_hyper_lo = 0.0;
+  }
+  const double y_hi = vd * tcd, y_lo = std::fma(vd, tcd, -y_hi);
+  const double log1p_tail = y_hi < 20.0 ? std::log1p(std::exp(-2.0 * y_hi)) : 0.0;
+  constexpr double kLn2Hi = 0.69314718055994528623, kLn2Lo = 2.3190468138462996e-17;
+  // g = x*hyper - (y - ln2 + log1p(e^-2y))
+  const double g_c = (x_hyper_hi - y_hi) + (x_hyper_lo - y_lo - log1p_tail + kLn2Hi + kLn2Lo);
   LogBesselValue<T> r;
-  r.log_value = T(-g_c_scaled - (want.scaled ? 0.0 : xd)) + std::log(h * sum);
+  r.log_value = T(-g_c) + std::log(h * sum);
   if (want.dx) r.dlog_dx = -(sum_xcosh / sum) / x;
   if (want.dv) r.dlog_dv = sum_ttanh / sum;
   return r;
