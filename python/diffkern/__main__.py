@@ -21,7 +21,7 @@ import traceback
 
 # Family modules (diffkern.<name>) in the order they are checked. A family that is not
 # written yet is reported as missing, not as an error.
-FAMILIES = ["special", "ot", "attention", "zo", "fd"]
+FAMILIES = ["special", "distributions", "ot", "attention", "zo", "fd"]
 
 _COLUMNS = ["family", "check", "device", "value", "reference", "status"]
 

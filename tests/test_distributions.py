@@ -1,0 +1,411 @@
+"""von Mises-Fisher: densities against closed forms and mpmath, samplers against moments,
+reparameterized gradients against analytic / finite-difference / score-function values,
+the concentration solver by round trip, errors and shapes.
+
+Monte-Carlo checks use tolerances of 5 standard errors (estimated from the samples or
+known in closed form), with fixed seeds, so a correct implementation fails with
+probability ~1e-6 per check and a wrong one is caught when its bias exceeds ~5 se.
+"""
+from __future__ import annotations
+
+import math
+
+import mpmath as mp
+import numpy as np
+import pytest
+import torch
+
+import diffkern as dk
+from diffkern.distributions import (VonMisesFisher, concentration_from_mean_resultant_length,
+                                    fit_von_mises_fisher)
+
+F64 = torch.float64
+PS = [2, 3, 10, 1000, 32768]
+KAPPAS = [1e-6, 1e-2, 1.0, 1e3, 1e7]
+EPS = torch.finfo(F64).eps
+
+
+def _unit(*shape, seed=0, dtype=F64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=F64)
+    return (x / x.norm(dim=-1, keepdim=True)).to(device=device, dtype=dtype)
+
+
+def _ratio(p, k):
+    return dk.bessel_iv_ratio(p / 2 - 1, torch.as_tensor(k, dtype=F64))
+
+
+def _dratio(p, k):
+    k = torch.as_tensor(k, dtype=F64)
+    a = _ratio(p, k)
+    return (1 - a) * (1 + a) - (p - 1) * a / k
+
+
+# ------------------------------------------------------------------------ densities
+
+
+@pytest.mark.parametrize("kappa", [1e-6, 1e-2, 1.0, 10.0, 300.0])
+def test_p2_matches_torch_von_mises_and_normalizes(kappa):
+    m = 0.7
+    theta = torch.linspace(-math.pi, math.pi, 4097, dtype=F64)[:-1]
+    x = torch.stack([theta.cos(), theta.sin()], -1)
+    d = VonMisesFisher(torch.tensor([math.cos(m), math.sin(m)], dtype=F64),
+                       torch.tensor(kappa, dtype=F64))
+    ours = d.log_prob(x)
+    ref = torch.distributions.VonMises(torch.tensor(m, dtype=F64),
+                                       torch.tensor(kappa, dtype=F64)).log_prob(theta)
+    # torch's VonMises uses a polynomial approximation of log I_0 (error up to ~3e-7)
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    mp.mp.dps = 30
+    exact_norm = float(-mp.log(2 * mp.pi) - mp.log(mp.besseli(0, kappa)))
+    assert torch.allclose(ours, exact_norm + kappa * torch.cos(theta - m), rtol=1e-14,
+                          atol=1e-14 * max(1.0, kappa))
+    # periodic trapezoid rule: spectrally accurate for this smooth integrand
+    total = ours.exp().sum() * (2 * math.pi / theta.numel())
+    assert abs(total.item() - 1) < 1e-12
+
+
+def _log_sinh(k):
+    return k + math.log1p(-math.exp(-2 * k)) - math.log(2)
+
+
+@pytest.mark.parametrize("kappa", [1e-6, 1e-2, 1.0, 30.0, 1e3, 1e7])
+def test_p3_closed_form_and_normalizes(kappa):
+    mu = _unit(3, seed=1)
+    x = _unit(200, 3, seed=2)
+    x[0] = mu
+    x[1] = -mu
+    d = VonMisesFisher(mu, torch.tensor(kappa, dtype=F64))
+    ref_norm = math.log(kappa) - math.log(4 * math.pi) - _log_sinh(kappa) if kappa > 1e-3 \
+        else -math.log(4 * math.pi) - kappa ** 2 / 6  # kappa/sinh(kappa) = 1 - k^2/6 + ...
+    ref = ref_norm + kappa * (x @ mu)
+    got = d.log_prob(x)
+    assert torch.allclose(got, ref, rtol=1e-13, atol=1e-13 * max(1.0, kappa))
+    if kappa <= 1e3:
+        # integrate over the sphere: dA = 2 pi dw along w = mu.x (Gauss-Legendre in w,
+        # on [1 - 60/kappa, 1] when concentrated)
+        t, wts = np.polynomial.legendre.leggauss(200)
+        lo = max(-1.0, 1 - 60 / kappa)
+        w = torch.tensor((t + 1) / 2 * (1 - lo) + lo, dtype=F64)
+        pts = torch.stack([w, torch.sqrt(1 - w * w), torch.zeros_like(w)], -1)
+        d1 = VonMisesFisher(torch.tensor([1.0, 0, 0], dtype=F64), torch.tensor(kappa, dtype=F64))
+        total = 2 * math.pi * (d1.log_prob(pts).exp() * torch.tensor(wts)).sum() * (1 - lo) / 2
+        assert abs(total.item() - 1) < 1e-12
+
+
+@pytest.mark.parametrize("p,kappa", [(10, 1e3), (1000, 1e-2), (1000, 1e3), (1000, 1e7),
+                                     (32768, 1e-6), (32768, 1.0), (32768, 1e3),
+                                     (32768, 1e7), (2, 1e7), (5, 123.4)])
+def test_log_normalizer_and_entropy_vs_mpmath(p, kappa):
+    mp.mp.dps = 40
+    nu = mp.mpf(p) / 2 - 1
+    k = mp.mpf(kappa)
+    log_c = nu * mp.log(k) - mp.mpf(p) / 2 * mp.log(2 * mp.pi) - mp.log(mp.besseli(nu, k))
+    a = mp.besseli(nu + 1, k) / mp.besseli(nu, k)
+    mu = torch.zeros(p, dtype=F64)
+    mu[0] = 1
+    d = VonMisesFisher(mu, torch.tensor(kappa, dtype=F64))
+    got = d.log_prob(mu).item()  # log C + kappa
+    want = float(log_c + k)
+    assert abs(got - want) <= 1e-14 * max(1.0, abs(want)) * 4
+    ent, want_ent = d.entropy().item(), float(-log_c - k * a)
+    # -log C and kappa*A nearly cancel for huge kappa: allow the error of kappa*A
+    assert abs(ent - want_ent) <= 4e-15 * (abs(want_ent) + kappa + abs(float(log_c)))
+    assert abs(d.mean[0].item() - float(a)) <= 4e-16
+
+
+@pytest.mark.parametrize("p", PS)
+def test_everything_finite_over_the_range(p, device):
+    torch.manual_seed(0)
+    kap = torch.tensor(KAPPAS, dtype=F64, device=device)
+    mu = _unit(len(KAPPAS), p, seed=p, device=device)
+    d = VonMisesFisher(mu, kap)
+    for val in (mu, -mu, _unit(len(KAPPAS), p, seed=p + 1, device=device)):
+        assert torch.isfinite(d.log_prob(val)).all()
+    for t in (d.entropy(), d.mean, d.variance):
+        assert torch.isfinite(t).all()
+    assert (d.variance >= 0).all()
+    x = d.sample((4 if p == 32768 else 64,))
+    assert torch.isfinite(x).all()
+    assert ((x.norm(dim=-1) - 1).abs() <= 8 * EPS).all()
+    assert torch.isfinite(d.log_prob(x)).all()
+    k32 = VonMisesFisher(mu.float(), kap.float())
+    x32 = k32.sample((4,))
+    assert torch.isfinite(x32).all() and ((x32.norm(dim=-1) - 1).abs() <= 1e-5).all()
+    assert torch.isfinite(k32.log_prob(x32)).all() and torch.isfinite(k32.entropy()).all()
+
+
+# ------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("p,kappa", [(2, 1e-6), (2, 1.0), (3, 0.5), (3, 30.0), (10, 1e-2),
+                                     (10, 1e3), (1000, 1.0), (1000, 1e3), (32768, 1e4),
+                                     (2, 1e7), (32768, 1e7)])
+def test_sample_moments(p, kappa):
+    torch.manual_seed(1)
+    n = 400 if p > 1000 else 4000 if p == 1000 else 40000
+    mu = _unit(p, seed=3)
+    d = VonMisesFisher(mu, torch.tensor(kappa, dtype=F64))
+    x = d.sample((n,))
+    # 1 - w from the geometry, to keep its relative precision when kappa is huge
+    one_minus_w = 0.5 * (x - mu).pow(2).sum(-1)
+    a = _ratio(p, kappa).item()
+    se = math.sqrt(max(_dratio(p, kappa).item(), 0.0) / n)  # Var[w] = A'
+    assert abs((1 - one_minus_w.mean().item()) - a) <= 5 * se + 1e-15
+    if kappa >= 1e3:  # the relative check that matters when A is within 1e-7 of 1
+        rel_se = one_minus_w.std().item() / math.sqrt(n) / (1 - a)
+        assert abs(one_minus_w.mean().item() / (1 - a) - 1) <= 5 * rel_se
+    # whole mean vector (tangent part centered) and coordinate variances
+    if p <= 1000:
+        var = d.variance
+        assert (x.mean(0) - d.mean).abs().max() <= 5 * (var / n).sqrt().max() + 1e-15
+        if p <= 10:
+            assert torch.allclose(x.var(0), var, rtol=0.1, atol=1e-12)
+
+
+def test_entropy_vs_monte_carlo():
+    torch.manual_seed(2)
+    for p, kappa in [(2, 0.3), (3, 4.0), (50, 20.0), (1000, 1e3)]:
+        d = VonMisesFisher(_unit(p, seed=p), torch.tensor(kappa, dtype=F64))
+        lp = d.log_prob(d.sample((20000,)))
+        se = lp.std().item() / math.sqrt(lp.numel())
+        assert abs(-lp.mean().item() - d.entropy().item()) <= 5 * se + 1e-12
+
+
+# --------------------------------------------------------------------- rsample gradients
+
+
+def _per_sample_grads(p, kappa, f, n, corrected, seed):
+    """Per-sample gradient estimates of d/dkappa E[f(x)] (loc fixed)."""
+    torch.manual_seed(seed)
+    k = torch.full((n,), kappa, dtype=F64, requires_grad=True)
+    mu = _unit(p, seed=5)
+    d = VonMisesFisher(mu.expand(n, p), k)
+    x, log_ratio = d.rsample_with_correction()
+    fx = f(x, mu)
+    surrogate = fx + fx.detach() * (log_ratio - log_ratio.detach()) if corrected else fx
+    (g,) = torch.autograd.grad(surrogate.sum(), k)
+    return g
+
+
+@pytest.mark.parametrize("p,kappa", [(3, 1.5), (2, 0.7), (10, 8.0), (100, 300.0)])
+def test_rsample_concentration_gradient_unbiased_with_correction(p, kappa):
+    # f = mu.x: E = A_p(kappa), d/dkappa = A'(kappa) (closed form via the Riccati eq.)
+    g = _per_sample_grads(p, kappa, lambda x, mu: x @ mu, 200000, True, seed=3)
+    want = _dratio(p, kappa).item()
+    se = g.std().item() / math.sqrt(g.numel())
+    assert abs(g.mean().item() - want) <= 5 * se, (g.mean().item(), want, se)
+
+
+def test_rsample_alone_is_the_biased_g_rep_part():
+    # documented behaviour: plain rsample gives only g_rep, biased low for small p
+    g = _per_sample_grads(3, 1.5, lambda x, mu: x @ mu, 50000, False, seed=8)
+    want = _dratio(3, 1.5).item()
+    assert 0.2 < 1 - g.mean().item() / want < 0.35
+
+
+def test_rsample_concentration_gradient_vs_finite_difference_and_score_function():
+    p, kappa, n = 3, 2.0, 200000
+    # f = (mu.x)^2: E[w^2] = 1 - (p-1) A / kappa; reference by a central difference
+    def ew2(k):
+        return 1 - (p - 1) * _ratio(p, k).item() / k
+    h = 1e-5
+    fd = (ew2(kappa + h) - ew2(kappa - h)) / (2 * h)
+    g = _per_sample_grads(p, kappa, lambda x, mu: (x @ mu) ** 2, n, True, seed=4)
+    se = g.std().item() / math.sqrt(n)
+    assert abs(g.mean().item() - fd) <= 5 * se + 1e-8
+    # a non-polynomial f against the score-function estimate E[f(x) (w - A)]
+    c = torch.tensor([0.3, -1.2, 0.8], dtype=F64)
+    f = lambda x, mu: torch.exp(x @ c)  # noqa: E731
+    g = _per_sample_grads(p, kappa, f, n, True, seed=5)
+    torch.manual_seed(6)
+    mu = _unit(p, seed=5)
+    x = VonMisesFisher(mu, torch.tensor(kappa, dtype=F64)).sample((n,))
+    sf = f(x, mu) * ((x @ mu) - _ratio(p, kappa))
+    se = math.sqrt(g.var().item() / n + sf.var().item() / n)
+    assert abs(g.mean().item() - sf.mean().item()) <= 5 * se
+
+
+def test_rsample_loc_gradient():
+    # mu = theta/|theta|, f = c.x: E = A c.mu, gradient A (I - mu mu^T) c / |theta|
+    p, kappa = 4, 3.0
+    torch.manual_seed(7)
+    theta = torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=F64, requires_grad=True)
+    c = torch.tensor([1.0, 2.0, -0.5, 0.7], dtype=F64)
+    grads = []
+    for _ in range(20):
+        mu = theta / theta.norm()
+        x = VonMisesFisher(mu, torch.tensor(kappa, dtype=F64)).rsample((5000,))
+        (g,) = torch.autograd.grad((x @ c).mean(), theta)
+        grads.append(g)
+    grads = torch.stack(grads)
+    mu = (theta / theta.norm()).detach()
+    want = _ratio(p, kappa) * (c - mu * (mu @ c)) / theta.norm().detach()
+    se = grads.std(0) / math.sqrt(grads.shape[0])
+    assert ((grads.mean(0) - want).abs() <= 5 * se + 1e-12).all()
+
+
+def test_rsample_shapes_and_grad_flow():
+    mu = _unit(2, 1, 5).requires_grad_()
+    k = torch.tensor([1.0, 10.0, 100.0], dtype=F64, requires_grad=True)
+    d = VonMisesFisher(mu, k)
+    x, lr = d.rsample_with_correction((7,))
+    assert x.shape == (7, 2, 3, 5) and lr.shape == (7, 2, 3)
+    (x.sum() + lr.sum()).backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(k.grad).all()
+    assert d.sample((2,)).requires_grad is False
+
+
+def test_log_prob_gradcheck():
+    mu = _unit(4, seed=8)
+    x = _unit(6, 4, seed=9)
+
+    def fn(theta, k):
+        return VonMisesFisher(theta / theta.norm(), k, validate_args=False).log_prob(x)
+    assert torch.autograd.gradcheck(fn, (mu.clone().requires_grad_(),
+                                         torch.tensor(2.5, dtype=F64, requires_grad=True)))
+    assert torch.autograd.gradcheck(
+        lambda k: VonMisesFisher(mu, k).entropy(),
+        (torch.tensor([0.1, 2.5, 40.0], dtype=F64, requires_grad=True),))
+
+
+# --------------------------------------------------------------- concentration solver
+
+
+def _roundtrip_grid(ps, kappas):
+    P, K = torch.meshgrid(torch.tensor(ps, dtype=F64), kappas, indexing="ij")
+    r = dk.bessel_iv_ratio(P / 2 - 1, K)
+    return P, K, r
+
+
+def _data_limit(r):
+    # what rbar in float64 determines: |d kappa / kappa| = ulp(rbar) / (kappa A'),
+    # and kappa A' >= ~(1 - rbar) r / 2 over the whole range, so 4 eps / (1 - rbar) bounds it
+    return torch.clamp(4 * EPS / (1 - r), min=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [None, 4])
+def test_concentration_roundtrip(iterations):
+    ps = [2, 3, 4, 5, 7, 10, 33, 100, 1000, 4097, 32768]
+    kappas = torch.logspace(-6, 7, 400, dtype=F64)
+    P, K, r = _roundtrip_grid(ps, kappas)
+    est = concentration_from_mean_resultant_length(r, P, iterations=iterations)
+    rel = ((est - K) / K).abs()
+    assert (rel <= _data_limit(r)).all(), rel.max()
+    well = 4 * EPS / (1 - r) <= 1e-13
+    assert well.float().mean() > 0.6
+    assert rel[well].max() <= 1e-12
+
+
+def test_concentration_random_batch_and_float32():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    p = torch.randint(2, 32769, (n,), generator=g).to(F64)
+    k = 10 ** (torch.rand(n, generator=g, dtype=F64) * 13 - 6)
+    r = dk.bessel_iv_ratio(p / 2 - 1, k)
+    est = concentration_from_mean_resultant_length(r.reshape(100, 200), p.reshape(100, 200))
+    assert est.shape == (100, 200) and est.dtype == F64
+    assert (((est.reshape(-1) - k) / k).abs() <= _data_limit(r)).all()
+    # float32 where float32 rbar determines kappa to ~1e-5
+    r32 = r.float()
+    est32 = concentration_from_mean_resultant_length(r32, p.float())
+    assert est32.dtype == torch.float32
+    ok = (1 - r) > 1e-2
+    assert (((est32.double() - k) / k).abs()[ok] <= 2e-5).all()
+
+
+def test_concentration_special_values_and_grad():
+    r = torch.tensor([0.0, 1.0, 1.5, -0.1, float("nan")], dtype=F64)
+    out = concentration_from_mean_resultant_length(r, 3)
+    assert out[0] == 0 and out[1] == float("inf") and out[2:].isnan().all()
+    out = concentration_from_mean_resultant_length(r, 3, iterations=4)
+    assert out[0] == 0 and out[1] == float("inf") and out[2:].isnan().all()
+    rr = torch.tensor([1e-3, 0.3, 0.9, 0.999], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: concentration_from_mean_resultant_length(t, 7), (rr,))
+    assert concentration_from_mean_resultant_length(torch.tensor(0.5), 3).shape == ()
+
+
+def test_fit_on_samples_batched_and_weighted():
+    torch.manual_seed(3)
+    mus = _unit(2, 3, 5, seed=11)
+    kap = torch.tensor([[1.0, 20.0, 500.0], [0.1, 5.0, 1e5]], dtype=F64)
+    n = 20000
+    x = VonMisesFisher(mus, kap).sample((n,)).permute(1, 2, 0, 3)  # (2, 3, n, 5)
+    mu_hat, k_hat = fit_von_mises_fisher(x)
+    assert mu_hat.shape == (2, 3, 5) and k_hat.shape == (2, 3)
+    # kappa-hat has relative sd ~ 1/sqrt(n) for kappa >> 1, larger as kappa -> 0
+    big = kap >= 1
+    assert ((k_hat[big] / kap[big] - 1).abs() <= 0.05).all()
+    assert (k_hat[~big] < 0.5).all()
+    cosang = (mu_hat * mus).sum(-1)
+    assert (cosang[kap >= 5] > 0.99).all()
+    # dim argument and weights: integer weights == replicated rows
+    mu2, k2 = fit_von_mises_fisher(x.transpose(-2, -3), dim=-3)
+    assert torch.allclose(mu2, mu_hat) and torch.allclose(k2, k_hat)
+    xs = x[0, 1, :50]
+    w = torch.randint(1, 4, (50,)).to(F64)
+    mu_w, k_w = fit_von_mises_fisher(xs, w)
+    mu_r, k_r = fit_von_mises_fisher(xs.repeat_interleave(w.long(), 0))
+    assert torch.allclose(mu_w, mu_r, rtol=1e-12) and torch.allclose(k_w, k_r, rtol=1e-10)
+
+
+def test_fit_is_differentiable():
+    x = _unit(30, 4, seed=12) + torch.tensor([3.0, 0, 0, 0], dtype=F64)
+    x = (x / x.norm(dim=-1, keepdim=True)).requires_grad_()
+    mu, k = fit_von_mises_fisher(x)
+    (k + mu.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------- errors and shapes
+
+
+def test_errors_name_the_argument():
+    mu = _unit(3)
+    with pytest.raises(ValueError, match="loc"):
+        VonMisesFisher(torch.ones(4, 1, dtype=F64), 1.0)
+    with pytest.raises(ValueError, match="loc"):
+        VonMisesFisher(torch.tensor(1.0, dtype=F64), 1.0)
+    with pytest.raises(ValueError, match="loc"):
+        VonMisesFisher(mu * 1.1, 1.0)
+    with pytest.raises(ValueError, match="concentration"):
+        VonMisesFisher(mu, 0.0)
+    with pytest.raises(ValueError, match="concentration"):
+        VonMisesFisher(mu, torch.tensor([1.0, -2.0], dtype=F64))
+    with pytest.raises(ValueError, match="concentration"):
+        VonMisesFisher(_unit(4, 3), torch.ones(3, dtype=F64))
+    with pytest.raises(TypeError, match="loc"):
+        VonMisesFisher([1.0, 0.0], 1.0)
+    d = VonMisesFisher(mu, 1.0)
+    with pytest.raises(ValueError, match="value"):
+        d.log_prob(torch.ones(3, dtype=F64))
+    # value checks are skipped on request
+    VonMisesFisher(mu * 1.1, -1.0, validate_args=False)
+    with pytest.raises(ValueError, match="p"):
+        concentration_from_mean_resultant_length(torch.tensor([0.5]), 1)
+    with pytest.raises(ValueError, match="p"):
+        concentration_from_mean_resultant_length(torch.tensor([0.5]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="dim"):
+        fit_von_mises_fisher(_unit(10, 3), dim=-1)
+    with pytest.raises(ValueError, match="weights"):
+        fit_von_mises_fisher(_unit(10, 3), torch.ones(7))
+
+
+def test_batch_shapes_and_expand():
+    mu = _unit(2, 1, 3)
+    k = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=F64)
+    d = VonMisesFisher(mu, k)
+    assert d.batch_shape == (2, 4) and d.event_shape == (3,)
+    x = d.sample((5,))
+    assert x.shape == (5, 2, 4, 3)
+    assert d.log_prob(x).shape == (5, 2, 4)
+    assert d.entropy().shape == (2, 4)
+    assert d.mean.shape == d.variance.shape == d.mode.shape == (2, 4, 3)
+    e = d.expand((6, 2, 4))
+    assert e.batch_shape == (6, 2, 4) and e.sample().shape == (6, 2, 4, 3)
+    assert torch.allclose(e.log_prob(x[0]), d.log_prob(x[0]).expand(6, 2, 4))
+    # float32 in, float32 out; a Python-number concentration
+    d32 = VonMisesFisher(_unit(3, dtype=torch.float32), 2.0)
+    assert d32.sample((2,)).dtype == torch.float32 and d32.batch_shape == ()
+    assert d32.log_prob(d32.sample()).dtype == torch.float32
