@@ -40,8 +40,8 @@ DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselV
   for (int k = 1; k <= 60; ++k) {
     const T odd = T(2 * k - 1);
     const T c = (four_v2 - odd * odd) * inv_8x / T(k) * sign;
+    const T previous = term, previous_dv = dterm_dv;
     if (want.dv) dterm_dv = dterm_dv * c + term * (T(8) * v * inv_8x / T(k) * sign);
-    const T previous = term;
     term *= c;
     sum += term;
     if (want.dx) sum_k += T(k) * term;
@@ -52,11 +52,17 @@ DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselV
       converged = true;
       break;
     }
-    if (term == T(0)) {  // v half-odd-integer: the series terminates exactly
+    // At half-odd-integer v the series terminates (a factor 4v^2 - (2k-1)^2 is 0), but
+    // its derivative in v does not: then only the derivative terms go on.
+    if (term == T(0) && !want.dv) {
       converged = true;
       break;
     }
-    if (std::fabs(term) > std::fabs(previous) && T(2 * k + 1) > T(2) * v) break;  // diverging
+    if (T(2 * k + 1) > T(2) * v &&
+        (std::fabs(term) > std::fabs(previous) ||
+         (want.dv && k > 1 && std::fabs(dterm_dv) > std::fabs(previous_dv)))) {
+      break;  // diverging before reaching rounding level: the caller falls back
+    }
   }
   if (!converged) return false;
   const double xd = x;

@@ -1,0 +1,1 @@
+"""High-precision (mpmath) references for the special-function tests and benchmarks."""
