@@ -102,6 +102,40 @@ ArrayInfo make_info(const Array& arr, const char* name, const char* fn) {
   return info;
 }
 
+// The same description from a plain tuple (data_ptr, shape, strides, dtype_bits,
+// device_type, device_id), as torch's Python side builds it cheaply: going through
+// __dlpack__ costs ~2 us per tensor, more than a small kernel. dtype is float of
+// `dtype_bits`; device_type uses DLPack's codes (1 CPU, 2 CUDA).
+inline ArrayInfo info_from_descriptor(nb::handle desc, const char* name, const char* fn) {
+  nb::tuple t;
+  if (!nb::try_cast(desc, t) || t.size() != 6) {
+    throw nb::type_error((std::string(fn) + ": " + name +
+                          ": expected a descriptor tuple (data_ptr, shape, strides, dtype_bits, "
+                          "device_type, device_id), got " + describe_type(desc))
+                             .c_str());
+  }
+  ArrayInfo info;
+  info.name = name;
+  info.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(t[0]));
+  const nb::tuple shape = nb::cast<nb::tuple>(t[1]);
+  const nb::tuple strides = nb::cast<nb::tuple>(t[2]);
+  if (shape.size() != strides.size() || shape.size() > static_cast<size_t>(kMaxDims)) {
+    throw nb::value_error((std::string(fn) + ": " + name + ": expected at most " +
+                           std::to_string(kMaxDims) + " dimensions and one stride per dimension")
+                              .c_str());
+  }
+  info.ndim = static_cast<int>(shape.size());
+  for (int d = 0; d < info.ndim; ++d) {
+    info.shape[d] = nb::cast<int64_t>(shape[d]);
+    info.strides[d] = nb::cast<int64_t>(strides[d]);
+  }
+  info.dtype = nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Float),
+                                 static_cast<uint8_t>(nb::cast<int>(t[3])), 1};
+  info.device_type = nb::cast<int>(t[4]);
+  info.device_id = nb::cast<int>(t[5]);
+  return info;
+}
+
 // An input: read-only arrays are fine (e.g. numpy.broadcast_to views).
 inline nb::ndarray<nb::ro> as_input(nb::handle obj, const char* name, const char* fn) {
   nb::ndarray<nb::ro> arr;

@@ -121,6 +121,27 @@ def _backward(ctx, grad):
 _log_bessel.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _vmap(info, in_dims, v, x, op):
+    """torch.func.vmap: move each batch dimension to the front, pad the logical shapes so
+    they broadcast as before, and run the op once on the whole batch."""
+    v_bdim, x_bdim, _ = in_dims
+    v_logical = v.dim() - (v_bdim is not None)
+    x_logical = x.dim() - (x_bdim is not None)
+    ndim = max(v_logical, x_logical)
+
+    def batch_first(t, bdim, logical):
+        if bdim is None:
+            return t  # broadcasts against the batched one from the right
+        t = t.movedim(bdim, 0)
+        return t.reshape(t.shape[:1] + (1,) * (ndim - logical) + t.shape[1:])
+
+    return _log_bessel(batch_first(v, v_bdim, v_logical), batch_first(x, x_bdim, x_logical),
+                       op), 0
+
+
+_log_bessel.register_vmap(_vmap)
+
+
 # ------------------------------------------------------------------ input handling
 
 
@@ -167,11 +188,7 @@ def _prepare(v: ArrayLike, x: ArrayLike, fn: str):
                              f"v on {vt.device} and x on {xt.device}")
     if vt.device.type not in ("cpu", "cuda"):
         raise ValueError(f"diffkern.{fn}: expected CPU or CUDA tensors, got {vt.device}")
-    try:
-        torch.broadcast_shapes(vt.shape, xt.shape)
-    except RuntimeError:
-        raise ValueError(f"diffkern.{fn}: v and x cannot be broadcast together: v has shape "
-                         f"{tuple(vt.shape)}, x has shape {tuple(xt.shape)}") from None
+    _broadcast_or_raise(vt, xt, fn)
 
     result_dtype = _float_dtype(torch.promote_types(vt.dtype, xt.dtype))
     compute_dtype = result_dtype if result_dtype in (torch.float32, torch.float64) \
@@ -183,10 +200,53 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.get_default_dtype()
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A real, plain tensor that needs nothing from the dispatcher: no autograd to record,
+    no tracing (torch.compile's fake tensors are subclasses), no functorch wrapper."""
+    return (type(t) is torch.Tensor and not (t.requires_grad and torch.is_grad_enabled())
+            and not _is_functorch_wrapped(t))
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
+                                lambda t: False)
+
+
 def _apply(name: str, v: ArrayLike, x: ArrayLike):
+    # Fast path for the common call (two tensors of one float dtype on one device, no
+    # autograd, not compiling): the registered op's dispatch costs more than the kernel
+    # for small inputs, so call the core directly; results are bit-identical.
+    # (is_compiling first: under torch.compile the rest must not even be traced.)
+    if (not torch.compiler.is_compiling() and type(v) is torch.Tensor
+            and type(x) is torch.Tensor and v.dtype is x.dtype and v.dtype in _NATIVE
+            and v.device == x.device and v.device.type in _DEVICES and _plain(v) and _plain(x)):
+        shape = v.shape if v.shape == x.shape else _broadcast_or_raise(v, x, name)
+        out = v.new_empty(shape)
+        if out.numel():
+            _C.log_bessel_described(_OPS[name], _describe(v), _describe(x), _describe(out),
+                                    num_threads(), current_stream_handle(out))
+        return out
     vt, xt, result_dtype, numpy_out = _prepare(v, x, name)
     out = _log_bessel(vt, xt, _OPS[name]).to(result_dtype)
     return out.numpy() if numpy_out else out
+
+
+def _describe(t: torch.Tensor) -> tuple:
+    """(data_ptr, shape, strides, dtype bits, DLPack device type, device index)."""
+    cuda = t.device.type == "cuda"
+    return (t.data_ptr(), tuple(t.shape), t.stride(), 64 if t.dtype is torch.float64 else 32,
+            2 if cuda else 1, t.device.index if cuda else 0)
+
+
+_NATIVE = (torch.float32, torch.float64)
+_DEVICES = ("cpu", "cuda")
+
+
+def _broadcast_or_raise(v: torch.Tensor, x: torch.Tensor, fn: str) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(v.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(f"diffkern.{fn}: v and x cannot be broadcast together: v has shape "
+                         f"{tuple(v.shape)}, x has shape {tuple(x.shape)}") from None
 
 
 # ------------------------------------------------------------------- public functions
