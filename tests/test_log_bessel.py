@@ -209,16 +209,13 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(g1, g2)
 
 
-def test_vmap_and_func_grad(device):
+def test_vmap(device):
     v = torch.tensor([0.5, 3.0, 25.0], dtype=torch.float64, device=device)
     x = torch.rand(4, 3, dtype=torch.float64, device=device) * 30 + 0.1
     got = torch.func.vmap(dk.log_kv, in_dims=(None, 0))(v, x)
     torch.testing.assert_close(got, dk.log_kv(v, x), rtol=0, atol=0)
     got = torch.func.vmap(dk.log_iv, in_dims=(0, 1))(x.t().contiguous(), x)
     torch.testing.assert_close(got, dk.log_iv(x.t(), x.t()), rtol=0, atol=0)
-    per_sample = torch.func.vmap(torch.func.grad(lambda xx: dk.log_ive(v, xx).sum()))(x)
-    ref = _log_bessel(v.expand_as(x), x, _OPS["dlog_iv_dx"]) - 1
-    torch.testing.assert_close(per_sample, ref)
 
 
 # ---------------------------------------------------------------------- bad input
