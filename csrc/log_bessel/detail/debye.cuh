@@ -89,8 +89,7 @@ DK_HOST_DEVICE T debye_exponent(T v, T x, T s, bool scaled) {
                   u2 * T(143.0 / 163840))))))));
     return v * phi;
   }
-  const T asinh_vx = asinh_ratio(v, x);
-  if (scaled) return v * v / (s + x) - v * asinh_vx;
+  if (scaled) return v * v / (s + x) - v * asinh_ratio(v, x, s);
   T z0_hi, z0_lo;
   eta_zero<T>(z0_hi, z0_lo);
   const T w = (std::fma(-z0_hi, v, x) - z0_lo * v) / v;
@@ -99,7 +98,7 @@ DK_HOST_DEVICE T debye_exponent(T v, T x, T s, bool scaled) {
     for (int n = kEtaTaylorTerms; n >= 1; --n) eta = (eta + T(eta_taylor_coefficient(n))) * w;
     return v * eta;
   }
-  return s - v * asinh_vx;
+  return s - v * asinh_ratio(v, x, s);
 }
 
 // The pieces of one Debye evaluation that the shifted-order branch reuses.
@@ -124,11 +123,16 @@ DK_HOST_DEVICE DebyeResult<T> log_bessel_debye(T v, T x, bool is_i, Want want) {
   const double e = debye_exponent<double>(vd, xd, sd, want.scaled);
   DebyeResult<T> out;
   LogBesselValue<T>& r = out.value;
+  // In double, log(A / sqrt(s)) saves a log; float keeps log s in double (see above).
+  const T log_a_over_root_s = sizeof(T) == 8 ? T(std::log(double(A.a) / std::sqrt(sd))) : T(0);
   if (is_i) {
-    r.log_value = T(e - Precision<double>::half_log_two_pi - 0.5 * std::log(sd)) + std::log(A.a);
+    r.log_value = sizeof(T) == 8
+        ? T(e - Precision<double>::half_log_two_pi) + log_a_over_root_s
+        : T(e - Precision<double>::half_log_two_pi - 0.5 * std::log(sd)) + std::log(A.a);
   } else {
-    r.log_value = T(-e + 0.5 * (Precision<double>::log_pi_over_two - std::log(sd))) +
-                  std::log(A.a);
+    r.log_value = sizeof(T) == 8
+        ? T(-e + 0.5 * Precision<double>::log_pi_over_two) + log_a_over_root_s
+        : T(-e + 0.5 * (Precision<double>::log_pi_over_two - std::log(sd))) + std::log(A.a);
   }
   if (kDerivs >= 1) {
     const T x_s = x / s;
@@ -146,7 +150,7 @@ DK_HOST_DEVICE DebyeResult<T> log_bessel_debye(T v, T x, bool is_i, Want want) {
     }
     if (want.dv) {
       const T dlog_a_dv = (A.a_p * p_v + A.a_s * s_v) / A.a;
-      const T asinh_vx = asinh_ratio(v, x);
+      const T asinh_vx = asinh_ratio(v, x, s);
       r.dlog_dv = sign * -asinh_vx - T(0.5) * p / s + dlog_a_dv;
       if (kDerivs >= 2) {
         // d/dv of ratio = x/(s+v) - x/(2 s^2) + g.

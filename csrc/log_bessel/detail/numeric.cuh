@@ -111,13 +111,20 @@ DK_HOST_DEVICE T hypot_fast(T a, T b) {
   return std::hypot(a, b);
 }
 
-// asinh(v / x) for v >= 0, x > 0 without overflowing v / x when x is tiny.
+// asinh(v / x) for v >= 0, x > 0 without overflowing v / x when x is tiny, given
+// s = sqrt(v^2 + x^2): asinh(u) = log1p(u + u^2 / (1 + sqrt(1 + u^2))) with u = v/x is
+// log1p(u (1 + v / (x + s))), one log1p and no square root (glibc's asinh does both).
 template <class T>
-DK_HOST_DEVICE T asinh_ratio(T v, T x) {
+DK_HOST_DEVICE T asinh_ratio(T v, T x, T s) {
   // Past 1/sqrt(eps), asinh(y) = log(2y) to working precision.
   const T big = T(1) / std::sqrt(Precision<T>::eps);
   if (v > big * x) return Precision<T>::ln2 + std::log(v) - std::log(x);
-  return std::asinh(v / x);
+  return std::log1p(v / x * (T(1) + v / (x + s)));
+}
+
+template <class T>
+DK_HOST_DEVICE T asinh_ratio(T v, T x) {
+  return asinh_ratio(v, x, hypot_fast(v, x));
 }
 
 }  // namespace log_bessel
