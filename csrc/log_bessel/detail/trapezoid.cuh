@@ -35,7 +35,7 @@ DK_HOST_DEVICE T log_cosh(T y) {
 
 // 0 <= v, x > 0 finite.
 template <class T>
-DK_HOST_DEVICE LogBesselValue<T> log_kv_trapezoid(T v, T x, Want want) {
+DK_HOST_DEVICE_LARGE LogBesselValue<T> log_kv_trapezoid(T v, T x, Want want) {
   const T log_x = std::log(x);
   // Centre: the peak of the integrand, at 0 when v^2 <= x (then g' >= (x - v^2) t >= 0),
   // else near asinh(v/x); a few Newton steps on g'(t) = x sinh t - v tanh(v t).
