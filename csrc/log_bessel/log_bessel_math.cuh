@@ -21,7 +21,7 @@
 #include "log_bessel/detail/result.cuh"
 #include "log_bessel/detail/series.cuh"
 #include "log_bessel/detail/shifted_order.cuh"
-#include "log_bessel/detail/temme.cuh"
+#include "log_bessel/detail/k_small_order.cuh"
 #include "log_bessel/detail/trapezoid.cuh"
 #include "log_bessel/log_bessel.h"
 
@@ -90,10 +90,13 @@ DK_HOST_DEVICE LogBesselValue<T> log_kv(T v, T x, Want want) {
   } else if (v >= T(kDebyeMinOrder)) {
     r = want.dx || want.dv ? log_bessel_debye<T, 1>(v, x, false, want).value
                            : log_bessel_debye<T, 0>(v, x, false, want).value;
-  } else if (x <= T(kTemmeMaxX) && !want.dv) {
-    r = log_kv_temme(v, x, want);
+  } else if (want.dv) {
+    if (!(hankel_applies(v, x) && log_bessel_hankel(v, x, false, want, r))) {
+      r = log_kv_trapezoid(v, x, want);
+    }
   } else if (!(hankel_applies(v, x) && log_bessel_hankel(v, x, false, want, r))) {
-    r = log_kv_trapezoid(v, x, want);
+    r = k_small_order_applies(v, x) ? log_kv_small_order(v, x, want)
+                                    : log_kv_trapezoid(v, x, want);
   }
   r.dlog_dv *= order_sign;
   return r;

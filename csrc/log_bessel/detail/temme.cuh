@@ -92,44 +92,5 @@ DK_HOST_DEVICE void temme_k(T mu, T x, T& k_mu, T& x_ratio) {
   x_ratio = T(2) * sum_h / sum_f;
 }
 
-// 0 <= v < 20, 0 < x <= kTemmeMaxX. Value and d/dx (d/dv is left to the trapezoid rule).
-// Done in double also for float inputs: K_{mu+1}/K_mu and the recurrence's ratios reach
-// ~(2/x)^2, past float's range for the tiniest x (and the series is short).
-template <class T>
-DK_HOST_DEVICE LogBesselValue<T> log_kv_temme(T v_in, T x_in, Want want) {
-  const double v = v_in, x = x_in;
-  double k_mu, x_ratio, log_value, dlog_dx = 0.0;
-  if (v <= 0.5) {
-    // Order -v (K is even in the order): the ratio is then K_{1-v} / K_v, which is
-    // K_{v-1} / K_v as d/dx needs, with no subtraction.
-    temme_k(-v, x, k_mu, x_ratio);
-    log_value = std::log(k_mu);
-    dlog_dx = -(x_ratio + v) / x;
-  } else {
-    const int n = static_cast<int>(std::floor(v + 0.5));
-    const double mu = v - double(n);
-    temme_k(mu, x, k_mu, x_ratio);
-    // s_k = x K_{mu+k+1} / K_{mu+k} = 2 (mu+k) + x^2 / s_{k-1};
-    // log K_v = log K_mu + sum_{k<n} log s_k - n log x, the product taken in chunks so
-    // that it never overflows.
-    double log_sum = std::log(k_mu) - double(n) * std::log(x), product = 1.0, s_k = x_ratio;
-    const double x2 = x * x;
-    for (int k = 0; k < n; ++k) {
-      if (k > 0) s_k = 2.0 * (mu + double(k)) + x2 / s_k;
-      product *= s_k;
-      if (product > 1e250) {
-        log_sum += std::log(product);
-        product = 1.0;
-      }
-    }
-    log_value = log_sum + std::log(product);
-    dlog_dx = -x / s_k - v / x;  // K_{v-1}/K_v = x / s_{n-1}
-  }
-  LogBesselValue<T> r;
-  r.log_value = T(want.scaled ? log_value + x : log_value);
-  if (want.dx) r.dlog_dx = T(dlog_dx);
-  return r;
-}
-
 }  // namespace log_bessel
 }  // namespace diffkern
