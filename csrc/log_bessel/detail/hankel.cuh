@@ -68,12 +68,16 @@ DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselV
   const double xd = x;
   // x and log x are assembled in double for float inputs too (they nearly cancel in
   // the scaled forms' neighbours; a couple of double operations).
+  // In double, log(sum / sqrt(x)) is one log instead of two.
+  const double log_sum_over_root_x =
+      sizeof(T) == 8 ? std::log(double(sum) / std::sqrt(xd))
+                     : double(std::log(sum)) - 0.5 * std::log(xd);
   if (is_i) {
-    const double base = -Precision<double>::half_log_two_pi - 0.5 * std::log(xd);
-    out.log_value = T(want.scaled ? base : xd + base) + std::log(sum);
+    const double base = -Precision<double>::half_log_two_pi + log_sum_over_root_x;
+    out.log_value = T(want.scaled ? base : xd + base);
   } else {
-    const double base = 0.5 * (Precision<double>::log_pi_over_two - std::log(xd));
-    out.log_value = T(want.scaled ? base : base - xd) + std::log(sum);
+    const double base = 0.5 * Precision<double>::log_pi_over_two + log_sum_over_root_x;
+    out.log_value = T(want.scaled ? base : base - xd);
   }
   if (want.dx) {
     const T dlog_sum_dx = -sum_k / (sum * x);

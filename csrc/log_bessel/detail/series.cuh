@@ -56,7 +56,8 @@ template <class T>
 DK_HOST_DEVICE T series_log_prefactor(T v, T log_half_x) {
   if (v == T(0)) return T(0);
   const double vd = v;
-  return T(vd * double(log_half_x) - log_gamma(vd + 1.0));
+  return T(vd * double(log_half_x) - (vd >= 20.0 ? log_gamma_large(vd + 1.0)
+                                                 : log_gamma(vd + 1.0)));
 }
 
 // v >= 0, x > 0 finite.
