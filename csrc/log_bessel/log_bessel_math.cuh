@@ -6,9 +6,12 @@
 //                Hankel expansion x >= 20 and x >= v^2/2, if it converges    (hankel.cuh)
 //                else Debye at v + n, then the backward recurrence down to v (shifted_order.cuh)
 //   log K_v(x):  Debye expansion  |v| >= 20
-//                Temme's series + forward recurrence for x <= 2 (not for d/dv) (temme.cuh)
 //                Hankel expansion x >= 20 and x >= v^2/2, if it converges
-//                else the trapezoid rule on int exp(-x cosh t) cosh(v t) dt  (trapezoid.cuh)
+//                K_mu, |mu| <= 1/2, by Temme's series (x <= 1) or the U-function
+//                recurrence (x >= 1.5, double), then forward recurrence to v
+//                (k_small_order.cuh; value and d/dx)
+//                else (and for d/dv) the trapezoid rule on
+//                int exp(-x cosh t) cosh(v t) dt                            (trapezoid.cuh)
 // The branch limits were chosen by measuring the error against mpmath references
 // (bench/NOTES-log_bessel.md). Special values follow SciPy: NaN in or x < 0 gives NaN.
 #pragma once
