@@ -186,7 +186,7 @@ def _prepare(v: ArrayLike, x: ArrayLike, fn: str):
         else:
             raise ValueError(f"diffkern.{fn}: v and x must be on the same device, got "
                              f"v on {vt.device} and x on {xt.device}")
-    if vt.device.type not in ("cpu", "cuda"):
+    if vt.device.type not in _DEVICES:
         raise ValueError(f"diffkern.{fn}: expected CPU or CUDA tensors, got {vt.device}")
     _broadcast_or_raise(vt, xt, fn)
 
@@ -201,10 +201,9 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _plain(t: torch.Tensor) -> bool:
-    """A real, plain tensor that needs nothing from the dispatcher: no autograd to record,
-    no tracing (torch.compile's fake tensors are subclasses), no functorch wrapper."""
-    return (type(t) is torch.Tensor and not (t.requires_grad and torch.is_grad_enabled())
-            and not _is_functorch_wrapped(t))
+    """A tensor (already known to be exactly torch.Tensor, so no fake or subclass tensor)
+    that needs nothing from the dispatcher: no autograd to record, no functorch wrapper."""
+    return not (t.requires_grad and torch.is_grad_enabled()) and not _is_functorch_wrapped(t)
 
 
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
