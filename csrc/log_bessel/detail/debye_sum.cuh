@@ -30,10 +30,6 @@ static __constant__ double kDebyeUMaxDevice[] = {DK_DEBYE_UMAX};
 #define DK_DEBYE_TABLE(name) kDebye##name##Host
 #endif
 
-// Smallest order for which the expansion, summed to at most debye::kNumTerms terms,
-// reaches double precision for every x (measured: max|U_19| / 20^19 < 2e-19).
-constexpr double kDebyeMinOrder = 20.0;
-
 template <class T>
 struct DebyeSum {
   T a = T(0);     // A

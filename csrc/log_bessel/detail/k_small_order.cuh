@@ -7,6 +7,7 @@
 #pragma once
 #include <cmath>
 
+#include "log_bessel/detail/numeric.cuh"
 #include "log_bessel/detail/result.cuh"
 #include "log_bessel/detail/temme.cuh"
 #include "log_bessel/detail/u_recurrence.cuh"
@@ -19,7 +20,8 @@ namespace log_bessel {
 // evaluations/s), so float uses it for x > 1.
 template <class T>
 DK_HOST_DEVICE bool k_small_order_applies(T v, T x) {
-  return v < T(20) && (x <= T(kTemmeMaxX) || (sizeof(T) == 8 && x >= T(kURecurrenceMinX)));
+  return v < T(kDebyeMinOrder) &&
+         (x <= T(kTemmeMaxX) || (sizeof(T) == 8 && x >= T(kURecurrenceMinX)));
 }
 
 // log K_mu(x) e^x and x K_{mu+1}(x) / K_mu(x) by whichever method serves this x.

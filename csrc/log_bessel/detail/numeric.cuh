@@ -13,6 +13,11 @@
 namespace diffkern {
 namespace log_bessel {
 
+// Smallest order for which the Debye expansion, summed to at most debye::kNumTerms terms,
+// reaches double precision for every x (max|U_19| / 20^19 < 2e-19). Below it, every
+// branch choice is a "small order" one (series, Hankel, recurrences, trapezoid).
+constexpr double kDebyeMinOrder = 20.0;
+
 template <class T>
 struct Precision;
 

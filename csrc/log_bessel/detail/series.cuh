@@ -22,13 +22,12 @@ namespace log_bessel {
 //    logs of size ~v log(v/x);
 //  - from order 20 on the Debye branch is accurate everywhere, and the series is kept
 //    only for small q / (v+1), where it needs fewer than ~10 terms.
-constexpr double kSeriesSmallOrder = 20.0;
 constexpr double kSeriesMaxXSmallOrder = 35.0;
 constexpr double kSeriesMaxQOverV = 0.05;
 
 template <class T>
 DK_HOST_DEVICE bool series_applies(T v, T x) {
-  if (v < T(kSeriesSmallOrder)) return x <= T(kSeriesMaxXSmallOrder);
+  if (v < T(kDebyeMinOrder)) return x <= T(kSeriesMaxXSmallOrder);
   return x * x <= T(4 * kSeriesMaxQOverV) * (v + T(1));
 }
 
@@ -44,7 +43,7 @@ DK_HOST_DEVICE bool series_prefactor_linear(T v, T x, T log_half_x, T& prefactor
   // For x <= 2 both logs have one sign (log Gamma(v+1) >= -0.13), so the cheaper log
   // form cannot cancel there; pow and tgamma are only paid for x > 2.
   const T max_exponent = T(sizeof(T) == 8 ? 600 : 40);
-  if (!(v < T(kSeriesSmallOrder) && x > T(2) && v * log_half_x < max_exponent)) return false;
+  if (!(v < T(kDebyeMinOrder) && x > T(2) && v * log_half_x < max_exponent)) return false;
   // Gamma(v+1) as v Gamma(v): v + 1 would be rounded (badly so in float).
   prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) / (v * gamma_function(v));
   return true;
