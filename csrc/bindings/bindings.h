@@ -7,6 +7,7 @@ namespace diffkern {
 namespace bindings {
 
 void bind_log_bessel(nanobind::module_& m);
+void bind_sinkhorn(nanobind::module_& m);
 
 }  // namespace bindings
 }  // namespace diffkern

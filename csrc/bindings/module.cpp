@@ -66,4 +66,5 @@ NB_MODULE(_C, m) {
   m.def("cuda_device_count", &diffkern::bindings::cuda_device_count,
         "Number of CUDA devices this build can use (0 without CUDA support, driver or GPU).");
   diffkern::bindings::bind_log_bessel(m);
+  diffkern::bindings::bind_sinkhorn(m);
 }

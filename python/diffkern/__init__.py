@@ -22,7 +22,7 @@ def build_info() -> dict:
 
 
 from .special import log_iv, log_kv, log_ive, log_kve, bessel_iv_ratio  # noqa: E402
-from . import special, distributions  # noqa: E402
+from . import special, distributions, ot  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -34,4 +34,5 @@ __all__ = [
     "bessel_iv_ratio",
     "special",
     "distributions",
+    "ot",
 ]

@@ -1,0 +1,503 @@
+// The solver's control flow, written once for both backends (CPU loops, CUDA kernels).
+//
+// Every decision that differs between batch elements (converged? step accepted? CG done?)
+// is taken by a per-batch functor that runs where the data lives, so the host issues the
+// same launch sequence for the whole batch. The host reads per-batch flags back only to stop
+// early (tolerance mode); with fixed_iterations it reads nothing (graph-capturable).
+//
+// SNS is Newton's method on the semi-dual  Phi(g) = <T(g), a> + <g, b>, where
+// T(g)_i = eps log a_i - eps LSE_j((g_j - C_ij)/eps) is the row update of Sinkhorn; its
+// gradient is b - c (c: column sums of the plan) and its Hessian is -(D_c - P^T D_a^-1 P)/eps,
+// the Schur complement of the full dual Hessian. P is replaced by P_s, which keeps the
+// entries P_ij >= delta * min(a_i/m, c_j/n) (at most a delta fraction of each row's and
+// column's mass is dropped; delta shrinks with the marginal error), so the system is solved by
+// preconditioned CG with two sparse products per iteration.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "common/host_device.h"
+#include "sinkhorn/sinkhorn.h"
+#include "sinkhorn/sinkhorn_math.cuh"
+#include "sinkhorn/workspace.h"
+
+namespace diffkern {
+namespace sinkhorn_detail {
+
+// ------------------------------------------------------------------ per-batch functors
+// Reduction epilogues get (b, sum, sum of |terms|).
+
+struct SetErr {
+  double* err;
+  const int* mask;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    if (mask[b]) err[b] = sum;
+  }
+};
+
+struct SetAddPhi {  // first the row part (assign), then the column part (add)
+  double* phi;
+  double* scale;
+  bool add;
+  const int* mask;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double abs_sum) const {
+    if (!mask[b]) return;
+    phi[b] = add ? phi[b] + sum : sum;
+    scale[b] = add ? scale[b] + abs_sum : abs_sum;
+  }
+};
+
+struct SetSum {
+  double* out;
+  const int* mask;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    if (mask[b]) out[b] = sum;
+  }
+};
+
+struct StartCg {  // rz0 = r.z; CG runs while rz > tol2 * rz0
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    s.rz[0][b] = sum;
+    s.rz0[b] = sum;
+    s.cg_active[b] = s.active[b] && sum > 0;
+  }
+};
+
+struct NextRz {
+  BatchScalars s;
+  int next;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    if (!s.cg_active[b]) return;
+    s.rz[next][b] = sum;
+    s.cg_active[b] = sum > s.cg_tol2[b] * s.rz0[b];
+  }
+};
+
+// Armijo test on the semi-dual. The slack admits steps whose gain is below the objective's
+// rounding error: near the solution a Newton step's gain (~err^2/eps) is smaller than the
+// rounding of Phi, and rejecting it there would stall the quadratic phase.
+struct LineSearchTest {
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double abs_sum) const {
+    if (!s.searching[b]) return;
+    const double phi_t = s.phi_trial[b] + sum;
+    const double slack = 1e-13 * (s.phi_scale[b] + abs_sum);
+    if (phi_t >= s.phi[b] + 1e-4 * s.step[b] * s.slope[b] - slack) {
+      s.searching[b] = 0;
+      s.fallback[b] = 0;
+    } else {
+      s.step[b] *= 0.25;
+    }
+  }
+};
+
+struct ResetBatch {
+  BatchScalars s;
+  int64_t* iterations;
+  int64_t* newton_steps;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.active[b] = 1;
+    s.fallback[b] = 0;
+    s.searching[b] = 0;
+    s.cg_active[b] = 0;
+    iterations[b] = 0;
+    newton_steps[b] = 0;
+  }
+};
+
+struct CountIterations {
+  int64_t* iterations;
+  const int* mask;
+  int64_t k;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    if (mask[b]) iterations[b] += k;
+  }
+};
+
+struct UpdateActive {
+  const double* err;
+  int* active;
+  double tol;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    if (active[b] && !(err[b] > tol)) active[b] = 0;  // NaN err stays active (and is reported)
+  }
+};
+
+struct StartNewton {  // sparsification tolerance, CG tolerance, line-search state
+  BatchScalars s;
+  const double* mass;  // (B) sum of a; null: 1
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    const double rel = s.err[b] / (mass ? mass[b] : 1.0);
+    const double delta = fmin(1e-3, fmax(1e-5, rel));
+    s.log_delta[b] = log(delta);
+    const double eta = fmin(0.1, fmax(rel, 1e-10));
+    s.cg_tol2[b] = eta * eta;
+    s.step[b] = 1.0;
+    s.searching[b] = s.active[b];
+    s.fallback[b] = s.active[b];  // cleared when a step is accepted
+  }
+};
+
+struct FinishNewton {
+  BatchScalars s;
+  int64_t* iterations;
+  int64_t* newton_steps;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.searching[b] = 0;
+    if (s.active[b] && !s.fallback[b]) {
+      iterations[b] += 1;
+      newton_steps[b] += 1;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- per-element functors
+// Called as f(b, k) for k in [0, len) of a (B, len) array.
+
+struct RowTerms {  // row_buf = f_i a_i (0 where a_i = 0), for Phi
+  const double *f, *a;
+  double* out;
+  int64_t n;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t i) const {
+    const int64_t k = b * n + i;
+    out[k] = a[k] > 0 ? f[k] * a[k] : 0.0;
+  }
+};
+
+struct RowThresholds {  // log(a_i / m) and 1 / a_i
+  const double* a;
+  double *log_a_n, *inv_a;
+  int64_t n;
+  double log_m;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t i) const {
+    const int64_t k = b * n + i;
+    log_a_n[k] = a[k] > 0 ? log(a[k]) - log_m : -INFINITY;
+    inv_a[k] = a[k] > 0 ? 1.0 / a[k] : 0.0;
+  }
+};
+
+struct ColThresholds {
+  const double* c;
+  double* log_c_m;
+  int64_t m;
+  double log_n;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    const int64_t k = b * m + j;
+    log_c_m[k] = c[k] > 0 ? log(c[k]) - log_n : -INFINITY;
+  }
+};
+
+// diag_j = c_j - sum_i P_s,ij^2 / a_i arrives in `diag` as the sparse sum; finish the
+// preconditioner and start CG: x = 0, r = eps (b - c), z = M r, p = z, col_buf = r.z.
+struct StartCgVectors {
+  const double *b_w, *c;
+  double *diag, *precond, *x, *r, *z, *p, *col_buf;
+  const int* mask;
+  int64_t m;
+  double eps;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    const int64_t k = b * m + j;
+    if (!mask[b]) {
+      col_buf[k] = 0;
+      return;
+    }
+    const double d = c[k] - diag[k];
+    // Guard: a column whose kept mass is all its mass has d ~ 0 (up to rounding); such a
+    // column is still coupled through its rows, so precondition with c_j instead.
+    const double dd = d > 1e-12 * c[k] ? d : c[k];
+    precond[k] = (b_w[k] > 0 && c[k] > 0) ? 1.0 / dd : 0.0;
+    x[k] = 0;
+    r[k] = (b_w[k] > 0) ? eps * (b_w[k] - c[k]) : 0.0;
+    z[k] = precond[k] * r[k];
+    p[k] = z[k];
+    col_buf[k] = r[k] * z[k];
+  }
+};
+
+struct ScaleRowsAll {  // tmp_i = (P_s p)_i / a_i
+  double* tmp;
+  const double* inv_a;
+  int64_t n;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t i) const {
+    const int64_t k = b * n + i;
+    tmp[k] *= inv_a[k];
+  }
+};
+
+// q = c p - P_s^T tmp (the sparse product arrives in q); col_buf = p.q
+struct FinishSchurProduct {
+  const double *c, *p;
+  double *q, *col_buf;
+  const int* cg_active;
+  int64_t m;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    const int64_t k = b * m + j;
+    if (!cg_active[b]) {
+      col_buf[k] = 0;
+      return;
+    }
+    q[k] = c[k] * p[k] - q[k];
+    col_buf[k] = p[k] * q[k];
+  }
+};
+
+struct CgUpdate {  // x += alpha p; r -= alpha q; z = M r; col_buf = r.z
+  BatchScalars s;
+  double *x, *r, *z, *col_buf;
+  const double *p, *q, *precond;
+  int64_t m;
+  int cur;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    const int64_t k = b * m + j;
+    if (!s.cg_active[b]) {
+      col_buf[k] = 0;
+      return;
+    }
+    const double pq = s.pq[b];
+    const double alpha = pq > 0 ? s.rz[cur][b] / pq : 0.0;
+    x[k] += alpha * p[k];
+    r[k] -= alpha * q[k];
+    z[k] = precond[k] * r[k];
+    col_buf[k] = r[k] * z[k];
+  }
+};
+
+struct CgDirection {  // p = z + beta p
+  BatchScalars s;
+  double* p;
+  const double* z;
+  int64_t m;
+  int cur, next;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    if (!s.cg_active[b]) return;
+    const int64_t k = b * m + j;
+    p[k] = z[k] + (s.rz[next][b] / s.rz[cur][b]) * p[k];
+  }
+};
+
+struct SlopeTerms {  // col_buf = (b - c) . x
+  const double *b_w, *c, *x;
+  double* col_buf;
+  int64_t m;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    (void)b;
+    const int64_t k = b * m + j;
+    col_buf[k] = (b_w[k] > 0) ? (b_w[k] - c[k]) * x[k] : 0.0;
+  }
+};
+
+struct TrialPoint {  // g' = g + t x; col_buf = g'_j b_j
+  BatchScalars s;
+  const double *g, *x, *b_w;
+  double *g_trial, *col_buf;
+  int64_t m;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+    const int64_t k = b * m + j;
+    if (!s.searching[b]) {
+      col_buf[k] = 0;
+      return;
+    }
+    const double gt = g[k] + s.step[b] * x[k];  // -inf stays -inf (x = 0 there)
+    g_trial[k] = gt;
+    col_buf[k] = b_w[k] > 0 ? gt * b_w[k] : 0.0;
+  }
+};
+
+struct AcceptTrial {  // dst = src where the element accepted its step
+  BatchScalars s;
+  double* dst;
+  const double* src;
+  int64_t len;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
+    if (s.active[b] && !s.fallback[b]) dst[b * len + k] = src[b * len + k];
+  }
+};
+
+// ----------------------------------------------------------------------------- driver
+
+template <class Backend, class T>
+class Driver {
+ public:
+  Driver(Backend& bk, const SinkhornProblem& p, const SinkhornOptions& o, const SinkhornState& st,
+         const Workspace& w)
+      : bk_(bk), p_(p), o_(o), st_(st), w_(w), B_(p.batch), n_(p.n), m_(p.m) {
+    cost_ = static_cast<const T*>(p.cost);
+    cost_t_ = static_cast<const T*>(p.cost_t);
+  }
+
+  Status run() {
+    const BatchScalars& s = w_.s;
+    bk_.for_batch(ResetBatch{s, st_.iterations, st_.newton_steps});
+    bk_.reduce(p_.a, n_, SetSum{s.mass, s.active});
+    // Rows exact from the start: f = T(g) (g is the warm start, or zeros).
+    row_update(st_.g, st_.f, s.active);
+    if (o_.method == SinkhornMethod::sinkhorn) {
+      run_sinkhorn();
+    } else {
+      run_sns();
+    }
+    bk_.copy_device(st_.marginal_error, s.err, sizeof(double) * B_);
+    return bk_.status();
+  }
+
+ private:
+  Backend& bk_;
+  const SinkhornProblem& p_;
+  const SinkhornOptions& o_;
+  const SinkhornState& st_;
+  Workspace w_;
+  int64_t B_, n_, m_;
+  const T* cost_;
+  const T* cost_t_;
+  std::vector<double> host_err_;
+  std::vector<int> host_flags_;
+
+  void row_update(const double* g, double* f, const int* mask) {
+    bk_.sweep(cost_, n_, m_, nullptr, g, p_.a, SweepMode::update, f, nullptr, w_.row_buf, mask);
+  }
+  // One iteration: g = T'(f), then f = T(g); rows stay exact.
+  void sinkhorn_iterations(int64_t k, const int* mask) {
+    for (int64_t it = 0; it < k; ++it) {
+      bk_.sweep(cost_t_, m_, n_, nullptr, st_.f, p_.b, SweepMode::update, st_.g, nullptr,
+                w_.col_buf, mask);
+      row_update(st_.g, st_.f, mask);
+    }
+    if (k > 0) bk_.for_batch(CountIterations{st_.iterations, mask, k});
+  }
+  // Column sums c and the L1 marginal error at (f, g) (rows are exact, so err = |c - b|_1).
+  void measure(const int* mask) {
+    bk_.sweep(cost_t_, m_, n_, st_.g, st_.f, p_.b, SweepMode::measure, nullptr, w_.c, w_.col_buf,
+              mask);
+    bk_.reduce(w_.col_buf, m_, SetErr{w_.s.err, mask});
+  }
+  // Tolerance mode: deactivate converged elements; returns how many still iterate.
+  int64_t check(int64_t iteration, const char* phase) {
+    bk_.for_batch(UpdateActive{w_.s.err, w_.s.active, o_.tol});
+    host_err_.resize(B_);
+    host_flags_.resize(B_);
+    bk_.copy_to_host(host_err_.data(), w_.s.err, sizeof(double) * B_);
+    bk_.copy_to_host(host_flags_.data(), w_.s.active, sizeof(int) * B_);
+    int64_t n_active = 0;
+    double worst = 0;
+    for (int64_t b = 0; b < B_; ++b) {
+      n_active += host_flags_[b] != 0;
+      worst = std::isnan(host_err_[b]) ? host_err_[b] : std::max(worst, host_err_[b]);
+    }
+    if (o_.verbose > 0) {
+      std::fprintf(stderr, "[diffkern.ot] %-9s iteration %6lld  max marginal error %.3e  active %lld/%lld\n",
+                   phase, static_cast<long long>(iteration), worst,
+                   static_cast<long long>(n_active), static_cast<long long>(B_));
+    }
+    return n_active;
+  }
+
+  void run_sinkhorn() {
+    const int* active = w_.s.active;
+    if (o_.fixed_iterations) {
+      sinkhorn_iterations(o_.max_iter, active);
+      measure(active);
+      return;
+    }
+    const int64_t every = std::max<int64_t>(1, o_.check_every);
+    int64_t it = 0;
+    while (true) {
+      measure(active);
+      if (check(it, "sinkhorn") == 0 || it >= o_.max_iter) break;
+      const int64_t k = std::min(every, o_.max_iter - it);
+      sinkhorn_iterations(k, active);
+      it += k;
+    }
+  }
+
+  void run_sns() {
+    const int* active = w_.s.active;
+    const bool fixed = o_.fixed_iterations;
+    int64_t it = std::min(std::max<int64_t>(0, o_.newton_warmup), o_.max_iter);
+    sinkhorn_iterations(it, active);
+    measure(active);
+    if (!fixed && check(it, "sinkhorn") == 0) return;
+    while (it < o_.max_iter) {
+      newton_step();
+      // Elements whose step was rejected take Sinkhorn steps instead (one in fixed mode, so
+      // every round is exactly one iteration).
+      const int64_t k = fixed ? 1 : std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
+      sinkhorn_iterations(k, w_.s.fallback);
+      it += 1;
+      measure(active);
+      if (!fixed && check(it, "newton") == 0) return;
+    }
+  }
+
+  // Reads one per-batch int flag array; true when any element has it set.
+  bool any_set(const int* flags) {
+    host_flags_.resize(B_);
+    bk_.copy_to_host(host_flags_.data(), flags, sizeof(int) * B_);
+    for (int64_t b = 0; b < B_; ++b)
+      if (host_flags_[b]) return true;
+    return false;
+  }
+
+  void newton_step() {
+    const BatchScalars& s = w_.s;
+    const Workspace& w = w_;
+    const int* active = s.active;
+    const bool fixed = o_.fixed_iterations;
+    bk_.for_batch(StartNewton{s, s.mass});
+    // Phi at the current point, and its rounding scale.
+    bk_.for_each(n_, RowTerms{st_.f, p_.a, w.row_buf, n_});
+    bk_.reduce(w.row_buf, n_, SetAddPhi{s.phi, s.phi_scale, false, active});
+    bk_.for_each(m_, RowTerms{st_.g, p_.b, w.col_buf, m_});
+    bk_.reduce(w.col_buf, m_, SetAddPhi{s.phi, s.phi_scale, true, active});
+
+    // Sparse plan, by rows and by columns, with one symmetric keep rule. Row r's entries sit
+    // at [r*K, r*K + cnt_r) of a buffer with room for the dense matrix: a CSR matrix whose
+    // row pointers are implicit, so it is built in one pass without a prefix sum.
+    bk_.for_each(n_, RowThresholds{p_.a, w.log_a_n, w.inv_a, n_, std::log(double(m_))});
+    bk_.for_each(m_, ColThresholds{w.c, w.log_c_m, m_, std::log(double(n_))});
+    bk_.sparsify(cost_, n_, m_, st_.f, st_.g, w.log_a_n, w.log_c_m, s.log_delta, w.row_cnt,
+                 w.row_idx, w.row_val, active);
+    bk_.sparsify(cost_t_, m_, n_, st_.g, st_.f, w.log_c_m, w.log_a_n, s.log_delta, w.col_cnt,
+                 w.col_idx, w.col_val, active);
+    // diag_j = c_j - sum_i P_s,ij^2 / a_i
+    bk_.spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.inv_a, true, w.diag, active);
+    bk_.for_each(m_, StartCgVectors{p_.b, w.c, w.diag, w.precond, w.x, w.r, w.z, w.p, w.col_buf,
+                                    active, m_, p_.eps});
+    bk_.reduce(w.col_buf, m_, StartCg{s});
+
+    // Preconditioned CG on (D_c - P_s^T D_a^-1 P_s) x = eps (b - c).
+    int cur = 0;
+    for (int64_t k = 0; k < o_.cg_max_iter; ++k) {
+      const int next = 1 - cur;
+      bk_.spmv(w.row_cnt, w.row_idx, w.row_val, n_, m_, w.p, false, w.tmp, s.cg_active);
+      bk_.for_each(n_, ScaleRowsAll{w.tmp, w.inv_a, n_});
+      bk_.spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.tmp, false, w.q, s.cg_active);
+      bk_.for_each(m_, FinishSchurProduct{w.c, w.p, w.q, w.col_buf, s.cg_active, m_});
+      bk_.reduce(w.col_buf, m_, SetSum{s.pq, s.cg_active});
+      bk_.for_each(m_, CgUpdate{s, w.x, w.r, w.z, w.col_buf, w.p, w.q, w.precond, m_, cur});
+      bk_.reduce(w.col_buf, m_, NextRz{s, next});
+      bk_.for_each(m_, CgDirection{s, w.p, w.z, m_, cur, next});
+      cur = next;
+      if (!fixed && (k + 1) % 8 == 0 && !any_set(s.cg_active)) break;
+    }
+
+    // Backtracking line search on Phi along x: t = 1, 1/4, 1/16, 1/64.
+    bk_.for_each(m_, SlopeTerms{p_.b, w.c, w.x, w.col_buf, m_});
+    bk_.reduce(w.col_buf, m_, SetSum{s.slope, active});
+    for (int trial = 0; trial < 4; ++trial) {
+      bk_.for_each(m_, TrialPoint{s, st_.g, w.x, p_.b, w.g_trial, w.col_buf, m_});
+      bk_.reduce(w.col_buf, m_, SetSum{s.phi_trial, s.searching});
+      row_update(w.g_trial, w.f_trial, s.searching);
+      bk_.reduce(w.row_buf, n_, LineSearchTest{s});
+      if (!fixed && !any_set(s.searching)) break;
+    }
+    bk_.for_each(m_, AcceptTrial{s, st_.g, w.g_trial, m_});
+    bk_.for_each(n_, AcceptTrial{s, st_.f, w.f_trial, n_});
+    bk_.for_batch(FinishNewton{s, st_.iterations, st_.newton_steps});
+  }
+};
+
+}  // namespace sinkhorn_detail
+}  // namespace diffkern
