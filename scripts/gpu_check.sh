@@ -6,8 +6,12 @@
 #
 #   bash scripts/gpu_check.sh OUTDIR
 #
-# OUTDIR gets at most 8 files: build.log pytest.log sanitizer.log run.log selfcheck.json
-# bench_log_bessel.json bench_vmf.json bench_cpp_cuda.json.
+# OUTDIR gets 5 files (the device tool returns at most 8): build.log pytest.log
+# sanitizer.log run.log, and results.tar.gz with every JSON and plot (selfcheck.json,
+# bench_log_bessel.json, bench_vmf.json, bench_cpp_cuda.json, bench_cpp_sinkhorn.json,
+# bench_ot.json, ot.png).
+#
+# GPU_CHECK_BENCH="ot log_bessel vmf" (default: all) limits which Python benchmarks run.
 #
 # Peers that the machine lacks (TensorFlow Probability for JAX) travel as wheels in .whl/
 # (see bench/README.md); when that folder exists they are installed to a private folder. Target: < 9 minutes.
@@ -16,6 +20,10 @@ set -uo pipefail  # no -e: every step runs; failures are collected instead
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+RES="$OUT/results"   # packed into results.tar.gz at the end
+mkdir -p "$RES"
+BENCHES=${GPU_CHECK_BENCH:-"ot log_bessel vmf"}
+want() { case " $BENCHES " in *" $1 "*) return 0 ;; esac; return 1; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 T0=$(date +%s)
@@ -71,31 +79,39 @@ if [ "$BUILD_OK" = 1 ]; then
   # 4. C++ CUDA microbenchmark (built above when nvcc was found).
   BENCH=build/gpu/bench/cpp/bench_log_bessel_cuda
   if [ -x "$BENCH" ]; then
-    step bench-cpp-cuda 120 "$OUT/run.log" "$BENCH" --json "$OUT/bench_cpp_cuda.json"
+    want log_bessel && step bench-cpp-cuda 120 "$OUT/run.log" "$BENCH" --json "$RES/bench_cpp_cuda.json"
   else
     skip bench-cpp-cuda "$BENCH not built"
   fi
+  BENCH=build/gpu/bench/cpp/bench_sinkhorn_cuda
+  if [ -x "$BENCH" ]; then
+    want ot && step bench-cpp-sinkhorn 120 "$OUT/run.log" "$BENCH" --json "$RES/bench_cpp_sinkhorn.json"
+  else
+    skip bench-cpp-sinkhorn "$BENCH not built"
+  fi
 
   # 5. Self-check of every family, then the Python benchmark against peers.
-  step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$OUT/selfcheck.json"
-  if [ -f bench/log_bessel.py ]; then
-    if compgen -G ".whl/*.whl" >/dev/null; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk_peers .whl/*.whl \
-        >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
-    fi
-    # JAX (the TFP peer) must not grab 75% of the GPU up front: torch shares it.
-    export XLA_PYTHON_CLIENT_PREALLOCATE=false
-    step bench-log-bessel 300 "$OUT/run.log" "$PY" bench/log_bessel.py --device all \
-      --json "$OUT/bench_log_bessel.json"
-  else
-    skip bench-log-bessel "bench/log_bessel.py missing"
+  step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$RES/selfcheck.json"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk_peers .whl/*.whl \
+      >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
   fi
-  step bench-vmf 180 "$OUT/run.log" "$PY" bench/vmf.py --device all --json "$OUT/bench_vmf.json"
+  # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  want ot && step bench-ot 420 "$OUT/run.log" "$PY" bench/ot.py --device all \
+    --json "$RES/bench_ot.json" --plot "$RES/ot.png"
+  want log_bessel && step bench-log-bessel 300 "$OUT/run.log" "$PY" bench/log_bessel.py \
+    --device all --json "$RES/bench_log_bessel.json"
+  want vmf && step bench-vmf 180 "$OUT/run.log" "$PY" bench/vmf.py --device all \
+    --json "$RES/bench_vmf.json"
 else
-  for s in pytest-cuda memcheck racecheck bench-cpp-cuda selfcheck bench-log-bessel bench-vmf; do
+  for s in pytest-cuda memcheck racecheck bench-cpp-cuda bench-cpp-sinkhorn selfcheck bench-ot \
+           bench-log-bessel bench-vmf; do
     skip "$s" "build failed (see build.log)"
   done
 fi
+
+tar -czf "$OUT/results.tar.gz" -C "$RES" . && rm -rf "$RES"
 
 FAILED=0
 echo

@@ -56,9 +56,30 @@ def main() -> int:
         s.synchronize()
         calls += 1
         del y, g
+    calls += _ot_cases(dev, gen)
     torch.cuda.synchronize()
     print(f"sanitizer_smoke: {calls} calls ok")
     return 0
+
+
+def _ot_cases(dev, gen) -> int:
+    """dk.ot.sinkhorn on tiny problems: both methods and dtypes, n != m, a batch with
+    zero-mass entries, fixed-iteration mode, and one backward pass (implicit gradient)."""
+    calls = 0
+    for dtype in (torch.float32, torch.float64):
+        C = torch.rand(3, 37, 29, generator=gen, dtype=dtype).to(dev)
+        a = torch.rand(3, 37, generator=gen, dtype=torch.float64).to(dev)
+        a[:, 5] = 0
+        a = a / a.sum(1, keepdim=True)
+        for method in ("sinkhorn", "sns"):
+            res = dk.ot.sinkhorn(C, a, None, eps=0.05, method=method, tol=1e-5, max_iter=2000)
+            assert torch.isfinite(res.plan).all(), method
+            res = dk.ot.sinkhorn(C, a, None, eps=0.05, method=method, max_iter=25,
+                                 fixed_iterations=True)
+            calls += 2
+    C = torch.rand(17, 13, generator=gen, dtype=torch.float64).to(dev).requires_grad_(True)
+    (dk.ot.sinkhorn(C, eps=0.1, tol=1e-9).cost).backward()
+    return calls + 1
 
 
 if __name__ == "__main__":

@@ -407,3 +407,59 @@ def sinkhorn(
         newton_steps=squeeze(newton), marginal_error=squeeze(err),
         converged=squeeze(converged), eps=float(eps), method=method, _cost=squeeze(C),
         _a=squeeze(a64), _b=squeeze(b64), _f64=squeeze(f), _g64=squeeze(g))
+
+
+# ----------------------------------------------------------- self-check for the CLI
+def _dense_reference(C, eps, iters=20000):
+    """Plain float64 log-domain Sinkhorn in torch (uniform weights), for the self-check."""
+    n, m = C.shape
+    la = torch.full((n,), -math.log(n), dtype=torch.float64, device=C.device)
+    lb = torch.full((m,), -math.log(m), dtype=torch.float64, device=C.device)
+    g = torch.zeros(m, dtype=torch.float64, device=C.device)
+    for _ in range(iters):
+        f = eps * la - eps * torch.logsumexp((g[None, :] - C) / eps, 1)
+        g = eps * lb - eps * torch.logsumexp((f[:, None] - C) / eps, 0)
+    return torch.exp((f[:, None] + g[None, :] - C) / eps)
+
+
+def _selfcheck(device: str, quick: bool = False) -> list:
+    """Rows for ``python -m diffkern``: SNS plan vs a dense float64 reference, the paper's
+    iteration count, and a quick wall-clock comparison with our own Sinkhorn."""
+    import time
+
+    dev = torch.device(device)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 2, generator=gen, dtype=torch.float64), torch.rand(50, 2, generator=gen,
+                                                                          dtype=torch.float64)
+    C = torch.cdist(x, y) ** 2
+    C = (C / C.max()).to(dev)
+    res = sinkhorn(C, eps=0.05, tol=1e-12)
+    ref = _dense_reference(C, 0.05, iters=2000)
+    err = (res.plan - ref).abs().max().item() / ref.max().item()
+    rows.append(dict(family="ot", check="SNS plan vs dense float64 Sinkhorn (60x50, eps 0.05)",
+                     device=device, value=f"{err:.1e}", reference="max rel. error <= 1e-9",
+                     status="ok" if err <= 1e-9 else "fail"))
+    # The paper's setting: random assignment n = 500, C ~ U[0, 1], eta = 1/eps = 1200.
+    n = 500
+    C = torch.rand(n, n, generator=gen, dtype=torch.float64).to(dev)
+    t = time.perf_counter()
+    res = sinkhorn(C, eps=1 / 1200, tol=1e-10, method="sns")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_sns = time.perf_counter() - t
+    ok = bool(res.converged) and int(res.iterations) <= 40
+    rows.append(dict(family="ot", check="SNS iterations to L1 error 1e-10 (n=500, eta=1200)",
+                     device=device, value=f"{int(res.iterations)} ({int(res.newton_steps)} Newton)",
+                     reference="paper: 29; target <= 40", status="ok" if ok else "fail"))
+    if not quick:
+        t = time.perf_counter()
+        sk = sinkhorn(C, eps=1 / 1200, tol=1e-6, method="sinkhorn", max_iter=100000)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t_sk = time.perf_counter() - t
+        rows.append(dict(family="ot", check="SNS (to 1e-10) vs Sinkhorn (to 1e-6) wall clock",
+                         device=device, value=f"{t_sns * 1e3:.1f} ms",
+                         baseline=f"Sinkhorn {t_sk * 1e3:.1f} ms, {int(sk.iterations)} it",
+                         status="info"))
+    return rows

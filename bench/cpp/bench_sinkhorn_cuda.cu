@@ -1,0 +1,155 @@
+// CUDA-event benchmark of sinkhorn_solve_cuda on the point-cloud problem:
+//  - sweep: fixed Sinkhorn iterations; reports time per iteration (two sweeps) and the
+//    bandwidth-floor ratio (2 n^2 sizeof(T) bytes per iteration at the measured time).
+//  - newton: SNS, 20 warm-up iterations + 1 Newton round, minus the 20 iterations alone.
+//   ./bench_sinkhorn_cuda [--json PATH]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "sinkhorn/sinkhorn.h"
+#include "sinkhorn_problem.h"
+
+#define BENCH_CUDA(x)                                                                   \
+  do {                                                                                  \
+    cudaError_t e_ = (x);                                                               \
+    if (e_ != cudaSuccess) {                                                            \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+namespace {
+
+using namespace diffkern;
+
+struct Row {
+  std::string what, dtype;
+  int64_t n;
+  double ms;
+};
+
+template <class T>
+double time_solve(int64_t n, SinkhornMethod method, int64_t max_iter, double eps, int repeats,
+                  cudaStream_t stream) {
+  const auto hp = bench::make_point_cloud_problem<T>(n);
+  SinkhornProblem p;
+  p.n = p.m = n;
+  p.cost_dtype = sizeof(T) == 8 ? DType::float64 : DType::float32;
+  p.eps = eps;
+  SinkhornOptions o;
+  o.method = method;
+  o.max_iter = max_iter;
+  o.fixed_iterations = true;
+  const size_t cb = sizeof(T) * n * n;
+  void *cost, *cost_t, *ws;
+  double *a, *b, *f, *g, *err;
+  int64_t *it, *nt;
+  BENCH_CUDA(cudaMalloc(&cost, cb));
+  BENCH_CUDA(cudaMalloc(&cost_t, cb));
+  BENCH_CUDA(cudaMemcpy(cost, hp.cost.data(), cb, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMemcpy(cost_t, hp.cost_t.data(), cb, cudaMemcpyHostToDevice));
+  for (double** v : {&a, &b, &f, &g}) BENCH_CUDA(cudaMalloc(v, sizeof(double) * n));
+  BENCH_CUDA(cudaMemcpy(a, hp.a.data(), sizeof(double) * n, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMemcpy(b, hp.b.data(), sizeof(double) * n, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMalloc(&err, sizeof(double)));
+  BENCH_CUDA(cudaMalloc(&it, sizeof(int64_t)));
+  BENCH_CUDA(cudaMalloc(&nt, sizeof(int64_t)));
+  p.cost = cost;
+  p.cost_t = cost_t;
+  p.a = a;
+  p.b = b;
+  BENCH_CUDA(cudaMalloc(&ws, sinkhorn_workspace_bytes(p, o)));
+  SinkhornState s{f, g, err, it, nt};
+  cudaEvent_t start, stop;
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  for (int r = 0; r < repeats + 2; ++r) {  // two warm-up runs
+    BENCH_CUDA(cudaMemsetAsync(g, 0, sizeof(double) * n, stream));
+    BENCH_CUDA(cudaEventRecord(start, stream));
+    if (sinkhorn_solve_cuda(p, o, s, ws, stream) != Status::ok) {
+      std::fprintf(stderr, "sinkhorn_solve_cuda failed\n");
+      std::exit(1);
+    }
+    BENCH_CUDA(cudaEventRecord(stop, stream));
+    BENCH_CUDA(cudaEventSynchronize(stop));
+    float t = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&t, start, stop));
+    if (r >= 2) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  BENCH_CUDA(cudaEventDestroy(start));
+  BENCH_CUDA(cudaEventDestroy(stop));
+  for (void* v : {cost, cost_t, ws, static_cast<void*>(a), static_cast<void*>(b),
+                  static_cast<void*>(f), static_cast<void*>(g), static_cast<void*>(err),
+                  static_cast<void*>(it), static_cast<void*>(nt)})
+    BENCH_CUDA(cudaFree(v));
+  return ms[ms.size() / 2];
+}
+
+template <class T>
+void run_dtype(std::vector<Row>& rows, cudaStream_t stream, double peak_gbs) {
+  const char* dt = sizeof(T) == 8 ? "float64" : "float32";
+  for (int64_t n : {1000, 4096}) {
+    const double t10 = time_solve<T>(n, SinkhornMethod::sinkhorn, 100, 1e-2, 9, stream) / 100;
+    const double floor_ms = 2.0 * sizeof(T) * n * n / (peak_gbs * 1e9) * 1e3;
+    std::printf("%-26s %-8s n=%-5lld %10.4f ms   (bandwidth floor %.4f ms)\n",
+                "sinkhorn iteration", dt, static_cast<long long>(n), t10, floor_ms);
+    rows.push_back({"sinkhorn_iteration", dt, n, t10});
+    const double w = time_solve<T>(n, SinkhornMethod::sinkhorn, 20, 1e-3, 9, stream);
+    const double wn = time_solve<T>(n, SinkhornMethod::sns, 21, 1e-3, 9, stream);
+    std::printf("%-26s %-8s n=%-5lld %10.4f ms\n", "newton step (eps 1e-3)", dt,
+                static_cast<long long>(n), wn - w);
+    rows.push_back({"newton_step", dt, n, wn - w});
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
+      json = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--json PATH]\n", argv[0]);
+      return 2;
+    }
+  }
+  int device = 0;
+  cudaDeviceProp prop;
+  BENCH_CUDA(cudaGetDevice(&device));
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, device));
+  int mem_clock_khz = 0, bus_bits = 0;
+  cudaDeviceGetAttribute(&mem_clock_khz, cudaDevAttrMemoryClockRate, device);
+  cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device);
+  const double peak_gbs = 2.0 * mem_clock_khz * 1e3 * (bus_bits / 8) / 1e9;
+  std::printf("device: %s (theoretical DRAM bandwidth %.0f GB/s)\n", prop.name, peak_gbs);
+  cudaStream_t stream;
+  BENCH_CUDA(cudaStreamCreate(&stream));
+  std::vector<Row> rows;
+  run_dtype<float>(rows, stream, peak_gbs);
+  run_dtype<double>(rows, stream, peak_gbs);
+  BENCH_CUDA(cudaStreamDestroy(stream));
+  if (!json.empty()) {
+    FILE* fp = std::fopen(json.c_str(), "w");
+    if (!fp) {
+      std::perror(json.c_str());
+      return 1;
+    }
+    std::fprintf(fp, "{\"device\": \"%s\", \"results\": [", prop.name);
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::fprintf(fp, "%s{\"what\": \"%s\", \"dtype\": \"%s\", \"n\": %lld, \"ms\": %.6f}",
+                   i ? ", " : "", rows[i].what.c_str(), rows[i].dtype.c_str(),
+                   static_cast<long long>(rows[i].n), rows[i].ms);
+    std::fprintf(fp, "]}\n");
+    std::fclose(fp);
+  }
+  return 0;
+}

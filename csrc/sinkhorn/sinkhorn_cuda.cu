@@ -1,0 +1,251 @@
+// CUDA backend of the Sinkhorn family. The control flow is the shared driver
+// (sinkhorn_driver.h); here each primitive is a kernel. Rows (of C or of C^T) are handled by
+// one warp each: lanes read consecutive entries (coalesced), then merge by shuffles.
+// Per-batch sums are block reductions in a fixed order, so results are deterministic.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda_check.cuh"
+#include "sinkhorn/sinkhorn.h"
+#include "sinkhorn/sinkhorn_driver.h"
+#include "sinkhorn/workspace.h"
+
+namespace diffkern {
+namespace sinkhorn_detail {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kReduceThreads = 256;
+constexpr unsigned kFull = 0xffffffffu;
+
+template <class T>
+__global__ void sweep_kernel(const T* __restrict__ mat, int64_t R, int64_t K, int64_t rows,
+                             const double* __restrict__ own, const double* __restrict__ other,
+                             const double* __restrict__ w, SweepMode mode, double eps,
+                             double* out_pot, double* out_sum, double* out_term,
+                             const int* __restrict__ mask) {
+  const int64_t br = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (br >= rows) return;
+  const int64_t b = br / R;
+  if (!mask[b]) return;
+  const double inv_eps = 1.0 / eps;
+  const double o = own ? own[br] : 0.0;
+  LogSumExp acc;
+  if (o != -INFINITY) {
+    const T* row = mat + br * K;
+    const double* oth = other + b * K;
+    for (int64_t k = lane; k < K; k += 32)
+      acc.add<T>(log_plan(o, oth[k], static_cast<double>(row[k]), inv_eps));
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const double mx = __shfl_xor_sync(kFull, acc.mx, off);
+    const double s = __shfl_xor_sync(kFull, acc.sum, off);
+    acc.merge(mx, s);
+  }
+  if (lane == 0) {
+    finish_row(mode, acc.value(), w[br], eps, out_pot ? out_pot + br : nullptr,
+               out_sum ? out_sum + br : nullptr, out_term + br);
+  }
+}
+
+template <class T>
+__global__ void sparsify_kernel(const T* __restrict__ mat, int64_t R, int64_t K, int64_t rows,
+                                const double* __restrict__ own, const double* __restrict__ other,
+                                const double* __restrict__ thr_own,
+                                const double* __restrict__ thr_other,
+                                const double* __restrict__ log_delta, double eps, int64_t* cnt,
+                                int32_t* idx, float* val, const int* __restrict__ mask) {
+  const int64_t br = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (br >= rows) return;
+  const int64_t b = br / R;
+  if (!mask[b]) return;
+  const double inv_eps = 1.0 / eps;
+  const T* row = mat + br * K;
+  const double* oth = other + b * K;
+  const double* thr = thr_other + b * K;
+  const double o = own[br], to = thr_own[br], ld = log_delta[b];
+  int32_t* out_idx = idx + br * K;
+  float* out_val = val + br * K;
+  int64_t base = 0;
+  // Chunks of 32 consecutive entries; a ballot compacts the kept ones in column order.
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    const int64_t k = k0 + lane;
+    bool keep = false;
+    double lp = 0;
+    if (k < K) {
+      lp = log_plan(o, oth[k], static_cast<double>(row[k]), inv_eps);
+      keep = lp >= ld + fmin(to, thr[k]) && lp > kMinLogKept;
+    }
+    const unsigned ballot = __ballot_sync(kFull, keep);
+    if (keep) {
+      const int64_t pos = base + __popc(ballot & ((1u << lane) - 1u));
+      out_idx[pos] = static_cast<int32_t>(k);
+      out_val[pos] = static_cast<float>(exp(lp));
+    }
+    base += __popc(ballot);
+  }
+  if (lane == 0) cnt[br] = base;
+}
+
+__global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __restrict__ idx,
+                            const float* __restrict__ val, int64_t R, int64_t K, int64_t rows,
+                            const double* __restrict__ x, bool square, double* y,
+                            const int* __restrict__ mask) {
+  const int64_t br = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (br >= rows) return;
+  const int64_t b = br / R;
+  if (!mask[b]) return;
+  const int32_t* ix = idx + br * K;
+  const float* v = val + br * K;
+  const double* xb = x + b * K;
+  const int64_t c = cnt[br];
+  double acc = 0;
+  for (int64_t e = lane; e < c; e += 32) {
+    const double ve = static_cast<double>(v[e]);
+    acc += (square ? ve * ve : ve) * xb[ix[e]];
+  }
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(kFull, acc, off);
+  if (lane == 0) y[br] = acc;
+}
+
+template <class E>
+__global__ void reduce_kernel(const double* __restrict__ buf, int64_t len, E epilogue) {
+  __shared__ double s_sum[kReduceThreads];
+  __shared__ double s_abs[kReduceThreads];
+  const int64_t b = blockIdx.x;
+  const double* x = buf + b * len;
+  double sum = 0, abs_sum = 0;
+  for (int64_t k = threadIdx.x; k < len; k += kReduceThreads) {
+    sum += x[k];
+    abs_sum += fabs(x[k]);
+  }
+  s_sum[threadIdx.x] = sum;
+  s_abs[threadIdx.x] = abs_sum;
+  __syncthreads();
+  for (int step = kReduceThreads / 2; step > 0; step /= 2) {
+    if (threadIdx.x < step) {
+      s_sum[threadIdx.x] += s_sum[threadIdx.x + step];
+      s_abs[threadIdx.x] += s_abs[threadIdx.x + step];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) epilogue(b, s_sum[0], s_abs[0]);
+}
+
+template <class F>
+__global__ void for_each_kernel(int64_t total, int64_t len, F f) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    f(t / len, t % len);
+}
+
+template <class F>
+__global__ void for_batch_kernel(int64_t batch, F f) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < batch) f(b);
+}
+
+class CudaBackend {
+ public:
+  CudaBackend(int64_t batch, double eps, cudaStream_t stream)
+      : B_(batch), eps_(eps), stream_(stream) {}
+
+  template <class T>
+  void sweep(const T* mat, int64_t R, int64_t K, const double* own, const double* other,
+             const double* w, SweepMode mode, double* out_pot, double* out_sum, double* out_term,
+             const int* mask) {
+    const int64_t rows = B_ * R;
+    sweep_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream_>>>(
+        mat, R, K, rows, own, other, w, mode, eps_, out_pot, out_sum, out_term, mask);
+    check();
+  }
+
+  template <class E>
+  void reduce(const double* buf, int64_t len, E e) {
+    reduce_kernel<E><<<static_cast<unsigned>(B_), kReduceThreads, 0, stream_>>>(buf, len, e);
+    check();
+  }
+
+  template <class F>
+  void for_each(int64_t len, F f) {
+    const int64_t total = B_ * len;
+    const int64_t blocks = std::min<int64_t>((total + 255) / 256, 65535);
+    for_each_kernel<F><<<static_cast<unsigned>(blocks), 256, 0, stream_>>>(total, len, f);
+    check();
+  }
+
+  template <class F>
+  void for_batch(F f) {
+    for_batch_kernel<F><<<static_cast<unsigned>((B_ + 127) / 128), 128, 0, stream_>>>(B_, f);
+    check();
+  }
+
+  template <class T>
+  void sparsify(const T* mat, int64_t R, int64_t K, const double* own, const double* other,
+                const double* thr_own, const double* thr_other, const double* log_delta,
+                int64_t* cnt, int32_t* idx, float* val, const int* mask) {
+    const int64_t rows = B_ * R;
+    sparsify_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream_>>>(
+        mat, R, K, rows, own, other, thr_own, thr_other, log_delta, eps_, cnt, idx, val, mask);
+    check();
+  }
+
+  void spmv(const int64_t* cnt, const int32_t* idx, const float* val, int64_t R, int64_t K,
+            const double* x, bool square, double* y, const int* mask) {
+    const int64_t rows = B_ * R;
+    spmv_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream_>>>(cnt, idx, val, R, K, rows,
+                                                                     x, square, y, mask);
+    check();
+  }
+
+  // The only host synchronization: tolerance-mode checks read per-batch flags.
+  void copy_to_host(void* dst, const void* src, size_t bytes) {
+    if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_) != cudaSuccess ||
+        cudaStreamSynchronize(stream_) != cudaSuccess)
+      status_ = Status::cuda_error;
+  }
+  void copy_device(void* dst, const void* src, size_t bytes) {
+    if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_) != cudaSuccess)
+      status_ = Status::cuda_error;
+  }
+  Status status() const { return status_; }
+
+ private:
+  int64_t B_;
+  double eps_;
+  cudaStream_t stream_;
+  Status status_ = Status::ok;
+
+  static unsigned row_blocks(int64_t rows) {
+    return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  }
+  void check() {
+    if (status_ == Status::ok) status_ = last_launch_status();
+  }
+};
+
+}  // namespace
+}  // namespace sinkhorn_detail
+
+Status sinkhorn_solve_cuda(const SinkhornProblem& p, const SinkhornOptions& o,
+                           const SinkhornState& s, void* workspace, void* stream) {
+  using namespace sinkhorn_detail;
+  if (p.batch < 1 || p.n < 1 || p.m < 1 || !(p.eps > 0) || !p.cost || !p.cost_t || !p.a ||
+      !p.b || !s.f || !s.g || !workspace)
+    return Status::invalid_argument;
+  if (p.n > INT32_MAX || p.m > INT32_MAX || p.batch > INT32_MAX) return Status::invalid_argument;
+  Workspace w;
+  layout_workspace(p, o, workspace, &w);
+  CudaBackend bk(p.batch, p.eps, static_cast<cudaStream_t>(stream));
+  return dispatch_float(p.cost_dtype, [&](auto t) {
+    using T = decltype(t);
+    Driver<CudaBackend, T> driver(bk, p, o, s, w);
+    return driver.run();
+  });
+}
+
+}  // namespace diffkern
