@@ -61,6 +61,12 @@ step build 420 "$OUT/build.log" \
 BUILD_OK=$([ "${STATES[-1]}" = ok ] && echo 1 || echo 0)
 
 if [ "$BUILD_OK" = 1 ]; then
+  # Peers and test-only dependencies the offline machine lacks (POT, OTT-JAX, TFP) travel as
+  # wheels in .whl/ (bench/README.md); installed before the tests, which compare with POT.
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk_peers .whl/*.whl \
+      >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
+  fi
   # 2. CUDA tests (the cpu half of the suite runs in CI).
   step pytest-cuda 300 "$OUT/pytest.log" \
     "$PY" -m pytest -q -m cuda tests -rs
@@ -92,10 +98,6 @@ if [ "$BUILD_OK" = 1 ]; then
 
   # 5. Self-check of every family, then the Python benchmark against peers.
   step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$RES/selfcheck.json"
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk_peers .whl/*.whl \
-      >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
-  fi
   # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   want ot && step bench-ot 420 "$OUT/run.log" "$PY" bench/ot.py --device all \

@@ -19,7 +19,8 @@ namespace {
 
 class CpuBackend {
  public:
-  CpuBackend(int64_t batch, double eps, int threads) : B_(batch), eps_(eps), threads_(threads) {}
+  CpuBackend(int64_t batch, int64_t n, int64_t m, double eps, int threads)
+      : B_(batch), n_(n), m_(m), eps_(eps), threads_(threads) {}
 
   // Row r of the (B, R, K) matrix `mat`: L = LSE_k(log_plan(own_r or 0, other_k, mat_rk)).
   template <class T>
@@ -127,12 +128,52 @@ class CpuBackend {
     }
   }
 
+  // q = c p - P_s^T D_a^-1 P_s p (tmp holds D_a^-1 P_s p).
+  void schur_product(const Workspace& w, const double* p, const int* mask) {
+    spmv(w.row_cnt, w.row_idx, w.row_val, n_, m_, p, false, w.tmp, mask);
+    for (int64_t k = 0; k < B_ * n_; ++k) w.tmp[k] *= w.inv_a[k];
+    spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.tmp, false, w.q, mask);
+    for (int64_t k = 0; k < B_ * m_; ++k) w.q[k] = w.c[k] * p[k] - w.q[k];
+  }
+
+  // One CG iteration's vector work (see cg_step_kernel in sinkhorn_cuda.cu).
+  void cg_step(const BatchScalars& s, const Workspace& w, int64_t m, int cur) {
+    const int next = 1 - cur;
+    for (int64_t b = 0; b < B_; ++b) {
+      if (!s.cg_active[b]) continue;
+      double* x = w.x + b * m;
+      double* r = w.r + b * m;
+      double* z = w.z + b * m;
+      double* p = w.p + b * m;
+      const double* q = w.q + b * m;
+      const double* M = w.precond + b * m;
+      double pq = 0;
+      for (int64_t j = 0; j < m; ++j) pq += p[j] * q[j];
+      const double alpha = pq > 0 ? s.rz[cur][b] / pq : 0.0;
+      double rz = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        x[j] += alpha * p[j];
+        r[j] -= alpha * q[j];
+        z[j] = M[j] * r[j];
+        rz += r[j] * z[j];
+      }
+      const bool go_on = rz > s.cg_tol2[b] * s.rz0[b];
+      if (go_on) {
+        const double beta = rz / s.rz[cur][b];
+        for (int64_t j = 0; j < m; ++j) p[j] = z[j] + beta * p[j];
+      }
+      s.rz[next][b] = rz;
+      s.cg_active[b] = go_on;
+    }
+  }
+
   void copy_to_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   void copy_device(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+  void set_eps(double eps) { eps_ = eps; }
   Status status() const { return Status::ok; }
 
  private:
-  int64_t B_;
+  int64_t B_, n_, m_;
   double eps_;
   int threads_;
 };
@@ -159,7 +200,7 @@ Status sinkhorn_solve_cpu(const SinkhornProblem& p, const SinkhornOptions& o,
 #endif
   Workspace w;
   layout_workspace(p, o, workspace, &w);
-  CpuBackend bk(p.batch, p.eps, threads);
+  CpuBackend bk(p.batch, p.n, p.m, p.eps, threads);
   return dispatch_float(p.cost_dtype, [&](auto t) {
     using T = decltype(t);
     Driver<CpuBackend, T> driver(bk, p, o, s, w);

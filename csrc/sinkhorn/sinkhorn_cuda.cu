@@ -32,13 +32,19 @@ __global__ void sweep_kernel(const T* __restrict__ mat, int64_t R, int64_t K, in
   if (!mask[b]) return;
   const double inv_eps = 1.0 / eps;
   const double o = own ? own[br] : 0.0;
-  LogSumExp acc;
+  // Two running sums per lane: halves the dependent exp/add chain (latency-bound rows).
+  LogSumExp acc, acc2;
   if (o != -INFINITY) {
     const T* row = mat + br * K;
     const double* oth = other + b * K;
-    for (int64_t k = lane; k < K; k += 32)
+    int64_t k = lane;
+    for (; k + 32 < K; k += 64) {
       acc.add<T>(log_plan(o, oth[k], static_cast<double>(row[k]), inv_eps));
+      acc2.add<T>(log_plan(o, oth[k + 32], static_cast<double>(row[k + 32]), inv_eps));
+    }
+    if (k < K) acc.add<T>(log_plan(o, oth[k], static_cast<double>(row[k]), inv_eps));
   }
+  acc.merge(acc2.mx, acc2.sum);
   for (int off = 16; off > 0; off /= 2) {
     const double mx = __shfl_xor_sync(kFull, acc.mx, off);
     const double s = __shfl_xor_sync(kFull, acc.sum, off);
@@ -90,9 +96,19 @@ __global__ void sparsify_kernel(const T* __restrict__ mat, int64_t R, int64_t K,
   if (lane == 0) cnt[br] = base;
 }
 
+// y_r = diag_r * xd_r + sign * scale_r * sum_e v_e x[idx_e]   (v^2 with `square`);
+// diag/xd/scale may be null (then 0, -, 1).
+struct SpmvTerms {
+  const double* diag = nullptr;
+  const double* xd = nullptr;
+  const double* scale = nullptr;
+  double sign = 1.0;
+  bool square = false;
+};
+
 __global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __restrict__ idx,
                             const float* __restrict__ val, int64_t R, int64_t K, int64_t rows,
-                            const double* __restrict__ x, bool square, double* y,
+                            const double* __restrict__ x, SpmvTerms t, double* y,
                             const int* __restrict__ mask) {
   const int64_t br = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -106,10 +122,63 @@ __global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __re
   double acc = 0;
   for (int64_t e = lane; e < c; e += 32) {
     const double ve = static_cast<double>(v[e]);
-    acc += (square ? ve * ve : ve) * xb[ix[e]];
+    acc += (t.square ? ve * ve : ve) * xb[ix[e]];
   }
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(kFull, acc, off);
-  if (lane == 0) y[br] = acc;
+  if (lane == 0) {
+    double out = t.sign * (t.scale ? t.scale[br] : 1.0) * acc;
+    if (t.diag) out += t.diag[br] * t.xd[br];
+    y[br] = out;
+  }
+}
+
+// Sum over the block (blockDim.x == kCgThreads), result broadcast to every thread.
+constexpr int kCgThreads = 512;
+__device__ double block_sum(double v, double* shared) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(kFull, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read from a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  double total = 0;
+  for (int w = 0; w < kCgThreads / 32; ++w) total += shared[w];  // same order everywhere
+  return total;
+}
+
+// One CG iteration's vector work for batch element blockIdx.x: pq = p.q, alpha = rz/pq,
+// x += alpha p, r -= alpha q, z = M r, rz' = r.z, stop test, p = z + (rz'/rz) p.
+__global__ void cg_step_kernel(BatchScalars s, double* __restrict__ x, double* __restrict__ r,
+                               double* __restrict__ z, double* __restrict__ p,
+                               const double* __restrict__ q, const double* __restrict__ precond,
+                               int64_t m, int cur) {
+  __shared__ double shared[kCgThreads / 32];
+  const int64_t b = blockIdx.x;
+  if (!s.cg_active[b]) return;  // uniform over the block
+  const int next = 1 - cur;
+  const int64_t o = b * m;
+  double pq = 0;
+  for (int64_t j = threadIdx.x; j < m; j += kCgThreads) pq += p[o + j] * q[o + j];
+  pq = block_sum(pq, shared);
+  const double alpha = pq > 0 ? s.rz[cur][b] / pq : 0.0;
+  double rz = 0;
+  for (int64_t j = threadIdx.x; j < m; j += kCgThreads) {
+    const int64_t k = o + j;
+    x[k] += alpha * p[k];
+    r[k] -= alpha * q[k];
+    z[k] = precond[k] * r[k];
+    rz += r[k] * z[k];
+  }
+  rz = block_sum(rz, shared);
+  const bool go_on = rz > s.cg_tol2[b] * s.rz0[b];
+  if (go_on) {
+    const double beta = rz / s.rz[cur][b];
+    for (int64_t j = threadIdx.x; j < m; j += kCgThreads) p[o + j] = z[o + j] + beta * p[o + j];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s.rz[next][b] = rz;
+    s.cg_active[b] = go_on;
+  }
 }
 
 template <class E>
@@ -151,8 +220,8 @@ __global__ void for_batch_kernel(int64_t batch, F f) {
 
 class CudaBackend {
  public:
-  CudaBackend(int64_t batch, double eps, cudaStream_t stream)
-      : B_(batch), eps_(eps), stream_(stream) {}
+  CudaBackend(int64_t batch, int64_t n, int64_t m, double eps, cudaStream_t stream)
+      : B_(batch), n_(n), m_(m), eps_(eps), stream_(stream) {}
 
   template <class T>
   void sweep(const T* mat, int64_t R, int64_t K, const double* own, const double* other,
@@ -196,9 +265,26 @@ class CudaBackend {
 
   void spmv(const int64_t* cnt, const int32_t* idx, const float* val, int64_t R, int64_t K,
             const double* x, bool square, double* y, const int* mask) {
-    const int64_t rows = B_ * R;
-    spmv_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream_>>>(cnt, idx, val, R, K, rows,
-                                                                     x, square, y, mask);
+    SpmvTerms t;
+    t.square = square;
+    launch_spmv(cnt, idx, val, R, K, x, t, y, mask);
+  }
+
+  // q = c p - P_s^T D_a^-1 P_s p (two launches; tmp holds D_a^-1 P_s p).
+  void schur_product(const Workspace& w, const double* p, const int* mask) {
+    SpmvTerms rows;
+    rows.scale = w.inv_a;
+    launch_spmv(w.row_cnt, w.row_idx, w.row_val, n_, m_, p, rows, w.tmp, mask);
+    SpmvTerms cols;
+    cols.diag = w.c;
+    cols.xd = p;
+    cols.sign = -1.0;
+    launch_spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.tmp, cols, w.q, mask);
+  }
+
+  void cg_step(const BatchScalars& s, const Workspace& w, int64_t m, int cur) {
+    cg_step_kernel<<<static_cast<unsigned>(B_), kCgThreads, 0, stream_>>>(s, w.x, w.r, w.z, w.p,
+                                                                          w.q, w.precond, m, cur);
     check();
   }
 
@@ -212,14 +298,22 @@ class CudaBackend {
     if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_) != cudaSuccess)
       status_ = Status::cuda_error;
   }
+  void set_eps(double eps) { eps_ = eps; }
   Status status() const { return status_; }
 
  private:
-  int64_t B_;
+  int64_t B_, n_, m_;
   double eps_;
   cudaStream_t stream_;
   Status status_ = Status::ok;
 
+  void launch_spmv(const int64_t* cnt, const int32_t* idx, const float* val, int64_t R, int64_t K,
+                   const double* x, const SpmvTerms& t, double* y, const int* mask) {
+    const int64_t rows = B_ * R;
+    spmv_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream_>>>(cnt, idx, val, R, K, rows,
+                                                                     x, t, y, mask);
+    check();
+  }
   static unsigned row_blocks(int64_t rows) {
     return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   }
@@ -240,7 +334,7 @@ Status sinkhorn_solve_cuda(const SinkhornProblem& p, const SinkhornOptions& o,
   if (p.n > INT32_MAX || p.m > INT32_MAX || p.batch > INT32_MAX) return Status::invalid_argument;
   Workspace w;
   layout_workspace(p, o, workspace, &w);
-  CudaBackend bk(p.batch, p.eps, static_cast<cudaStream_t>(stream));
+  CudaBackend bk(p.batch, p.n, p.m, p.eps, static_cast<cudaStream_t>(stream));
   return dispatch_float(p.cost_dtype, [&](auto t) {
     using T = decltype(t);
     Driver<CudaBackend, T> driver(bk, p, o, s, w);

@@ -35,11 +35,11 @@ struct LogSumExp {
 
   template <class T>
   DK_HOST_DEVICE void add(double x) {
-    if (x <= mx) {
-      sum += exp_as<T>(x - mx);
-    } else if (x > -INFINITY) {
+    if (x > mx) {  // also the first finite x: exp(-inf) = 0 clears the empty sum
       sum = sum * exp_as<T>(mx - x) + 1.0;
       mx = x;
+    } else if (x > -INFINITY) {  // -inf (a zero-mass partner) adds nothing
+      sum += exp_as<T>(x - mx);
     }
   }
   DK_HOST_DEVICE void merge(double o_mx, double o_sum) {

@@ -306,7 +306,7 @@ def sinkhorn(
     g_init: Optional[torch.Tensor] = None,
     fixed_iterations: bool = False,
     newton_warmup: int = 20,
-    verbose: bool = False,
+    verbose: int = 0,
 ) -> SinkhornResult:
     """Entropic optimal transport between weights ``a`` and ``b`` for ``cost``.
 
@@ -332,7 +332,8 @@ def sinkhorn(
             where the step is rejected) with no host synchronization and no input-value
             checks: CUDA-graph capturable, for training loops.
         newton_warmup: SNS only: Sinkhorn iterations before the first Newton step.
-        verbose: print a progress line to stderr at every check / Newton step.
+        verbose: 1 (or True): a progress line on stderr at every check / Newton step;
+            2: also the conjugate-gradient iterations of each Newton step.
 
     Returns:
         SinkhornResult with f, g, plan, cost, reg_cost, iterations, newton_steps,
@@ -392,7 +393,7 @@ def sinkhorn(
     b64 = b_.to(torch.float64)
     f, g, err, iters, newton = _solve(C, a64, b64, g0, float(eps), _METHODS[method], float(tol),
                                       int(max_iter), int(check_every), fixed,
-                                      int(newton_warmup), 1 if verbose else 0)
+                                      int(newton_warmup), int(verbose))
     converged = err <= tol
     if not fixed and not bool(converged.all()):
         bad = int((~converged).sum())
