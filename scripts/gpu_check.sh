@@ -11,7 +11,8 @@
 # bench_log_bessel.json, bench_vmf.json, bench_cpp_cuda.json, bench_cpp_sinkhorn.json,
 # bench_ot.json, ot.png).
 #
-# GPU_CHECK_BENCH="ot log_bessel vmf" (default: all) limits which Python benchmarks run.
+# GPU_CHECK_BENCH="ot log_bessel vmf" (default: all) limits which Python benchmarks run;
+# DK_SANITIZE_FAMILIES="ot" (default: all) which families the sanitizer exercises.
 #
 # Peers that the machine lacks (TensorFlow Probability for JAX) travel as wheels in .whl/
 # (see bench/README.md); when that folder exists they are installed to a private folder. Target: < 9 minutes.

@@ -43,7 +43,8 @@ void require_dtype(const ArrayInfo& a, nb::dlpack::dtype_code code, int bits, co
 }
 
 SinkhornOptions make_options(int method, double tol, int64_t max_iter, int64_t check_every,
-                             bool fixed, int64_t warmup, int64_t cg_max_iter, int verbose) {
+                             bool fixed, int64_t warmup, bool warm_start, int64_t cg_max_iter,
+                             int verbose) {
   if (method != 0 && method != 1)
     throw nb::value_error("sinkhorn_solve: method: expected 0 (sinkhorn) or 1 (sns)");
   if (max_iter < 0) throw nb::value_error("sinkhorn_solve: max_iter: expected >= 0");
@@ -54,6 +55,7 @@ SinkhornOptions make_options(int method, double tol, int64_t max_iter, int64_t c
   o.check_every = check_every;
   o.fixed_iterations = fixed;
   o.newton_warmup = warmup;
+  o.warm_start = warm_start;
   o.cg_max_iter = cg_max_iter;
   o.verbose = verbose;
   return o;
@@ -72,8 +74,8 @@ int64_t workspace_bytes(int64_t batch, int64_t n, int64_t m, int method) {
 void solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_o, nb::handle f_o,
            nb::handle g_o, nb::handle err_o, nb::handle iters_o, nb::handle newton_o,
            nb::handle ws_o, double eps, int method, double tol, int64_t max_iter,
-           int64_t check_every, bool fixed, int64_t warmup, int64_t cg_max_iter, int verbose,
-           int num_threads, uintptr_t stream) {
+           int64_t check_every, bool fixed, int64_t warmup, bool warm_start, int64_t cg_max_iter,
+           int verbose, int num_threads, uintptr_t stream) {
   const auto cost_arr = as_input(cost_o, "cost", kFn);
   const auto cost_t_arr = as_input(cost_t_o, "cost_t", kFn);
   const auto a_arr = as_input(a_o, "a", kFn);
@@ -131,7 +133,8 @@ void solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_
   p.b = static_cast<const double*>(b.data);
   p.eps = eps;
   const SinkhornOptions o =
-      make_options(method, tol, max_iter, check_every, fixed, warmup, cg_max_iter, verbose);
+      make_options(method, tol, max_iter, check_every, fixed, warmup, warm_start, cg_max_iter,
+                   verbose);
   const size_t need = sinkhorn_workspace_bytes(p, o);
   if (ws.numel() < static_cast<int64_t>(need)) {
     throw nb::value_error((std::string(kFn) + ": workspace: expected at least " +
@@ -175,7 +178,8 @@ void bind_sinkhorn(nb::module_& m) {
         nb::arg("f"), nb::arg("g"), nb::arg("marginal_error"), nb::arg("iterations"),
         nb::arg("newton_steps"), nb::arg("workspace"), nb::arg("eps"), nb::arg("method"),
         nb::arg("tol"), nb::arg("max_iter"), nb::arg("check_every"), nb::arg("fixed_iterations"),
-        nb::arg("newton_warmup"), nb::arg("cg_max_iter"), nb::arg("verbose") = 0,
+        nb::arg("newton_warmup"), nb::arg("warm_start"), nb::arg("cg_max_iter"),
+        nb::arg("verbose") = 0,
         nb::arg("num_threads") = 0, nb::arg("stream") = 0,
         "Batched entropic OT (see csrc/sinkhorn/sinkhorn.h). cost (B,n,m) and cost_t (B,m,n)\n"
         "float32/float64; a (B,n), b (B,m), f (B,n) in/out, g (B,m) in/out, marginal_error (B)\n"

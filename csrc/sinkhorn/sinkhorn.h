@@ -35,6 +35,7 @@ struct SinkhornOptions {
   int64_t check_every = 10;   // Sinkhorn iterations between two marginal-error checks
   bool fixed_iterations = false;  // exactly max_iter iterations, no host synchronization
   int64_t newton_warmup = 20;     // SNS: Sinkhorn iterations before the first Newton step
+  bool warm_start = false;        // g holds a warm start: skip eps-scaling, warm up 2 iterations
   int64_t cg_max_iter = 400;      // SNS: conjugate-gradient iterations per Newton step
   int verbose = 0;                // > 0: one progress line per check / Newton step on stderr
 };

@@ -344,8 +344,19 @@ class Driver {
   void run_sns() {
     const int* active = w_.s.active;
     const bool fixed = o_.fixed_iterations;
-    int64_t it = std::min(std::max<int64_t>(0, o_.newton_warmup), o_.max_iter);
-    warmup(it, active);
+    // A warm start may already be converged; it also needs no eps-scaling (which would
+    // throw away what it knows) and only a short warm-up.
+    if (o_.warm_start) {
+      measure(active);
+      if (!fixed && check(0, "start") == 0) return;
+    }
+    const int64_t want = o_.warm_start ? std::min<int64_t>(2, o_.newton_warmup) : o_.newton_warmup;
+    int64_t it = std::min(std::max<int64_t>(0, want), o_.max_iter);
+    if (o_.warm_start) {
+      sinkhorn_iterations(it, active);
+    } else {
+      warmup(it, active);
+    }
     measure(active);
     if (!fixed && check(it, "sinkhorn") == 0) return;
     while (it < o_.max_iter) {
