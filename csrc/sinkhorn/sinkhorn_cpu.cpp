@@ -17,6 +17,10 @@ namespace diffkern {
 namespace sinkhorn_detail {
 namespace {
 
+// Below this many element operations a parallel region costs more than it saves (fork/join
+// and, with torch's own OpenMP pool in the same process, threads competing for cores).
+constexpr int64_t kMinParallelWork = 1 << 17;
+
 class CpuBackend {
  public:
   CpuBackend(int64_t batch, int64_t n, int64_t m, double eps, int threads)
@@ -29,7 +33,7 @@ class CpuBackend {
              const int* mask) {
     const double inv_eps = 1.0 / eps_;
     const int64_t total = B_ * R;
-#pragma omp parallel num_threads(threads_)
+#pragma omp parallel num_threads(threads_) if (total * K >= kMinParallelWork)
     {
       std::vector<double> buf(static_cast<size_t>(K));
 #pragma omp for schedule(static)
@@ -63,7 +67,7 @@ class CpuBackend {
   template <class F>
   void for_each(int64_t len, F f) {
     const int64_t total = B_ * len;
-    if (total < 32768) {
+    if (total < kMinParallelWork) {
       for (int64_t t = 0; t < total; ++t) f(t / len, t % len);
       return;
     }
@@ -83,7 +87,7 @@ class CpuBackend {
                 int64_t* cnt, int32_t* idx, float* val, const int* mask) {
     const double inv_eps = 1.0 / eps_;
     const int64_t total = B_ * R;
-#pragma omp parallel for num_threads(threads_) schedule(static)
+#pragma omp parallel for num_threads(threads_) schedule(static) if (total * K >= kMinParallelWork)
     for (int64_t br = 0; br < total; ++br) {
       const int64_t b = br / R;
       if (!mask[b]) continue;
@@ -110,7 +114,8 @@ class CpuBackend {
   void spmv(const int64_t* cnt, const int32_t* idx, const float* val, int64_t R, int64_t K,
             const double* x, bool square, double* y, const int* mask) {
     const int64_t total = B_ * R;
-#pragma omp parallel for num_threads(threads_) schedule(static)
+    // Work ~ kept entries; the average row is at most K long.
+#pragma omp parallel for num_threads(threads_) schedule(static) if (total * 64 >= kMinParallelWork)
     for (int64_t br = 0; br < total; ++br) {
       const int64_t b = br / R;
       if (!mask[b]) continue;

@@ -246,9 +246,10 @@ class SinkhornResult:
 
 
 # --------------------------------------------------------------------------- checking
-def _as_weights(w, name, length, batch, like, fixed):
+def _as_weights(w, name, length, batch, like):
+    """Shape/dtype/device checks only (no data read); values are checked in _check_values."""
     if w is None:
-        return torch.full((batch, length), 1.0 / length, dtype=torch.float64, device=like.device)
+        return None
     if not isinstance(w, torch.Tensor):
         w = torch.as_tensor(w, device=like.device)
     if not w.dtype.is_floating_point:
@@ -262,19 +263,38 @@ def _as_weights(w, name, length, batch, like, fixed):
         want = f"({length},) or ({batch}, {length})" if batch > 1 else f"({length},)"
         raise ValueError(f"sinkhorn: {name}: expected shape {want} to match cost, "
                          f"got {tuple(w.shape)}")
-    if not fixed:
-        wd = w.detach()
-        if bool(torch.isnan(wd).any()):
-            raise ValueError(f"sinkhorn: {name}: contains NaN")
-        if bool(torch.isinf(wd).any()):
-            raise ValueError(f"sinkhorn: {name}: contains inf")
-        if bool((wd < 0).any()):
-            raise ValueError(f"sinkhorn: {name}: expected non-negative weights, "
-                             f"got min {wd.min().item():.3g}")
-        if bool((wd.sum(-1) <= 0).any()):
-            raise ValueError(f"sinkhorn: {name}: expected a positive total mass in every "
-                             "batch element")
     return w
+
+
+def _check_values(C, a, b):
+    """Every value check in one device round trip (each separate .item() on CUDA is a sync)."""
+    flags = [~torch.isfinite(C.detach()).all()]
+    names = ["cost: contains NaN or inf"]
+    sums = []
+    for w, name in ((a, "a"), (b, "b")):
+        if w is None:
+            sums.append(None)
+            continue
+        wd = w.detach().double()
+        flags += [torch.isnan(wd).any(), torch.isinf(wd).any(), (wd < 0).any(),
+                  (wd.sum(-1) <= 0).any()]
+        names += [f"{name}: contains NaN", f"{name}: contains inf",
+                  f"{name}: expected non-negative weights, got a negative entry",
+                  f"{name}: expected a positive total mass in every batch element"]
+        sums.append(wd.sum(-1))
+    if sums[0] is not None or sums[1] is not None:
+        sa = sums[0] if sums[0] is not None else torch.ones_like(sums[1])
+        sb = sums[1] if sums[1] is not None else torch.ones_like(sums[0])
+        rel = ((sa - sb).abs() / torch.maximum(sa, sb)).max()
+    else:
+        rel = torch.zeros((), dtype=torch.float64, device=C.device)
+    values = torch.stack([f.double() for f in flags] + [rel.double()]).tolist()
+    for bad, msg in zip(values[:-1], names):
+        if bad:
+            raise ValueError(f"sinkhorn: {msg}")
+    if values[-1] > _MASS_RTOL:  # NaN-safe: NaN weights were reported above
+        raise ValueError(f"sinkhorn: b: expected the same total mass as a (relative 1e-6), "
+                         f"got sums differing by a relative {values[-1]:.3g}")
 
 
 def _check_cost(cost):
@@ -369,16 +389,14 @@ def sinkhorn(
     C = cost if batched else cost.unsqueeze(0)
     B, n, m = C.shape
     fixed = bool(fixed_iterations)
-    if not fixed and not bool(torch.isfinite(C.detach()).all()):
-        raise ValueError("sinkhorn: cost: contains NaN or inf")
-    a_ = _as_weights(a, "a", n, B, C, fixed)
-    b_ = _as_weights(b, "b", m, B, C, fixed)
+    a_ = _as_weights(a, "a", n, B, C)
+    b_ = _as_weights(b, "b", m, B, C)
     if not fixed:
-        sa, sb = a_.detach().double().sum(-1), b_.detach().double().sum(-1)
-        rel = ((sa - sb).abs() / torch.maximum(sa, sb)).max().item()
-        if rel > _MASS_RTOL:
-            raise ValueError(f"sinkhorn: b: expected the same total mass as a (relative 1e-6), "
-                             f"got sums differing by a relative {rel:.3g}")
+        _check_values(C, a_, b_)
+    if a_ is None:
+        a_ = torch.full((B, n), 1.0 / n, dtype=torch.float64, device=C.device)
+    if b_ is None:
+        b_ = torch.full((B, m), 1.0 / m, dtype=torch.float64, device=C.device)
     if g_init is not None:
         g0 = torch.as_tensor(g_init, device=C.device)
         if g0.dim() == 1 and g0.shape[0] == m:
