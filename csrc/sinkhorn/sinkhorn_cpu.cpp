@@ -141,7 +141,9 @@ class CpuBackend {
     for (int64_t k = 0; k < B_ * m_; ++k) w.q[k] = w.c[k] * p[k] - w.q[k];
   }
 
-  // One CG iteration's vector work (see cg_step_kernel in sinkhorn_cuda.cu).
+  bool cg_fused(const BatchScalars&, const Workspace&, int64_t) { return false; }
+
+  // One CG iteration's vector work (see cg_vector_update in sinkhorn_cuda.cu).
   void cg_step(const BatchScalars& s, const Workspace& w, int64_t m, int cur) {
     const int next = 1 - cur;
     for (int64_t b = 0; b < B_; ++b) {

@@ -2,6 +2,7 @@
 // (sinkhorn_driver.h); here each primitive is a kernel. Rows (of C or of C^T) are handled by
 // one warp each: lanes read consecutive entries (coalesced), then merge by shuffles.
 // Per-batch sums are block reductions in a fixed order, so results are deterministic.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +20,7 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kReduceThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
+namespace cg = cooperative_groups;
 
 // A row of K entries is swept by kTpr threads (kTpr/32 warps), 256 threads per block.
 // Short rows are latency-bound: one warp per 1000-entry row keeps only one load in flight
@@ -132,15 +134,12 @@ struct SpmvTerms {
   bool square = false;
 };
 
-__global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __restrict__ idx,
-                            const float* __restrict__ val, int64_t R, int64_t K, int64_t rows,
-                            const double* __restrict__ x, SpmvTerms t, double* y,
-                            const int* __restrict__ mask) {
-  const int64_t br = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (br >= rows) return;
+__device__ __forceinline__ void spmv_row(int64_t br, int lane, const int64_t* __restrict__ cnt,
+                                         const int32_t* __restrict__ idx,
+                                         const float* __restrict__ val, int64_t R, int64_t K,
+                                         const double* __restrict__ x, const SpmvTerms& t,
+                                         double* y) {
   const int64_t b = br / R;
-  if (!mask[b]) return;
   const int32_t* ix = idx + br * K;
   const float* v = val + br * K;
   const double* xb = x + b * K;
@@ -158,6 +157,15 @@ __global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __re
   }
 }
 
+__global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __restrict__ idx,
+                            const float* __restrict__ val, int64_t R, int64_t K, int64_t rows,
+                            const double* __restrict__ x, SpmvTerms t, double* y,
+                            const int* __restrict__ mask) {
+  const int64_t br = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (br >= rows || !mask[br / R]) return;
+  spmv_row(br, threadIdx.x % 32, cnt, idx, val, R, K, x, t, y);
+}
+
 // Sum over the block (blockDim.x == kCgThreads), result broadcast to every thread.
 constexpr int kCgThreads = 512;
 __device__ double block_sum(double v, double* shared) {
@@ -171,15 +179,14 @@ __device__ double block_sum(double v, double* shared) {
   return total;
 }
 
-// One CG iteration's vector work for batch element blockIdx.x: pq = p.q, alpha = rz/pq,
-// x += alpha p, r -= alpha q, z = M r, rz' = r.z, stop test, p = z + (rz'/rz) p.
-__global__ void cg_step_kernel(BatchScalars s, double* __restrict__ x, double* __restrict__ r,
-                               double* __restrict__ z, double* __restrict__ p,
-                               const double* __restrict__ q, const double* __restrict__ precond,
-                               int64_t m, int cur) {
-  __shared__ double shared[kCgThreads / 32];
-  const int64_t b = blockIdx.x;
-  if (!s.cg_active[b]) return;  // uniform over the block
+// One CG iteration's vector work for batch element b, by one block of kCgThreads:
+// pq = p.q, alpha = rz/pq, x += alpha p, r -= alpha q, z = M r, rz' = r.z, stop test,
+// p = z + (rz'/rz) p. Thread 0 stores rz' and the flag. Returns whether CG goes on.
+__device__ bool cg_vector_update(int64_t b, const BatchScalars& s, double* __restrict__ x,
+                                 double* __restrict__ r, double* __restrict__ z,
+                                 double* __restrict__ p, const double* __restrict__ q,
+                                 const double* __restrict__ precond, int64_t m, int cur,
+                                 double* shared) {
   const int next = 1 - cur;
   const int64_t o = b * m;
   double pq = 0;
@@ -200,10 +207,66 @@ __global__ void cg_step_kernel(BatchScalars s, double* __restrict__ x, double* _
     const double beta = rz / s.rz[cur][b];
     for (int64_t j = threadIdx.x; j < m; j += kCgThreads) p[o + j] = z[o + j] + beta * p[o + j];
   }
-  __syncthreads();
+  __syncthreads();  // every thread has read s.cg_active[b] and s.rz[cur][b]
   if (threadIdx.x == 0) {
     s.rz[next][b] = rz;
     s.cg_active[b] = go_on;
+  }
+  return go_on;
+}
+
+__global__ void cg_step_kernel(BatchScalars s, double* x, double* r, double* z, double* p,
+                               const double* q, const double* precond, int64_t m, int cur) {
+  __shared__ double shared[kCgThreads / 32];
+  const int64_t b = blockIdx.x;
+  if (!s.cg_active[b]) return;  // uniform over the block
+  cg_vector_update(b, s, x, r, z, p, q, precond, m, cur, shared);
+}
+
+// The whole CG solve in one cooperative launch (tolerance mode): the three phases of an
+// iteration (rows product, columns product, per-batch vector update) are separated by grid
+// barriers (~1 us each) instead of kernel boundaries (~3-5 us each on short problems), and
+// the loop ends on the device when no batch element is still iterating: no host checks.
+struct CgFusedArgs {
+  BatchScalars s;
+  Workspace w;
+  int64_t batch, n, m, max_iter;
+};
+
+__global__ void __launch_bounds__(kCgThreads) cg_fused_kernel(CgFusedArgs A) {
+  __shared__ double shared[kCgThreads / 32];
+  cg::grid_group grid = cg::this_grid();
+  const BatchScalars& s = A.s;
+  const Workspace& w = A.w;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (kCgThreads / 32);
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * (kCgThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  SpmvTerms rows;
+  rows.scale = w.inv_a;
+  SpmvTerms cols;
+  cols.diag = w.c;
+  cols.xd = w.p;
+  cols.sign = -1.0;
+  int cur = 0;
+  for (int64_t k = 0; k < A.max_iter; ++k) {
+    for (int64_t br = warp_id; br < A.batch * A.n; br += warps_total)
+      if (s.cg_active[br / A.n])
+        spmv_row(br, lane, w.row_cnt, w.row_idx, w.row_val, A.n, A.m, w.p, rows, w.tmp);
+    grid.sync();
+    for (int64_t br = warp_id; br < A.batch * A.m; br += warps_total)
+      if (s.cg_active[br / A.m])
+        spmv_row(br, lane, w.col_cnt, w.col_idx, w.col_val, A.m, A.n, w.tmp, cols, w.q);
+    grid.sync();
+    for (int64_t b = blockIdx.x; b < A.batch; b += gridDim.x) {
+      if (!s.cg_active[b]) continue;  // uniform over the block
+      const bool go_on = cg_vector_update(b, s, w.x, w.r, w.z, w.p, w.q, w.precond, A.m, cur,
+                                          shared);
+      if (go_on && threadIdx.x == 0) atomicAdd(&s.cg_live[k & 1], 1);
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) s.cg_live[(k + 1) & 1] = 0;  // read last round
+    grid.sync();
+    if (*static_cast<volatile int*>(&s.cg_live[k & 1]) == 0) break;
+    cur = 1 - cur;
   }
 }
 
@@ -328,6 +391,38 @@ class CudaBackend {
     check();
   }
 
+  // The whole CG solve in one cooperative launch; false when the device cannot (then the
+  // driver issues the per-iteration kernels).
+  bool cg_fused(const BatchScalars& s, const Workspace& w, int64_t max_iter) {
+    if (fused_blocks_ < 0) {
+      int dev = 0, sms = 0, coop = 0, per_sm = 0;
+      if (cudaGetDevice(&dev) != cudaSuccess ||
+          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+          cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cg_fused_kernel, kCgThreads, 0) !=
+              cudaSuccess) {
+        cudaGetLastError();
+        fused_blocks_ = 0;
+      } else {
+        fused_blocks_ = coop ? sms * per_sm : 0;
+      }
+    }
+    if (fused_blocks_ <= 0) return false;
+    const int64_t warps = std::max(B_ * n_, B_ * m_);
+    const int64_t want = std::max<int64_t>((warps + kCgThreads / 32 - 1) / (kCgThreads / 32), B_);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, fused_blocks_));
+    if (cudaMemsetAsync(s.cg_live, 0, 2 * sizeof(int), stream_) != cudaSuccess) {
+      status_ = Status::cuda_error;
+      return true;
+    }
+    CgFusedArgs args{s, w, B_, n_, m_, max_iter};
+    void* params[] = {&args};
+    if (cudaLaunchCooperativeKernel(reinterpret_cast<void*>(cg_fused_kernel), dim3(blocks),
+                                    dim3(kCgThreads), params, 0, stream_) != cudaSuccess)
+      status_ = Status::cuda_error;
+    return true;
+  }
+
   // The only host synchronization: tolerance-mode checks read per-batch flags.
   void copy_to_host(void* dst, const void* src, size_t bytes) {
     if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_) != cudaSuccess ||
@@ -346,6 +441,7 @@ class CudaBackend {
   double eps_;
   cudaStream_t stream_;
   Status status_ = Status::ok;
+  int fused_blocks_ = -1;  // co-resident blocks of cg_fused_kernel; 0: no cooperative launch
 
   void launch_spmv(const int64_t* cnt, const int32_t* idx, const float* val, int64_t R, int64_t K,
                    const double* x, const SpmvTerms& t, double* y, const int* mask) {

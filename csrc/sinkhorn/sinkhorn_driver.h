@@ -428,9 +428,12 @@ class Driver {
     // Three launches per CG iteration on the GPU: the two sparse products (with the
     // diagonal terms fused), then one block per batch element for all vector updates and
     // both dot products. The host looks at the CG flags every 16 iterations.
+    // In tolerance mode the CUDA backend runs the whole CG as one cooperative kernel that
+    // stops on the device; fixed mode keeps plain launches (graph capture).
     int cur = 0;
     int64_t cg_issued = o_.cg_max_iter;
-    for (int64_t k = 0; k < o_.cg_max_iter; ++k) {
+    const bool fused = !fixed && bk_.cg_fused(s, w, o_.cg_max_iter);
+    for (int64_t k = 0; !fused && k < o_.cg_max_iter; ++k) {
       bk_.schur_product(w, w.p, s.cg_active);
       bk_.cg_step(s, w, m_, cur);
       cur = 1 - cur;
@@ -439,7 +442,7 @@ class Driver {
         break;
       }
     }
-    if (o_.verbose > 1) std::fprintf(stderr, "[diffkern.ot] newton    CG iterations issued: %lld\n",
+    if (o_.verbose > 1 && !fused) std::fprintf(stderr, "[diffkern.ot] newton    CG iterations issued: %lld\n",
                                      static_cast<long long>(cg_issued));
 
     // Backtracking line search on Phi along x: t = 1, 1/4, 1/16, 1/64.

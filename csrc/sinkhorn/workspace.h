@@ -28,6 +28,7 @@ struct BatchScalars {
   int* searching;     // line search: 1 while no step has been accepted
   int* cg_active;     // CG: 1 while the residual is above tolerance
   int* fallback;      // 1: the Newton step was rejected, run Sinkhorn iterations instead
+  int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
 };
 
 struct Workspace {
@@ -69,6 +70,7 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
                      &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass})
     take(*d, B);
   for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback}) take(*i, B);
+  take(s.cg_live, 2);
   take(ws.c, B * m);
   take(ws.row_buf, B * n);
   take(ws.col_buf, B * m);
