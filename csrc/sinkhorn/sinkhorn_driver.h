@@ -93,6 +93,7 @@ struct ResetBatch {
     s.fallback[b] = 0;
     s.searching[b] = 0;
     s.cg_active[b] = 0;
+    s.reverted[b] = 0;
     iterations[b] = 0;
     newton_steps[b] = 0;
   }
@@ -128,6 +129,42 @@ struct StartNewton {  // sparsification tolerance, CG tolerance, line-search sta
     s.step[b] = 1.0;
     s.searching[b] = s.active[b];
     s.fallback[b] = s.active[b];  // cleared when a step is accepted
+  }
+};
+
+// A step the line search accepted but that made the marginal error worse is undone (and the
+// element falls back to Sinkhorn). Near the solution the semi-dual is flat to rounding
+// (a step that moves the error from 1e-16 to 1e-9 changes Phi by ~1e-17), so the Armijo
+// test alone cannot see such a step.
+struct RevertIfWorse {
+  BatchScalars s;
+  int64_t* iterations;
+  int64_t* newton_steps;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.reverted[b] = 0;
+    if (!s.active[b] || s.fallback[b]) return;
+    if (!(s.err[b] <= s.err_prev[b])) {
+      s.reverted[b] = 1;
+      s.fallback[b] = 1;
+      s.err[b] = s.err_prev[b];
+      iterations[b] -= 1;
+      newton_steps[b] -= 1;
+    }
+  }
+};
+
+struct SaveErr {
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b) const { s.err_prev[b] = s.err[b]; }
+};
+
+struct CopyWhere {  // dst = src where flag[b] (or everywhere with flag == nullptr)
+  double* dst;
+  const double* src;
+  const int* flag;
+  int64_t len;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
+    if (!flag || flag[b]) dst[b * len + k] = src[b * len + k];
   }
 };
 
@@ -359,14 +396,22 @@ class Driver {
     }
     measure(active);
     if (!fixed && check(it, "sinkhorn") == 0) return;
+    const BatchScalars& s = w_.s;
     while (it < o_.max_iter) {
+      bk_.for_each(m_, CopyWhere{w_.g_prev, st_.g, nullptr, m_});
+      bk_.for_each(n_, CopyWhere{w_.f_prev, st_.f, nullptr, n_});
+      bk_.for_batch(SaveErr{s});
       newton_step();
-      // Elements whose step was rejected take Sinkhorn steps instead (one in fixed mode, so
-      // every round is exactly one iteration).
-      const int64_t k = fixed ? 1 : std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
-      sinkhorn_iterations(k, w_.s.fallback);
-      it += 1;
       measure(active);
+      bk_.for_batch(RevertIfWorse{s, st_.iterations, st_.newton_steps});
+      bk_.for_each(m_, CopyWhere{st_.g, w_.g_prev, s.reverted, m_});
+      bk_.for_each(n_, CopyWhere{st_.f, w_.f_prev, s.reverted, n_});
+      // Elements whose step was rejected or undone take Sinkhorn steps instead (one in fixed
+      // mode, so every round is exactly one iteration), then are measured again.
+      const int64_t k = fixed ? 1 : std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
+      sinkhorn_iterations(k, s.fallback);
+      it += 1;
+      measure(s.fallback);
       if (!fixed && check(it, "newton") == 0) return;
     }
   }

@@ -24,10 +24,12 @@ struct BatchScalars {
   double* pq;         // CG: p . (S p)
   double* cg_tol2;    // CG: squared relative tolerance
   double* mass;       // sum of a
+  double* err_prev;   // err before the current Newton step
   int* active;        // 1 while the element still iterates
   int* searching;     // line search: 1 while no step has been accepted
   int* cg_active;     // CG: 1 while the residual is above tolerance
   int* fallback;      // 1: the Newton step was rejected, run Sinkhorn iterations instead
+  int* reverted;      // 1: the accepted Newton step raised the error and was undone
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
 };
 
@@ -38,6 +40,8 @@ struct Workspace {
   double* col_buf;   // (B, m)
   double* f_trial;   // (B, n)
   double* g_trial;   // (B, m)
+  double* f_prev;    // (B, n) state before the Newton step, to undo it
+  double* g_prev;    // (B, m)
   double* log_a_n;   // (B, n) log(a_i / m): sparsification threshold terms
   double* log_c_m;   // (B, m) log(c_j / n)
   double* inv_a;     // (B, n) 1 / a_i (0 where a_i = 0)
@@ -67,9 +71,9 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
   Workspace& ws = w ? *w : tmp;
   BatchScalars& s = ws.s;
   for (double** d : {&s.err, &s.phi, &s.phi_scale, &s.phi_trial, &s.slope, &s.step, &s.log_delta,
-                     &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass})
+                     &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass, &s.err_prev})
     take(*d, B);
-  for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback}) take(*i, B);
+  for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback, &s.reverted}) take(*i, B);
   take(s.cg_live, 2);
   take(ws.c, B * m);
   take(ws.row_buf, B * n);
@@ -77,6 +81,8 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
   const int64_t vec_m = sns ? B * m : 0, vec_n = sns ? B * n : 0, nnz = sns ? B * n * m : 0;
   take(ws.f_trial, vec_n);
   take(ws.g_trial, vec_m);
+  take(ws.f_prev, vec_n);
+  take(ws.g_prev, vec_m);
   take(ws.log_a_n, vec_n);
   take(ws.log_c_m, vec_m);
   take(ws.inv_a, vec_n);
