@@ -101,7 +101,7 @@ if [ "$BUILD_OK" = 1 ]; then
   step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$RES/selfcheck.json"
   # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  want ot && step bench-ot 540 "$OUT/run.log" "$PY" bench/ot.py --device all \
+  want ot && step bench-ot 420 "$OUT/run.log" "$PY" bench/ot.py --device all --repeats 3 \
     --json "$RES/bench_ot.json" --plot "$RES/ot.png"
   if want ot; then  # where the time of a solve goes (kernel table per problem)
     for args in "--n 1000 --eps 1e-2" "--n 1000 --eps 1e-3" "--n 256 --batch 64 --eps 1e-3"; do
