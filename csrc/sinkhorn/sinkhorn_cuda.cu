@@ -434,6 +434,7 @@ class CudaBackend {
       status_ = Status::cuda_error;
   }
   void set_eps(double eps) { eps_ = eps; }
+  static constexpr int64_t cg_check_interval() { return 16; }
   Status status() const { return status_; }
 
  private:

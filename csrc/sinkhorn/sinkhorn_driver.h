@@ -75,9 +75,11 @@ struct LineSearchTest {
     if (!s.searching[b]) return;
     const double phi_t = s.phi_trial[b] + sum;
     const double slack = 1e-13 * (s.phi_scale[b] + abs_sum);
-    if (phi_t >= s.phi[b] + 1e-4 * s.step[b] * s.slope[b] - slack) {
+    const double wanted = s.phi[b] + 1e-4 * s.step[b] * s.slope[b];
+    if (phi_t >= wanted - slack) {
       s.searching[b] = 0;
       s.fallback[b] = 0;
+      s.by_slack[b] = !(phi_t >= wanted);
     } else {
       s.step[b] *= 0.25;
     }
@@ -94,6 +96,7 @@ struct ResetBatch {
     s.searching[b] = 0;
     s.cg_active[b] = 0;
     s.reverted[b] = 0;
+    s.by_slack[b] = 0;
     iterations[b] = 0;
     newton_steps[b] = 0;
   }
@@ -129,20 +132,22 @@ struct StartNewton {  // sparsification tolerance, CG tolerance, line-search sta
     s.step[b] = 1.0;
     s.searching[b] = s.active[b];
     s.fallback[b] = s.active[b];  // cleared when a step is accepted
+    s.by_slack[b] = 0;
   }
 };
 
-// A step the line search accepted but that made the marginal error worse is undone (and the
-// element falls back to Sinkhorn). Near the solution the semi-dual is flat to rounding
-// (a step that moves the error from 1e-16 to 1e-9 changes Phi by ~1e-17), so the Armijo
-// test alone cannot see such a step.
+// A step the line search accepted only within the rounding slack (no measurable gain in
+// Phi) must lower the marginal error, or it is undone and the element falls back to
+// Sinkhorn. Near the solution the semi-dual is flat to rounding (a step that moves the error
+// from 1e-16 to 1e-9 changes Phi by ~1e-17), so the Armijo test cannot judge such a step;
+// steps with a real gain are kept even when the error grows (the damped phase needs them).
 struct RevertIfWorse {
   BatchScalars s;
   int64_t* iterations;
   int64_t* newton_steps;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.reverted[b] = 0;
-    if (!s.active[b] || s.fallback[b]) return;
+    if (!s.active[b] || s.fallback[b] || !s.by_slack[b]) return;
     if (!(s.err[b] <= s.err_prev[b])) {
       s.reverted[b] = 1;
       s.fallback[b] = 1;
@@ -472,7 +477,8 @@ class Driver {
     // Preconditioned CG on (D_c - P_s^T D_a^-1 P_s) x = eps (b - c).
     // Three launches per CG iteration on the GPU: the two sparse products (with the
     // diagonal terms fused), then one block per batch element for all vector updates and
-    // both dot products. The host looks at the CG flags every 16 iterations.
+    // both dot products. The host looks at the CG flags every cg_check_interval()
+    // iterations (every one on the CPU, where looking costs nothing).
     // In tolerance mode the CUDA backend runs the whole CG as one cooperative kernel that
     // stops on the device; fixed mode keeps plain launches (graph capture).
     int cur = 0;
@@ -482,7 +488,7 @@ class Driver {
       bk_.schur_product(w, w.p, s.cg_active);
       bk_.cg_step(s, w, m_, cur);
       cur = 1 - cur;
-      if (!fixed && (k + 1) % 16 == 0 && !any_set(s.cg_active)) {
+      if (!fixed && (k + 1) % bk_.cg_check_interval() == 0 && !any_set(s.cg_active)) {
         cg_issued = k + 1;
         break;
       }

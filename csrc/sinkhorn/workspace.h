@@ -30,6 +30,7 @@ struct BatchScalars {
   int* cg_active;     // CG: 1 while the residual is above tolerance
   int* fallback;      // 1: the Newton step was rejected, run Sinkhorn iterations instead
   int* reverted;      // 1: the accepted Newton step raised the error and was undone
+  int* by_slack;      // 1: the step passed the line search only within the rounding slack
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
 };
 
@@ -73,7 +74,8 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
   for (double** d : {&s.err, &s.phi, &s.phi_scale, &s.phi_trial, &s.slope, &s.step, &s.log_delta,
                      &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass, &s.err_prev})
     take(*d, B);
-  for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback, &s.reverted}) take(*i, B);
+  for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback, &s.reverted,
+                    &s.by_slack}) take(*i, B);
   take(s.cg_live, 2);
   take(ws.c, B * m);
   take(ws.row_buf, B * n);
