@@ -79,7 +79,7 @@ struct LineSearchTest {
     if (phi_t >= wanted - slack) {
       s.searching[b] = 0;
       s.fallback[b] = 0;
-      s.by_slack[b] = !(phi_t >= wanted);
+      s.by_slack[b] = !(phi_t - s.phi[b] > slack);  // gain not above rounding: unproven
     } else {
       s.step[b] *= 0.25;
     }
@@ -136,7 +136,7 @@ struct StartNewton {  // sparsification tolerance, CG tolerance, line-search sta
   }
 };
 
-// A step the line search accepted only within the rounding slack (no measurable gain in
+// A step whose gain in Phi is not above the rounding slack (no measurable gain in
 // Phi) must lower the marginal error, or it is undone and the element falls back to
 // Sinkhorn. Near the solution the semi-dual is flat to rounding (a step that moves the error
 // from 1e-16 to 1e-9 changes Phi by ~1e-17), so the Armijo test cannot judge such a step;

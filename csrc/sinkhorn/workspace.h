@@ -30,7 +30,7 @@ struct BatchScalars {
   int* cg_active;     // CG: 1 while the residual is above tolerance
   int* fallback;      // 1: the Newton step was rejected, run Sinkhorn iterations instead
   int* reverted;      // 1: the accepted Newton step raised the error and was undone
-  int* by_slack;      // 1: the step passed the line search only within the rounding slack
+  int* by_slack;      // 1: the accepted step's gain in Phi is not above rounding
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
 };
 
