@@ -674,3 +674,21 @@ def test_cuda_graph_capture_fixed_iterations(method, cuda_device):
                 assert torch.equal(val, want), key
         assert (static["iterations"] == 60).all()
     assert (eager1.plan - eager2.plan).abs().sum().item() > 1e-2  # replay recomputed
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_iterations_never_exceed_max_iter(method):
+    """A hard problem (eps = 1e-4 of the cost range) that cannot converge within the cap:
+    SNS falls back to Sinkhorn rounds of several iterations; no element may exceed max_iter."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.rand(3, 40, 2, generator=gen, dtype=F64), torch.rand(3, 30, 2, generator=gen,
+                                                                          dtype=F64)
+    C = torch.cdist(x, y) ** 2
+    for max_iter in (23, 57):
+        with pytest.warns(UserWarning, match="did not converge"):
+            res = dk.ot.sinkhorn(C, eps=1e-4 * C.max().item(), tol=1e-15, method=method,
+                                 max_iter=max_iter)
+        assert (res.iterations <= max_iter).all(), res.iterations.tolist()
+        assert (res.iterations >= max_iter - 10).all(), res.iterations.tolist()
+        assert not res.converged.any()
+        assert torch.isfinite(res.plan).all()

@@ -325,6 +325,8 @@ class Driver {
   const T* cost_t_;
   std::vector<double> host_err_;
   std::vector<int> host_flags_;
+  std::vector<int64_t> host_iters_;
+  int64_t max_active_iterations_ = 0;  // tolerance mode: most iterations of a live element
 
   void row_update(const double* g, double* f, const int* mask) {
     bk_.sweep(cost_, n_, m_, nullptr, g, p_.a, SweepMode::update, f, nullptr, w_.row_buf, mask);
@@ -351,10 +353,14 @@ class Driver {
     host_flags_.resize(B_);
     bk_.copy_to_host(host_err_.data(), w_.s.err, sizeof(double) * B_);
     bk_.copy_to_host(host_flags_.data(), w_.s.active, sizeof(int) * B_);
+    host_iters_.resize(B_);
+    bk_.copy_to_host(host_iters_.data(), st_.iterations, sizeof(int64_t) * B_);
     int64_t n_active = 0;
     double worst = 0;
+    max_active_iterations_ = 0;
     for (int64_t b = 0; b < B_; ++b) {
       n_active += host_flags_[b] != 0;
+      if (host_flags_[b]) max_active_iterations_ = std::max(max_active_iterations_, host_iters_[b]);
       worst = std::isnan(host_err_[b]) ? host_err_[b] : std::max(worst, host_err_[b]);
     }
     if (o_.verbose > 0) {
@@ -417,7 +423,12 @@ class Driver {
       sinkhorn_iterations(k, s.fallback);
       it += 1;
       measure(s.fallback);
-      if (!fixed && check(it, "newton") == 0) return;
+      if (!fixed) {
+        if (check(it, "newton") == 0) return;
+        // Fallback rounds take up to k iterations: count what the elements really did, so
+        // that none exceeds max_iter.
+        it = std::max(it, max_active_iterations_);
+      }
     }
   }
 
