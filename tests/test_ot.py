@@ -692,3 +692,33 @@ def test_iterations_never_exceed_max_iter(method):
         assert (res.iterations >= max_iter - 10).all(), res.iterations.tolist()
         assert not res.converged.any()
         assert torch.isfinite(res.plan).all()
+
+
+def test_custom_op_opcheck():
+    """The registered op (schema, fake tensor, autograd registration, AOT dispatch)."""
+    from diffkern import ot as ot_module
+
+    gen = torch.Generator().manual_seed(3)
+    C = torch.rand(2, 6, 5, generator=gen, dtype=F64, requires_grad=True)
+    a = torch.full((2, 6), 1 / 6, dtype=F64)
+    b = torch.full((2, 5), 1 / 5, dtype=F64)
+    g0 = torch.zeros(2, 5, dtype=F64)
+    for method in (0, 1):
+        args = (C, a, b, g0, 0.1, method, 1e-10, 200, 10, False, 20, False, 0)
+        torch.library.opcheck(ot_module._solve, args)
+
+
+def test_compile_fullgraph_fixed_iterations():
+    """fixed_iterations=True has no host synchronization, so it compiles as one graph."""
+    gen = torch.Generator().manual_seed(4)
+    C = torch.rand(7, 5, generator=gen, dtype=F64)
+
+    def f(cost):
+        res = dk.ot.sinkhorn(cost, eps=0.1, max_iter=40, fixed_iterations=True)
+        return res.cost, res.plan
+
+    compiled = torch.compile(f, fullgraph=True)
+    c1, p1 = compiled(C)
+    c0, p0 = f(C)
+    torch.testing.assert_close(p1, p0, rtol=0, atol=1e-15)
+    torch.testing.assert_close(c1, c0, rtol=0, atol=1e-15)
