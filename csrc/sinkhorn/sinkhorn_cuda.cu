@@ -433,6 +433,7 @@ class CudaBackend {
     if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_) != cudaSuccess)
       status_ = Status::cuda_error;
   }
+  static constexpr bool kHostReadsAreFree = false;  // reading a flag costs no synchronization
   void set_eps(double eps) { eps_ = eps; }
   static constexpr int64_t cg_check_interval() { return 16; }
   Status status() const { return status_; }

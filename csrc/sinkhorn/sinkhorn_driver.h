@@ -203,6 +203,10 @@ class Driver {
     const Workspace& w = w_;
     const int* active = s.active;
     const bool fixed = o_.fixed_iterations;
+    // Stopping CG or the line search once no element needs them changes no result (finished
+    // elements are masked anyway); it needs a host read, which fixed mode forbids only
+    // where it would synchronize with a device.
+    const bool may_peek = !fixed || Backend::kHostReadsAreFree;
     bk_.for_batch(StartNewton{s, s.mass});
     // Phi at the current point, and its rounding scale.
     bk_.for_each(n_, RowTerms{st_.f, p_.a, w.row_buf, n_});
@@ -239,7 +243,7 @@ class Driver {
       bk_.schur_product(w, w.p, s.cg_active);
       bk_.cg_step(s, w, m_, cur);
       cur = 1 - cur;
-      if (!fixed && (k + 1) % bk_.cg_check_interval() == 0 && !any_set(s.cg_active)) {
+      if (may_peek && (k + 1) % bk_.cg_check_interval() == 0 && !any_set(s.cg_active)) {
         cg_issued = k + 1;
         break;
       }
@@ -255,7 +259,7 @@ class Driver {
       bk_.reduce(w.col_buf, m_, SetSum{s.phi_trial, s.searching});
       row_update(w.g_trial, w.f_trial, s.searching);
       bk_.reduce(w.row_buf, n_, LineSearchTest{s});
-      if (!fixed && !any_set(s.searching)) break;
+      if (may_peek && !any_set(s.searching)) break;
     }
     bk_.for_each(m_, AcceptTrial{s, st_.g, w.g_trial, m_});
     bk_.for_each(n_, AcceptTrial{s, st_.f, w.f_trial, n_});
