@@ -20,18 +20,10 @@ namespace {
 
 constexpr const char* kFn = "sinkhorn_solve";
 
-void require_shape_is(const ArrayInfo& a, std::initializer_list<int64_t> shape) {
-  bool ok = a.ndim == static_cast<int>(shape.size());
-  int d = 0;
-  for (int64_t s : shape) ok = ok && d < a.ndim && a.shape[d++] == s;
-  if (!ok) {
-    int64_t want[kMaxDims] = {};
-    int nd = 0;
-    for (int64_t s : shape) want[nd++] = s;
-    throw nb::value_error((std::string(kFn) + ": " + a.name + ": expected shape " +
-                           describe_shape(want, nd) + ", got " + describe_shape(a))
-                              .c_str());
-  }
+// The shared shape check, with the expected shape written inline.
+void require_shape_is(const ArrayInfo& a, std::initializer_list<int64_t> shape,
+                      const char* why) {
+  require_shape(a, shape.begin(), static_cast<int>(shape.size()), why, kFn);
 }
 
 void require_dtype(const ArrayInfo& a, nb::dlpack::dtype_code code, int bits, const char* what) {
@@ -100,14 +92,14 @@ void solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_
   const DType dtype = require_float_dtype(cost, kFn);
   const int64_t B = cost.shape[0], n = cost.shape[1], m = cost.shape[2];
   require_same_dtype(cost, cost_t, kFn);
-  require_shape_is(cost_t, {B, m, n});
-  require_shape_is(a, {B, n});
-  require_shape_is(b, {B, m});
-  require_shape_is(f, {B, n});
-  require_shape_is(g, {B, m});
-  require_shape_is(err, {B});
-  require_shape_is(iters, {B});
-  require_shape_is(newton, {B});
+  require_shape_is(cost_t, {B, m, n}, "(batch, m, n): cost transposed");
+  require_shape_is(a, {B, n}, "(batch, n)");
+  require_shape_is(b, {B, m}, "(batch, m)");
+  require_shape_is(f, {B, n}, "(batch, n)");
+  require_shape_is(g, {B, m}, "(batch, m)");
+  require_shape_is(err, {B}, "(batch,)");
+  require_shape_is(iters, {B}, "(batch,)");
+  require_shape_is(newton, {B}, "(batch,)");
   for (const ArrayInfo* x : {&a, &b, &f, &g, &err})
     require_dtype(*x, nb::dlpack::dtype_code::Float, 64, "float64");
   for (const ArrayInfo* x : {&iters, &newton})

@@ -40,6 +40,12 @@ _CG_MAX_ITER = 400  # conjugate-gradient iterations per Newton step (forward sol
 _DIRECT_SOLVE_MAX = 2048  # backward: dense direct solve up to this many columns, CG beyond
 
 
+def _plan(f, g, cost, eps):
+    """P_ij = exp((f_i + g_j - C_ij) / eps) in float64, batched or not; -inf potentials
+    (zero-mass rows or columns) give exact zeros."""
+    return torch.exp((f[..., :, None] + g[..., None, :] - cost.double()) / eps)
+
+
 # ----------------------------------------------------------------------------- the op
 @torch.library.custom_op("diffkern::sinkhorn_solve", mutates_args=())
 def _solve(
@@ -125,7 +131,7 @@ def _implicit_adjoint(cost, f, g, eps, u, w):
     forward pass's sparsified one, so the gradient is exact, not a Newton approximation.
     """
     C = cost.double()
-    plan = torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+    plan = _plan(f, g, C, eps)
     r, c = plan.sum(2), plan.sum(1)
     inv_r = torch.where(r > 0, 1.0 / r, torch.zeros_like(r))
     live = c > 0
@@ -180,7 +186,7 @@ class _RegCost(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cost, a, b, f, g, eps):
-        plan = torch.exp((f[..., :, None] + g[..., None, :] - cost.double()) / eps)
+        plan = _plan(f, g, cost, eps)
         fa = torch.where(torch.isfinite(f), f, torch.zeros_like(f))  # zero-mass rows: P row = 0
         gb = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
         value = (plan * (fa[..., :, None] + gb[..., None, :])).sum((-2, -1))
@@ -225,8 +231,7 @@ class SinkhornResult:
     _g64: torch.Tensor
 
     def _plan64(self) -> torch.Tensor:
-        return torch.exp((self._f64[..., :, None] + self._g64[..., None, :] - self._cost.double())
-                         / self.eps)
+        return _plan(self._f64, self._g64, self._cost, self.eps)
 
     @property
     def plan(self) -> torch.Tensor:
@@ -444,7 +449,7 @@ def _dense_reference(C, eps, iters=20000):
     for _ in range(iters):
         f = eps * la - eps * torch.logsumexp((g[None, :] - C) / eps, 1)
         g = eps * lb - eps * torch.logsumexp((f[:, None] - C) / eps, 0)
-    return torch.exp((f[:, None] + g[None, :] - C) / eps)
+    return _plan(f, g, C, eps)
 
 
 def _selfcheck(device: str, quick: bool = False) -> list:
