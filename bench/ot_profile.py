@@ -53,6 +53,62 @@ def main():
           f"newton {res.newton_steps.max().item()}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if dev == "cuda"
                                     else "self_cpu_time_total", row_limit=25))
+    if dev == "cuda":
+        # Host side: runtime calls (launches, copies, synchronizations) and torch ops.
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        host_layers(C, args)
+
+
+def host_layers(C, args):
+    """Wall clock of the same solve entered at three layers: the public function (input
+    checks, result object), the custom op (allocations, transposed copy), and the C++ entry
+    with every buffer preallocated; the differences are each layer's host overhead."""
+    from diffkern import _C, ot
+    from diffkern._ops import current_stream_handle, num_threads
+    B = args.batch
+    Cb = C if C.dim() == 3 else C[None]
+    _, n, m = Cb.shape
+    a = torch.full((B, n), 1.0 / n, dtype=torch.float64, device=C.device)
+    b = torch.full((B, m), 1.0 / m, dtype=torch.float64, device=C.device)
+    g0 = torch.zeros(B, m, dtype=torch.float64, device=C.device)
+    method = ot._METHODS[args.method]
+    cost = Cb.contiguous()
+    cost_t = cost.transpose(1, 2).contiguous()
+    f = torch.empty(B, n, dtype=torch.float64, device=C.device)
+    g = g0.clone()
+    err = torch.empty(B, dtype=torch.float64, device=C.device)
+    it = torch.empty(B, dtype=torch.int64, device=C.device)
+    nw = torch.empty(B, dtype=torch.int64, device=C.device)
+    ws = torch.empty(_C.sinkhorn_workspace_bytes(B, n, m, method), dtype=torch.uint8,
+                     device=C.device)
+    stream = current_stream_handle(cost)
+
+    def raw():
+        g.zero_()
+        _C.sinkhorn_solve(cost, cost_t, a, b, f, g, err, it, nw, ws, float(args.eps), method,
+                          1e-6, 10000, 10, False, 20, False, ot._CG_MAX_ITER, 0, num_threads(),
+                          stream)
+
+    layers = {
+        "public dk.ot.sinkhorn": lambda: dk.ot.sinkhorn(C, eps=args.eps, tol=1e-6,
+                                                         method=args.method),
+        "custom op _solve": lambda: ot._solve(cost, a, b, g0, float(args.eps), method, 1e-6,
+                                              10000, 10, False, 20, False, 0),
+        "C++ entry (buffers ready)": raw,
+    }
+    for name, fn in layers.items():
+        sync = torch.cuda.synchronize if C.is_cuda else (lambda: None)
+        for _ in range(3):
+            fn()
+        sync()
+        ts = []
+        for _ in range(10):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        ts.sort()
+        print(f"host layers: {name:28s} median {ts[len(ts) // 2] * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

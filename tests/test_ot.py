@@ -639,6 +639,27 @@ def test_cuda_matches_cpu_batched(method, dtype, cuda_device):
     assert err < (1e-7 if dtype == F64 else 1e-2) * gc.abs().max().item()
 
 
+# The CUDA solver picks its kernels by size: conjugate gradients by one block per element
+# (up to 2^17 dense entries, two vector entries per thread above m = 1024) or grid-wide
+# (cooperative, tolerance mode); Sinkhorn iterations fused in one cooperative launch
+# (tolerance mode) or one launch per sweep (fixed mode). Every path must give the CPU's answer.
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,n,m", [(2, 60, 1500), (1, 420, 400), (5, 33, 47)])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_cuda_kernel_paths_match_cpu(B, n, m, fixed, cuda_device):
+    C, a, b = _problem(n, m, B=B, seed=43)
+    kw = dict(eps=0.02, method="sns", tol=1e-11, max_iter=60 if fixed else 100_000,
+              fixed_iterations=fixed)
+    cpu = _solve(C, a, b, **kw)
+    gpu = _solve(C.to(cuda_device), a.to(cuda_device), b.to(cuda_device), **kw)
+    if not fixed:
+        assert gpu.converged.all() and cpu.converged.all()
+    assert (gpu.newton_steps.cpu() > 0).all()  # the Newton phase (and its CG) did run
+    l1 = (gpu.plan.double().cpu() - cpu.plan.double()).abs().sum((-2, -1)).max().item()
+    assert l1 < 1e-9, l1
+    torch.testing.assert_close(gpu.marginal_error.cpu(), cpu.marginal_error, rtol=0, atol=1e-10)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_graph_capture_fixed_iterations(method, cuda_device):

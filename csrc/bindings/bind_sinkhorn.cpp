@@ -63,7 +63,9 @@ int64_t workspace_bytes(int64_t batch, int64_t n, int64_t m, int method) {
   return static_cast<int64_t>(sinkhorn_workspace_bytes(p, o));
 }
 
-void solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_o, nb::handle f_o,
+// Returns how many batch elements were still above tol (or NaN) at the solver's last check,
+// or -1 in fixed-iteration mode (no check ran).
+int64_t solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_o, nb::handle f_o,
            nb::handle g_o, nb::handle err_o, nb::handle iters_o, nb::handle newton_o,
            nb::handle ws_o, double eps, int method, double tol, int64_t max_iter,
            int64_t check_every, bool fixed, int64_t warmup, bool warm_start, int64_t cg_max_iter,
@@ -139,6 +141,8 @@ void solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_
   s.marginal_error = static_cast<double*>(err.data);
   s.iterations = static_cast<int64_t*>(iters.data);
   s.newton_steps = static_cast<int64_t*>(newton.data);
+  int64_t unconverged = -1;
+  s.unconverged = &unconverged;
 
   Status status = Status::ok;
   if (cost.device_type == kDeviceCuda) {
@@ -159,6 +163,7 @@ void solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle b_
                              describe_device(cost.device_type, cost.device_id) +
                              " failed: " + status_message(status));
   }
+  return unconverged;
 }
 
 }  // namespace
@@ -176,7 +181,8 @@ void bind_sinkhorn(nb::module_& m) {
         "Batched entropic OT (see csrc/sinkhorn/sinkhorn.h). cost (B,n,m) and cost_t (B,m,n)\n"
         "float32/float64; a (B,n), b (B,m), f (B,n) in/out, g (B,m) in/out, marginal_error (B)\n"
         "float64; iterations, newton_steps (B) int64; workspace uint8; all C-contiguous on one\n"
-        "device. method: 0 sinkhorn, 1 sns. stream: cudaStream_t as an integer.");
+        "device. method: 0 sinkhorn, 1 sns. stream: cudaStream_t as an integer.\n"
+        "Returns the number of elements above tol at the last check (-1: fixed mode).");
 }
 
 }  // namespace bindings

@@ -47,6 +47,10 @@ struct SinkhornState {
   double* marginal_error = nullptr;  // (batch,): L1 marginal error of the returned (f, g)
   int64_t* iterations = nullptr;     // (batch,): Sinkhorn iterations + Newton steps
   int64_t* newton_steps = nullptr;   // (batch,): accepted Newton steps
+  // Optional, HOST memory: how many elements were still above tol (or NaN) at the last
+  // check, so the caller can warn without another device synchronization; -1 when no check
+  // ran (fixed_iterations).
+  int64_t* unconverged = nullptr;
 };
 
 // Bytes of scratch memory solve_* needs (8-byte aligned base required).

@@ -50,15 +50,15 @@ class CpuBackend {
     }
   }
 
-  // Deterministic per-batch sums (fixed order), then the epilogue.
-  template <class E>
-  void reduce(const double* buf, int64_t len, E e) {
+  // Deterministic per-batch sums of term(b, k) (fixed order), then the epilogue.
+  template <class Term, class E>
+  void reduce(int64_t len, Term term, E e) {
     for (int64_t b = 0; b < B_; ++b) {
       double sum = 0, abs_sum = 0;
-      const double* x = buf + b * len;
       for (int64_t k = 0; k < len; ++k) {
-        sum += x[k];
-        abs_sum += std::fabs(x[k]);
+        const double x = term(b, k);
+        sum += x;
+        abs_sum += std::fabs(x);
       }
       e(b, sum, abs_sum);
     }
@@ -141,7 +141,7 @@ class CpuBackend {
     for (int64_t k = 0; k < B_ * m_; ++k) w.q[k] = w.c[k] * p[k] - w.q[k];
   }
 
-  bool cg_fused(const BatchScalars&, const Workspace&, int64_t) { return false; }
+  bool cg_fused(const BatchScalars&, const Workspace&, int64_t, bool) { return false; }
 
   // One CG iteration's vector work (see cg_vector_update in sinkhorn_cuda.cu).
   void cg_step(const BatchScalars& s, const Workspace& w, int64_t m, int cur) {

@@ -28,19 +28,40 @@ namespace cg = cooperative_groups;
 // H200); more threads per row and four loads issued before use hide that latency.
 constexpr int kSweepThreads = 256;
 
+// The rows of one sweep: row r of the (rows = B*R, K) matrix gets LSE_k(log_plan) and its
+// finish_row update.
+template <class T>
+struct SweepArgs {
+  const T* mat;
+  int64_t R, K, rows;
+  const double* own;
+  const double* other;
+  const double* w;
+  SweepMode mode;
+  double eps;
+  double* out_pot;
+  double* out_sum;
+  double* out_term;
+  const int* mask;
+};
+
+// Sweeps the kSweepThreads / kTpr rows of row block `block` (all threads of the block call).
+// Reads own/other through the read-only path: nothing in the same launch writes them.
 template <class T, int kTpr>
-__global__ void __launch_bounds__(kSweepThreads)
-    sweep_kernel(const T* __restrict__ mat, int64_t R, int64_t K, int64_t rows,
-                 const double* __restrict__ own, const double* __restrict__ other,
-                 const double* __restrict__ w, SweepMode mode, double eps, double* out_pot,
-                 double* out_sum, double* out_term, const int* __restrict__ mask) {
+__device__ __forceinline__ void sweep_row_block(int64_t block, const SweepArgs<T>& A) {
   constexpr int kRowsPerBlock = kSweepThreads / kTpr;
   constexpr int kWarpsPerRow = kTpr / 32;
   __shared__ double s_mx[kRowsPerBlock][kWarpsPerRow];
   __shared__ double s_sum[kRowsPerBlock][kWarpsPerRow];
+  const T* __restrict__ mat = A.mat;
+  const double* __restrict__ own = A.own;
+  const double* __restrict__ other = A.other;
+  const int64_t R = A.R, K = A.K, rows = A.rows;
+  const double eps = A.eps;
   const int local_row = threadIdx.x / kTpr;
   const int t = threadIdx.x % kTpr;
-  const int64_t br = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + local_row;
+  const int64_t br = block * kRowsPerBlock + local_row;
+  const int* __restrict__ mask = A.mask;
   const bool live = br < rows && mask[br / R];
   const double inv_eps = 1.0 / eps;
   const double o = (live && own) ? own[br] : 0.0;
@@ -54,7 +75,9 @@ __global__ void __launch_bounds__(kSweepThreads)
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int64_t k = k0 + u * kTpr;
-        x[u] = k < K ? log_plan(o, oth[k], static_cast<double>(row[k]), inv_eps) : -INFINITY;
+        // Nothing in this launch writes the cost or the other potential: read-only path.
+        x[u] = k < K ? log_plan(o, __ldg(oth + k), static_cast<double>(__ldg(row + k)), inv_eps)
+                     : -INFINITY;
       }
       acc.add<T>(x[0]);
       acc2.add<T>(x[1]);
@@ -79,9 +102,14 @@ __global__ void __launch_bounds__(kSweepThreads)
     }
   }
   if (live && t == 0) {
-    finish_row(mode, acc.value(), w[br], eps, out_pot ? out_pot + br : nullptr,
-               out_sum ? out_sum + br : nullptr, out_term + br);
+    finish_row(A.mode, acc.value(), A.w[br], eps, A.out_pot ? A.out_pot + br : nullptr,
+               A.out_sum ? A.out_sum + br : nullptr, A.out_term + br);
   }
+}
+
+template <class T, int kTpr>
+__global__ void __launch_bounds__(kSweepThreads) sweep_kernel(SweepArgs<T> A) {
+  sweep_row_block<T, kTpr>(blockIdx.x, A);
 }
 
 template <class T>
@@ -166,8 +194,9 @@ __global__ void spmv_kernel(const int64_t* __restrict__ cnt, const int32_t* __re
   spmv_row(br, threadIdx.x % 32, cnt, idx, val, R, K, x, t, y);
 }
 
-// Sum over the block (blockDim.x == kCgThreads), result broadcast to every thread.
+// Sum over the block (blockDim.x == kThreads), result broadcast to every thread.
 constexpr int kCgThreads = 512;
+template <int kThreads = kCgThreads>
 __device__ double block_sum(double v, double* shared) {
   for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(kFull, v, off);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -175,7 +204,7 @@ __device__ double block_sum(double v, double* shared) {
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   double total = 0;
-  for (int w = 0; w < kCgThreads / 32; ++w) total += shared[w];  // same order everywhere
+  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];  // same order everywhere
   return total;
 }
 
@@ -270,16 +299,133 @@ __global__ void __launch_bounds__(kCgThreads) cg_fused_kernel(CgFusedArgs A) {
   }
 }
 
-template <class E>
-__global__ void reduce_kernel(const double* __restrict__ buf, int64_t len, E epilogue) {
+// The whole CG solve of one batch element by one block, for small problems (tolerance and
+// fixed mode: a plain launch, so graph-capturable). The grid-wide solve above pays three
+// grid barriers per iteration (~2-3 us each with hundreds of blocks) for products that are
+// tiny here: at B = 64, n = 256 its iterations took ~12 us. Here the barriers are
+// __syncthreads, the vectors p, D_a^-1 P_s p and q live in shared memory, x, r and the
+// preconditioner in registers, and the sparse rows (read every iteration) stay in L1.
+// Rows are taken by groups of kCgGroup lanes (rows hold tens of entries at these sizes).
+constexpr int kCgBlockThreads = 1024;
+constexpr int kCgPerThread = 2;  // vector entries per thread: m <= 2048
+constexpr int kCgGroup = 8;
+
+// sum_e val_e x[idx_e] over one sparse row by the kCgGroup lanes of a group (gl: lane in
+// the group); every lane of the warp must call (the shuffles take the full warp).
+__device__ __forceinline__ double group_row_dot(int64_t cnt, const int32_t* __restrict__ idx,
+                                                const float* __restrict__ val, const double* x,
+                                                int gl) {
+  double acc = 0;
+  for (int64_t e = gl; e < cnt; e += kCgGroup) acc += static_cast<double>(val[e]) * x[idx[e]];
+  for (int off = kCgGroup / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFull, acc, off);
+  return acc;
+}
+
+// Shared memory of cg_block_kernel: p (m), tmp (n), q (m) doubles.
+inline size_t cg_block_smem(int64_t n, int64_t m) { return sizeof(double) * (2 * m + n); }
+
+__global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A) {
+  extern __shared__ double vec[];
+  __shared__ double red[kCgBlockThreads / 32];
+  const int64_t b = blockIdx.x;
+  const BatchScalars& s = A.s;
+  const Workspace& w = A.w;
+  if (!s.cg_active[b]) return;  // uniform over the block
+  const int64_t n = A.n, m = A.m;
+  double* p = vec;
+  double* tmp = vec + m;
+  double* q = tmp + n;
+  double x[kCgPerThread], r[kCgPerThread], pre[kCgPerThread];
+  const int64_t o = b * m;
+#pragma unroll
+  for (int u = 0; u < kCgPerThread; ++u) {
+    const int64_t j = threadIdx.x + u * kCgBlockThreads;
+    x[u] = r[u] = pre[u] = 0;
+    if (j < m) {
+      x[u] = w.x[o + j];
+      r[u] = w.r[o + j];
+      pre[u] = w.precond[o + j];
+      p[j] = w.p[o + j];
+    }
+  }
+  double rz = s.rz[0][b];
+  const double stop = s.cg_tol2[b] * s.rz0[b];
+  const int group = threadIdx.x / kCgGroup, gl = threadIdx.x % kCgGroup;
+  constexpr int kGroups = kCgBlockThreads / kCgGroup;
+  __syncthreads();
+  for (int64_t k = 0; k < A.max_iter; ++k) {
+    // tmp = D_a^-1 P_s p, then q = D_c p - P_s^T tmp.
+    for (int64_t i0 = 0; i0 < n; i0 += kGroups) {
+      const int64_t i = i0 + group;
+      const int64_t br = b * n + i;
+      const double acc = group_row_dot(i < n ? w.row_cnt[br] : 0, w.row_idx + br * m,
+                                       w.row_val + br * m, p, gl);
+      if (i < n && gl == 0) tmp[i] = w.inv_a[br] * acc;
+    }
+    __syncthreads();
+    for (int64_t j0 = 0; j0 < m; j0 += kGroups) {
+      const int64_t j = j0 + group;
+      const int64_t bc = o + j;
+      const double acc = group_row_dot(j < m ? w.col_cnt[bc] : 0, w.col_idx + bc * n,
+                                       w.col_val + bc * n, tmp, gl);
+      if (j < m && gl == 0) q[j] = w.c[bc] * p[j] - acc;
+    }
+    __syncthreads();
+    double pq = 0;
+#pragma unroll
+    for (int u = 0; u < kCgPerThread; ++u) {
+      const int64_t j = threadIdx.x + u * kCgBlockThreads;
+      if (j < m) pq += p[j] * q[j];
+    }
+    pq = block_sum<kCgBlockThreads>(pq, red);
+    const double alpha = pq > 0 ? rz / pq : 0.0;
+    double z[kCgPerThread];
+    double rz_new = 0;
+#pragma unroll
+    for (int u = 0; u < kCgPerThread; ++u) {
+      const int64_t j = threadIdx.x + u * kCgBlockThreads;
+      z[u] = 0;
+      if (j < m) {
+        x[u] += alpha * p[j];
+        r[u] -= alpha * q[j];
+        z[u] = pre[u] * r[u];
+        rz_new += r[u] * z[u];
+      }
+    }
+    rz_new = block_sum<kCgBlockThreads>(rz_new, red);
+    const bool go_on = rz_new > stop;
+    if (go_on) {
+      const double beta = rz_new / rz;
+#pragma unroll
+      for (int u = 0; u < kCgPerThread; ++u) {
+        const int64_t j = threadIdx.x + u * kCgBlockThreads;
+        if (j < m) p[j] = z[u] + beta * p[j];
+      }
+    }
+    rz = rz_new;
+    __syncthreads();  // p is complete before the next products read it
+    if (!go_on) break;
+  }
+#pragma unroll
+  for (int u = 0; u < kCgPerThread; ++u) {
+    const int64_t j = threadIdx.x + u * kCgBlockThreads;
+    if (j < m) w.x[o + j] = x[u];
+  }
+  if (threadIdx.x == 0) s.cg_active[b] = 0;
+}
+
+// One block per batch element: sums term(b, k) over k < len (and |term|), in a fixed order,
+// then epilogue(b, sum, abs_sum).
+template <class Term, class E>
+__global__ void reduce_kernel(int64_t len, Term term, E epilogue) {
   __shared__ double s_sum[kReduceThreads];
   __shared__ double s_abs[kReduceThreads];
   const int64_t b = blockIdx.x;
-  const double* x = buf + b * len;
   double sum = 0, abs_sum = 0;
   for (int64_t k = threadIdx.x; k < len; k += kReduceThreads) {
-    sum += x[k];
-    abs_sum += fabs(x[k]);
+    const double x = term(b, k);
+    sum += x;
+    abs_sum += fabs(x);
   }
   s_sum[threadIdx.x] = sum;
   s_abs[threadIdx.x] = abs_sum;
@@ -307,6 +453,11 @@ __global__ void for_batch_kernel(int64_t batch, F f) {
   if (b < batch) f(b);
 }
 
+// Block-per-element CG up to this many dense entries per element (above, one SM per
+// element is slower than the grid-wide solve) and this much shared memory (no opt-in).
+constexpr int64_t kCgBlockMaxEntries = int64_t(1) << 17;
+constexpr size_t kCgBlockMaxSmem = 40 * 1024;
+
 class CudaBackend {
  public:
   CudaBackend(int64_t batch, int64_t n, int64_t m, double eps, cudaStream_t stream)
@@ -316,29 +467,18 @@ class CudaBackend {
   void sweep(const T* mat, int64_t R, int64_t K, const double* own, const double* other,
              const double* w, SweepMode mode, double* out_pot, double* out_sum, double* out_term,
              const int* mask) {
-    const int64_t rows = B_ * R;
-    // Threads per row: ~8 entries each (at least a warp, at most the block), fewer when
-    // there are so many rows that the GPU is full anyway.
-    int tpr = 32;
-    while (tpr < kSweepThreads && tpr * 8 < K && rows * tpr < (int64_t(1) << 20)) tpr *= 2;
-    auto go = [&](auto tag) {
+    const SweepArgs<T> A{mat, R, K, B_ * R, own, other, w, mode, eps_, out_pot, out_sum,
+                         out_term, mask};
+    with_threads_per_row(R, K, [&](auto tag) {
       constexpr int kTpr = decltype(tag)::value;
-      const int64_t blocks = (rows + kSweepThreads / kTpr - 1) / (kSweepThreads / kTpr);
-      sweep_kernel<T, kTpr><<<static_cast<unsigned>(blocks), kSweepThreads, 0, stream_>>>(
-          mat, R, K, rows, own, other, w, mode, eps_, out_pot, out_sum, out_term, mask);
-    };
-    switch (tpr) {
-      case 32: go(std::integral_constant<int, 32>{}); break;
-      case 64: go(std::integral_constant<int, 64>{}); break;
-      case 128: go(std::integral_constant<int, 128>{}); break;
-      default: go(std::integral_constant<int, 256>{}); break;
-    }
+      sweep_kernel<T, kTpr><<<blocks_for(A.rows, kTpr), kSweepThreads, 0, stream_>>>(A);
+    });
     check();
   }
 
-  template <class E>
-  void reduce(const double* buf, int64_t len, E e) {
-    reduce_kernel<E><<<static_cast<unsigned>(B_), kReduceThreads, 0, stream_>>>(buf, len, e);
+  template <class Term, class E>
+  void reduce(int64_t len, Term term, E e) {
+    reduce_kernel<Term, E><<<static_cast<unsigned>(B_), kReduceThreads, 0, stream_>>>(len, term, e);
     check();
   }
 
@@ -391,21 +531,22 @@ class CudaBackend {
     check();
   }
 
-  // The whole CG solve in one cooperative launch; false when the device cannot (then the
-  // driver issues the per-iteration kernels).
-  bool cg_fused(const BatchScalars& s, const Workspace& w, int64_t max_iter) {
+  // The whole CG solve in one launch; false when that is not possible (then the driver
+  // issues the per-iteration kernels). Small problems: one block per batch element (any
+  // mode). Otherwise, tolerance mode only: one cooperative grid-wide launch.
+  bool cg_fused(const BatchScalars& s, const Workspace& w, int64_t max_iter, bool fixed) {
+    CgFusedArgs args{s, w, B_, n_, m_, max_iter};
+    if (m_ <= kCgPerThread * kCgBlockThreads && n_ * m_ <= kCgBlockMaxEntries &&
+        cg_block_smem(n_, m_) <= kCgBlockMaxSmem) {
+      cg_block_kernel<<<static_cast<unsigned>(B_), kCgBlockThreads, cg_block_smem(n_, m_),
+                        stream_>>>(args);
+      check();
+      return true;
+    }
+    if (fixed) return false;
     if (fused_blocks_ < 0) {
-      int dev = 0, sms = 0, coop = 0, per_sm = 0;
-      if (cudaGetDevice(&dev) != cudaSuccess ||
-          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-          cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cg_fused_kernel, kCgThreads, 0) !=
-              cudaSuccess) {
-        cudaGetLastError();
-        fused_blocks_ = 0;
-      } else {
-        fused_blocks_ = coop ? sms * per_sm : 0;
-      }
+      fused_blocks_ = cooperative_blocks(reinterpret_cast<const void*>(cg_fused_kernel),
+                                         kCgThreads);
     }
     if (fused_blocks_ <= 0) return false;
     const int64_t warps = std::max(B_ * n_, B_ * m_);
@@ -415,7 +556,6 @@ class CudaBackend {
       status_ = Status::cuda_error;
       return true;
     }
-    CgFusedArgs args{s, w, B_, n_, m_, max_iter};
     void* params[] = {&args};
     if (cudaLaunchCooperativeKernel(reinterpret_cast<void*>(cg_fused_kernel), dim3(blocks),
                                     dim3(kCgThreads), params, 0, stream_) != cudaSuccess)
@@ -451,6 +591,39 @@ class CudaBackend {
     spmv_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream_>>>(cnt, idx, val, R, K, rows,
                                                                      x, t, y, mask);
     check();
+  }
+  // Threads per row of a (B*R, K) sweep: ~8 entries each (at least a warp, at most the
+  // block), fewer when there are so many rows that the GPU is full anyway. Calls
+  // go(std::integral_constant<int, kTpr>).
+  template <class Go>
+  void with_threads_per_row(int64_t R, int64_t K, Go go) const {
+    const int64_t rows = B_ * R;
+    int tpr = 32;
+    while (tpr < kSweepThreads && tpr * 8 < K && rows * tpr < (int64_t(1) << 20)) tpr *= 2;
+    switch (tpr) {
+      case 32: go(std::integral_constant<int, 32>{}); break;
+      case 64: go(std::integral_constant<int, 64>{}); break;
+      case 128: go(std::integral_constant<int, 128>{}); break;
+      default: go(std::integral_constant<int, 256>{}); break;
+    }
+  }
+  static unsigned blocks_for(int64_t rows, int tpr) {
+    const int64_t per_block = kSweepThreads / tpr;
+    return static_cast<unsigned>((rows + per_block - 1) / per_block);
+  }
+  // Blocks of `kernel` that fit on the device at once (the cooperative-launch limit);
+  // 0 when the device cannot launch cooperatively.
+  static int cooperative_blocks(const void* kernel, int threads) {
+    int dev = 0, sms = 0, coop = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) !=
+            cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return coop ? sms * per_sm : 0;
   }
   static unsigned row_blocks(int64_t rows) {
     return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);

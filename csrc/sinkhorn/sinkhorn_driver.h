@@ -34,7 +34,8 @@ class Driver {
  public:
   Driver(Backend& bk, const SinkhornProblem& p, const SinkhornOptions& o, const SinkhornState& st,
          const Workspace& w)
-      : bk_(bk), p_(p), o_(o), st_(st), w_(w), B_(p.batch), n_(p.n), m_(p.m) {
+      : bk_(bk), p_(p), o_(o), st_(st), w_(w), B_(p.batch), n_(p.n), m_(p.m),
+        nm_(std::max(p.n, p.m)) {
     cost_ = static_cast<const T*>(p.cost);
     cost_t_ = static_cast<const T*>(p.cost_t);
   }
@@ -42,7 +43,7 @@ class Driver {
   Status run() {
     const BatchScalars& s = w_.s;
     bk_.for_batch(ResetBatch{s, st_.iterations, st_.newton_steps});
-    bk_.reduce(p_.a, n_, SetSum{s.mass, s.active});
+    bk_.reduce(n_, ArrayTerm{p_.a, n_}, SetSum{s.mass, s.active});
     // Rows exact from the start: f = T(g) (g is the warm start, or zeros).
     row_update(st_.g, st_.f, s.active);
     if (o_.method == SinkhornMethod::sinkhorn) {
@@ -51,6 +52,7 @@ class Driver {
       run_sns();
     }
     bk_.copy_device(st_.marginal_error, s.err, sizeof(double) * B_);
+    if (st_.unconverged) *st_.unconverged = unconverged_;
     return bk_.status();
   }
 
@@ -60,13 +62,14 @@ class Driver {
   const SinkhornOptions& o_;
   const SinkhornState& st_;
   Workspace w_;
-  int64_t B_, n_, m_;
+  int64_t B_, n_, m_, nm_;  // nm_ = max(n, m): the range of functors over both potentials
   const T* cost_;
   const T* cost_t_;
-  std::vector<double> host_err_;
+  std::vector<double> host_report_;
   std::vector<int> host_flags_;
-  std::vector<int64_t> host_iters_;
   int64_t max_active_iterations_ = 0;  // tolerance mode: most iterations of a live element
+  bool any_fallback_ = false;          // tolerance mode: a live element must fall back
+  int64_t unconverged_ = -1;           // after the last check; -1: never checked (fixed mode)
 
   void row_update(const double* g, double* f, const int* mask) {
     bk_.sweep(cost_, n_, m_, nullptr, g, p_.a, SweepMode::update, f, nullptr, w_.row_buf, mask);
@@ -84,25 +87,30 @@ class Driver {
   void measure(const int* mask) {
     bk_.sweep(cost_t_, m_, n_, st_.g, st_.f, p_.b, SweepMode::measure, nullptr, w_.c, w_.col_buf,
               mask);
-    bk_.reduce(w_.col_buf, m_, SetErr{w_.s.err, mask});
+    bk_.reduce(m_, ArrayTerm{w_.col_buf, m_}, SetErr{w_.s.err, mask});
   }
-  // Tolerance mode: deactivate converged elements; returns how many still iterate.
+  // Tolerance mode: deactivate converged elements; returns how many still iterate. One
+  // copy to the host (the packed report) per check.
   int64_t check(int64_t iteration, const char* phase) {
-    bk_.for_batch(UpdateActive{w_.s.err, w_.s.active, o_.tol});
-    host_err_.resize(B_);
-    host_flags_.resize(B_);
-    bk_.copy_to_host(host_err_.data(), w_.s.err, sizeof(double) * B_);
-    bk_.copy_to_host(host_flags_.data(), w_.s.active, sizeof(int) * B_);
-    host_iters_.resize(B_);
-    bk_.copy_to_host(host_iters_.data(), st_.iterations, sizeof(int64_t) * B_);
+    bk_.for_batch(UpdateActive{w_.s, st_.iterations, o_.tol});
+    host_report_.resize(B_ * kReportFields);
+    bk_.copy_to_host(host_report_.data(), w_.s.report, sizeof(double) * B_ * kReportFields);
     int64_t n_active = 0;
     double worst = 0;
     max_active_iterations_ = 0;
+    any_fallback_ = false;
     for (int64_t b = 0; b < B_; ++b) {
-      n_active += host_flags_[b] != 0;
-      if (host_flags_[b]) max_active_iterations_ = std::max(max_active_iterations_, host_iters_[b]);
-      worst = std::isnan(host_err_[b]) ? host_err_[b] : std::max(worst, host_err_[b]);
+      const double* row = host_report_.data() + b * kReportFields;
+      const double err = row[kReportErr];
+      if (row[kReportActive] != 0) {
+        n_active += 1;
+        max_active_iterations_ =
+            std::max(max_active_iterations_, static_cast<int64_t>(row[kReportIterations]));
+        any_fallback_ = any_fallback_ || row[kReportFallback] != 0;
+      }
+      worst = std::isnan(err) ? err : std::max(worst, err);
     }
+    unconverged_ = n_active;
     if (o_.verbose > 0) {
       std::fprintf(stderr, "[diffkern.ot] %-9s iteration %6lld  max marginal error %.3e  active %lld/%lld\n",
                    phase, static_cast<long long>(iteration), worst,
@@ -148,27 +156,34 @@ class Driver {
     measure(active);
     if (!fixed && check(it, "sinkhorn") == 0) return;
     const BatchScalars& s = w_.s;
+    // The row side of the sparsification threshold depends on a only: once per solve.
+    bk_.for_each(n_, RowThresholds{p_.a, w_.log_a_n, w_.inv_a, n_, std::log(double(m_))});
     while (it < o_.max_iter) {
-      bk_.for_each(m_, CopyWhere{w_.g_prev, st_.g, nullptr, m_});
-      bk_.for_each(n_, CopyWhere{w_.f_prev, st_.f, nullptr, n_});
-      bk_.for_batch(SaveErr{s});
+      bk_.for_each(nm_, SaveState{s, st_.f, st_.g, w_.f_prev, w_.g_prev, n_, m_});
       newton_step();
       measure(active);
       bk_.for_batch(RevertIfWorse{s, st_.iterations, st_.newton_steps});
-      bk_.for_each(m_, CopyWhere{st_.g, w_.g_prev, s.reverted, m_});
-      bk_.for_each(n_, CopyWhere{st_.f, w_.f_prev, s.reverted, n_});
-      // Elements whose step was rejected or undone take Sinkhorn steps instead (one in fixed
-      // mode, so every round is exactly one iteration), then are measured again.
-      const int64_t k = fixed ? 1 : std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
-      sinkhorn_iterations(k, s.fallback);
+      bk_.for_each(nm_, CopyPairWhere{s.reverted, w_.f_prev, w_.g_prev, st_.f, st_.g, n_, m_});
       it += 1;
-      measure(s.fallback);
-      if (!fixed) {
-        if (check(it, "newton") == 0) return;
-        // Fallback rounds take up to k iterations: count what the elements really did, so
-        // that none exceeds max_iter.
-        it = std::max(it, max_active_iterations_);
+      // Elements whose step was rejected or undone take Sinkhorn steps instead, then are
+      // measured again. Fixed mode: one, every round, so a round is exactly one iteration.
+      // Tolerance mode: check_every of them, issued only when the check says some element
+      // needs them (usually none does, and the launches are the cost on small problems).
+      if (fixed) {
+        sinkhorn_iterations(1, s.fallback);
+        measure(s.fallback);
+        continue;
       }
+      if (check(it, "newton") == 0) return;
+      // Count what the elements really did, so that none exceeds max_iter.
+      it = std::max(it, max_active_iterations_);
+      if (!any_fallback_) continue;
+      const int64_t k = std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
+      if (k <= 0) break;
+      sinkhorn_iterations(k, s.fallback);
+      measure(s.fallback);
+      if (check(it + k, "fallback") == 0) return;
+      it = std::max(it, max_active_iterations_);
     }
   }
 
@@ -209,15 +224,12 @@ class Driver {
     const bool may_peek = !fixed || Backend::kHostReadsAreFree;
     bk_.for_batch(StartNewton{s, s.mass});
     // Phi at the current point, and its rounding scale.
-    bk_.for_each(n_, RowTerms{st_.f, p_.a, w.row_buf, n_});
-    bk_.reduce(w.row_buf, n_, SetAddPhi{s.phi, s.phi_scale, false, active});
-    bk_.for_each(m_, RowTerms{st_.g, p_.b, w.col_buf, m_});
-    bk_.reduce(w.col_buf, m_, SetAddPhi{s.phi, s.phi_scale, true, active});
+    bk_.reduce(n_, PotentialTerm{st_.f, p_.a, n_}, SetAddPhi{s.phi, s.phi_scale, false, active});
+    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_}, SetAddPhi{s.phi, s.phi_scale, true, active});
 
     // Sparse plan, by rows and by columns, with one symmetric keep rule. Row r's entries sit
     // at [r*K, r*K + cnt_r) of a buffer with room for the dense matrix: a CSR matrix whose
     // row pointers are implicit, so it is built in one pass without a prefix sum.
-    bk_.for_each(n_, RowThresholds{p_.a, w.log_a_n, w.inv_a, n_, std::log(double(m_))});
     bk_.for_each(m_, ColThresholds{w.c, w.log_c_m, m_, std::log(double(n_))});
     bk_.sparsify(cost_, n_, m_, st_.f, st_.g, w.log_a_n, w.log_c_m, s.log_delta, w.row_cnt,
                  w.row_idx, w.row_val, active);
@@ -225,9 +237,9 @@ class Driver {
                  w.col_idx, w.col_val, active);
     // diag_j = c_j - sum_i P_s,ij^2 / a_i
     bk_.spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.inv_a, true, w.diag, active);
-    bk_.for_each(m_, StartCgVectors{p_.b, w.c, w.diag, w.precond, w.x, w.r, w.z, w.p, w.col_buf,
-                                    active, m_, p_.eps});
-    bk_.reduce(w.col_buf, m_, StartCg{s});
+    bk_.reduce(m_, StartCgVectors{p_.b, w.c, w.diag, w.precond, w.x, w.r, w.z, w.p, active, m_,
+                                  p_.eps},
+               StartCg{s});
 
     // Preconditioned CG on (D_c - P_s^T D_a^-1 P_s) x = eps (b - c).
     // Three launches per CG iteration on the GPU: the two sparse products (with the
@@ -238,7 +250,7 @@ class Driver {
     // stops on the device; fixed mode keeps plain launches (graph capture).
     int cur = 0;
     int64_t cg_issued = o_.cg_max_iter;
-    const bool fused = !fixed && bk_.cg_fused(s, w, o_.cg_max_iter);
+    const bool fused = bk_.cg_fused(s, w, o_.cg_max_iter, fixed);
     for (int64_t k = 0; !fused && k < o_.cg_max_iter; ++k) {
       bk_.schur_product(w, w.p, s.cg_active);
       bk_.cg_step(s, w, m_, cur);
@@ -252,17 +264,15 @@ class Driver {
                                      static_cast<long long>(cg_issued));
 
     // Backtracking line search on Phi along x: t = 1, 1/4, 1/16, 1/64.
-    bk_.for_each(m_, SlopeTerms{p_.b, w.c, w.x, w.col_buf, m_});
-    bk_.reduce(w.col_buf, m_, SetSum{s.slope, active});
+    bk_.reduce(m_, SlopeTerm{p_.b, w.c, w.x, m_}, SetSum{s.slope, active});
     for (int trial = 0; trial < 4; ++trial) {
-      bk_.for_each(m_, TrialPoint{s, st_.g, w.x, p_.b, w.g_trial, w.col_buf, m_});
-      bk_.reduce(w.col_buf, m_, SetSum{s.phi_trial, s.searching});
+      bk_.reduce(m_, TrialPoint{s, st_.g, w.x, p_.b, w.g_trial, m_},
+                 SetSum{s.phi_trial, s.searching});
       row_update(w.g_trial, w.f_trial, s.searching);
-      bk_.reduce(w.row_buf, n_, LineSearchTest{s});
+      bk_.reduce(n_, ArrayTerm{w.row_buf, n_}, LineSearchTest{s});
       if (may_peek && !any_set(s.searching)) break;
     }
-    bk_.for_each(m_, AcceptTrial{s, st_.g, w.g_trial, m_});
-    bk_.for_each(n_, AcceptTrial{s, st_.f, w.f_trial, n_});
+    bk_.for_each(nm_, AcceptTrials{s, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
     bk_.for_batch(FinishNewton{s, st_.iterations, st_.newton_steps});
   }
 };

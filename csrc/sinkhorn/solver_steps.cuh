@@ -1,6 +1,7 @@
 // The small steps of the solver, as functors the backends run where the data lives:
-// per-batch decisions (f(b)), per-element vector updates (f(b, k)) and reduction epilogues
-// (f(b, sum, sum of |terms|)). Shared by the CPU loops and the CUDA kernels; the control
+// per-batch decisions (f(b)), per-element vector updates (f(b, k)), reduction terms
+// (t(b, k) returns the term; it may also write vector outputs, which saves a launch) and
+// reduction epilogues (f(b, sum, sum of |terms|)). Shared by the CPU loops and the CUDA kernels; the control
 // flow that strings them together is sinkhorn_driver.h.
 #pragma once
 #include <cmath>
@@ -97,12 +98,20 @@ struct CountIterations {
   }
 };
 
+// Tolerance-mode check: deactivate converged elements, then pack what the host reads
+// (error, active, iterations, fallback) into one report row, so a check is one copy.
 struct UpdateActive {
-  const double* err;
-  int* active;
+  BatchScalars s;
+  const int64_t* iterations;
   double tol;
   DK_HOST_DEVICE void operator()(int64_t b) const {
-    if (active[b] && !(err[b] > tol)) active[b] = 0;  // NaN err stays active (and is reported)
+    if (s.active[b] && !(s.err[b] > tol)) s.active[b] = 0;  // NaN err stays active (reported)
+    if (!s.active[b]) s.fallback[b] = 0;  // finished elements take no fallback iterations
+    double* row = s.report + b * kReportFields;
+    row[kReportErr] = s.err[b];
+    row[kReportActive] = s.active[b];
+    row[kReportIterations] = static_cast<double>(iterations[b]);
+    row[kReportFallback] = s.fallback[b];
   }
 };
 
@@ -144,18 +153,29 @@ struct RevertIfWorse {
   }
 };
 
-struct SaveErr {
+// Before a Newton step: keep (f, g) and the error, to undo the step. Over k < max(n, m).
+struct SaveState {
   BatchScalars s;
-  DK_HOST_DEVICE void operator()(int64_t b) const { s.err_prev[b] = s.err[b]; }
+  const double *f, *g;
+  double *f_prev, *g_prev;
+  int64_t n, m;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
+    if (k < n) f_prev[b * n + k] = f[b * n + k];
+    if (k < m) g_prev[b * m + k] = g[b * m + k];
+    if (k == 0) s.err_prev[b] = s.err[b];
+  }
 };
 
-struct CopyWhere {  // dst = src where flag[b] (or everywhere with flag == nullptr)
-  double* dst;
-  const double* src;
+// (f, g) = (f_src, g_src) where flag[b] (undo a step; accept a trial). Over k < max(n, m).
+struct CopyPairWhere {
   const int* flag;
-  int64_t len;
+  const double *f_src, *g_src;
+  double *f, *g;
+  int64_t n, m;
   DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
-    if (!flag || flag[b]) dst[b * len + k] = src[b * len + k];
+    if (!flag[b]) return;
+    if (k < n) f[b * n + k] = f_src[b * n + k];
+    if (k < m) g[b * m + k] = g_src[b * m + k];
   }
 };
 
@@ -175,13 +195,20 @@ struct FinishNewton {
 // ---------------------------------------------------------------- per-element functors
 // Called as f(b, k) for k in [0, len) of a (B, len) array.
 
-struct RowTerms {  // row_buf = f_i a_i (0 where a_i = 0), for Phi
+// ------------------------------------------------------------------ reduction terms
+
+struct ArrayTerm {  // the entries of a (B, len) array
+  const double* x;
+  int64_t len;
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t k) const { return x[b * len + k]; }
+};
+
+struct PotentialTerm {  // f_i a_i (0 where a_i = 0): one part of Phi
   const double *f, *a;
-  double* out;
   int64_t n;
-  DK_HOST_DEVICE void operator()(int64_t b, int64_t i) const {
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t i) const {
     const int64_t k = b * n + i;
-    out[k] = a[k] > 0 ? f[k] * a[k] : 0.0;
+    return a[k] > 0 ? f[k] * a[k] : 0.0;
   }
 };
 
@@ -209,19 +236,16 @@ struct ColThresholds {
 };
 
 // diag_j = c_j - sum_i P_s,ij^2 / a_i arrives in `diag` as the sparse sum; finish the
-// preconditioner and start CG: x = 0, r = eps (b - c), z = M r, p = z, col_buf = r.z.
+// preconditioner and start CG: x = 0, r = eps (b - c), z = M r, p = z; the term is r.z.
 struct StartCgVectors {
   const double *b_w, *c;
-  double *diag, *precond, *x, *r, *z, *p, *col_buf;
+  double *diag, *precond, *x, *r, *z, *p;
   const int* mask;
   int64_t m;
   double eps;
-  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
     const int64_t k = b * m + j;
-    if (!mask[b]) {
-      col_buf[k] = 0;
-      return;
-    }
+    if (!mask[b]) return 0.0;
     const double d = c[k] - diag[k];
     // Guard: a column whose kept mass is all its mass has d ~ 0 (up to rounding); such a
     // column is still coupled through its rows, so precondition with c_j instead.
@@ -231,45 +255,43 @@ struct StartCgVectors {
     r[k] = (b_w[k] > 0) ? eps * (b_w[k] - c[k]) : 0.0;
     z[k] = precond[k] * r[k];
     p[k] = z[k];
-    col_buf[k] = r[k] * z[k];
+    return r[k] * z[k];
   }
 };
 
-struct SlopeTerms {  // col_buf = (b - c) . x
+struct SlopeTerm {  // (b - c) . x
   const double *b_w, *c, *x;
-  double* col_buf;
   int64_t m;
-  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
-    (void)b;
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
     const int64_t k = b * m + j;
-    col_buf[k] = (b_w[k] > 0) ? (b_w[k] - c[k]) * x[k] : 0.0;
+    return (b_w[k] > 0) ? (b_w[k] - c[k]) * x[k] : 0.0;
   }
 };
 
-struct TrialPoint {  // g' = g + t x; col_buf = g'_j b_j
+struct TrialPoint {  // g' = g + t x; the term is g'_j b_j
   BatchScalars s;
   const double *g, *x, *b_w;
-  double *g_trial, *col_buf;
+  double* g_trial;
   int64_t m;
-  DK_HOST_DEVICE void operator()(int64_t b, int64_t j) const {
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
     const int64_t k = b * m + j;
-    if (!s.searching[b]) {
-      col_buf[k] = 0;
-      return;
-    }
+    if (!s.searching[b]) return 0.0;
     const double gt = g[k] + s.step[b] * x[k];  // -inf stays -inf (x = 0 there)
     g_trial[k] = gt;
-    col_buf[k] = b_w[k] > 0 ? gt * b_w[k] : 0.0;
+    return b_w[k] > 0 ? gt * b_w[k] : 0.0;
   }
 };
 
-struct AcceptTrial {  // dst = src where the element accepted its step
+// (f, g) = the trial point where the element accepted its step. Over k < max(n, m).
+struct AcceptTrials {
   BatchScalars s;
-  double* dst;
-  const double* src;
-  int64_t len;
+  const double *f_trial, *g_trial;
+  double *f, *g;
+  int64_t n, m;
   DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
-    if (s.active[b] && !s.fallback[b]) dst[b * len + k] = src[b * len + k];
+    if (!s.active[b] || s.fallback[b]) return;
+    if (k < n) f[b * n + k] = f_trial[b * n + k];
+    if (k < m) g[b * m + k] = g_trial[b * m + k];
   }
 };
 

@@ -32,7 +32,12 @@ struct BatchScalars {
   int* reverted;      // 1: the accepted Newton step raised the error and was undone
   int* by_slack;      // 1: the accepted step's gain in Phi is not above rounding
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
+  double* report;     // (B, kReportFields): what a tolerance-mode check reads, one copy
 };
+
+// The fields of one element's check report (read by the host in one copy per check).
+enum ReportField : int { kReportErr = 0, kReportActive, kReportIterations, kReportFallback,
+                         kReportFields };
 
 struct Workspace {
   BatchScalars s;
@@ -77,6 +82,7 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
   for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback, &s.reverted,
                     &s.by_slack}) take(*i, B);
   take(s.cg_live, 2);
+  take(s.report, B * kReportFields);
   take(ws.c, B * m);
   take(ws.row_buf, B * n);
   take(ws.col_buf, B * m);
