@@ -18,7 +18,8 @@ each library's nominal tolerance.
 2. gpu (CUDA): squared-Euclidean cost of n uniform points in [0, 1]^2 against n others,
    divided by its max; n in {1000, 4096}, eps in {1e-3, 1e-2}, float32 and float64,
    tol = 1e-6. Median wall time (CUDA events; perf_counter + block_until_ready for JAX)
-   of --repeats solves after one warm-up solve, for dk "sns", dk "sinkhorn" and the peers:
+   of up to --repeats solves (stopping after 2 s of solves) after one warm-up solve, for
+   dk "sns", dk "sinkhorn" and the peers:
      POT     ot.sinkhorn(a, b, M, reg, method="sinkhorn_log", stopThr=tol) on torch CUDA
              tensors. POT's rule: the L2 norm of the column-marginal error (the row marginal
              is exact after its update) < stopThr, every 10 iterations; its L1 error can be
@@ -445,6 +446,12 @@ def bench_assignment(device, cap, threads, repeats):
 # 2. single problems on the GPU (also callable on "cpu" for testing)
 
 
+# GPU rows: up to --repeats timed solves per method, stopping once 2 s have been spent, so
+# millisecond solves get many samples (their median is sensitive to host noise) while the
+# slow peers are not run for minutes.
+ROW_BUDGET_S = 2.0
+
+
 def bench_single(device, peers, sizes, epss, dtypes, repeats):
     ot = peers.get("pot")
     ott = ott_on(peers, device)
@@ -461,13 +468,15 @@ def bench_single(device, peers, sizes, epss, dtypes, repeats):
                 rows = []
                 for meth in ("sns", "sinkhorn"):
                     run_row(rows, f"dk {meth}",
-                            lambda meth=meth: make_dk(c, eps, meth, TOL_GEOM, cap), clock, repeats)
+                            lambda meth=meth: make_dk(c, eps, meth, TOL_GEOM, cap), clock, repeats,
+                            budget_s=ROW_BUDGET_S)
                 if ot is not None:
                     for label, thr in (("POT", TOL_GEOM), ("POT-L1", TOL_GEOM / math.sqrt(n))):
                         run_row(rows, label, lambda thr=thr: make_pot(ot, c, eps, thr, cap), clock,
-                                repeats)
+                                repeats, budget_s=ROW_BUDGET_S)
                 if ott is not None:
-                    run_row(rows, "OTT", lambda: ott.make(c, eps, TOL_GEOM, cap), "wall", repeats)
+                    run_row(rows, "OTT", lambda: ott.make(c, eps, TOL_GEOM, cap), "wall", repeats,
+                            budget_s=ROW_BUDGET_S)
                 add_ratios(rows, TOL_GEOM)
                 configs.append({"dtype": dname, "n": n, "eps": eps, "cap": cap, "rows": rows})
                 c = None  # free it before the next problem
@@ -492,7 +501,7 @@ def bench_batched(device, peers, bsz, n, epss, repeats):
         rows = []
         for meth in ("sns", "sinkhorn"):
             run_row(rows, f"dk {meth}", lambda meth=meth: make_dk(c, eps, meth, TOL_GEOM, cap),
-                    clock, repeats)
+                    clock, repeats, budget_s=ROW_BUDGET_S)
         pot_kind = None
         if ot is not None:
             for label, thr in (("POT", TOL_GEOM), ("POT-L1", TOL_GEOM / math.sqrt(n))):
@@ -500,14 +509,15 @@ def bench_batched(device, peers, bsz, n, epss, repeats):
                     nonlocal pot_kind
                     solve, info, pot_kind = make_pot_batched(ot, c, eps, thr, cap)
                     return solve, info
-                run_row(rows, label, mk, clock, repeats)
+                run_row(rows, label, mk, clock, repeats, budget_s=ROW_BUDGET_S)
             for r in rows:
                 if r["method"].startswith("POT"):
                     r["pot_kind"] = pot_kind
                     if pot_kind and pot_kind.startswith("loop"):
                         r["method"] += " (loop)"
         if ott is not None:
-            run_row(rows, "OTT vmap", lambda: ott.make(c, eps, TOL_GEOM, cap), "wall", repeats)
+            run_row(rows, "OTT vmap", lambda: ott.make(c, eps, TOL_GEOM, cap), "wall", repeats,
+                    budget_s=ROW_BUDGET_S)
         add_ratios(rows, TOL_GEOM)
         configs.append({"dtype": "float32", "B": bsz, "n": n, "eps": eps, "cap": cap,
                         "rows": rows})

@@ -12,7 +12,10 @@
 # bench_ot.json, ot.png).
 #
 # GPU_CHECK_BENCH="ot log_bessel vmf" (default: all) limits which Python benchmarks run;
-# DK_SANITIZE_FAMILIES="ot" (default: all) which families the sanitizer exercises.
+# DK_SANITIZE_FAMILIES="ot" (default: all) which families the sanitizer exercises;
+# GPU_CHECK_BENCH_ONLY=1 skips the tests and the sanitizer (a benchmark rerun of code that
+# a full check already passed); GPU_CHECK_OT_DEVICE=cuda (default: all) skips the CPU half
+# of bench/ot.py.
 #
 # Peers that the machine lacks (TensorFlow Probability for JAX) travel as wheels in .whl/
 # (see bench/README.md); when that folder exists they are installed to a private folder. Target: < 9 minutes.
@@ -69,12 +72,18 @@ if [ "$BUILD_OK" = 1 ]; then
       >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
   fi
   # 2. CUDA tests (the cpu half of the suite runs in CI).
-  step pytest-cuda 300 "$OUT/pytest.log" \
-    "$PY" -m pytest -q -m cuda tests -rs
+  if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
+    skip pytest-cuda "GPU_CHECK_BENCH_ONLY=1"
+  else
+    step pytest-cuda 300 "$OUT/pytest.log" \
+      "$PY" -m pytest -q -m cuda tests -rs
+  fi
 
   # 3. compute-sanitizer on a small workload. No caching allocator under memcheck, so
   #    out-of-bounds accesses hit unallocated memory instead of a neighbour's block.
-  if [ -n "$SAN" ]; then
+  if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
+    skip memcheck "GPU_CHECK_BENCH_ONLY=1"; skip racecheck "GPU_CHECK_BENCH_ONLY=1"
+  elif [ -n "$SAN" ]; then
     step memcheck 240 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SAN" --tool memcheck --error-exitcode 1 --leak-check no "$PY" scripts/sanitizer_smoke.py
     step racecheck 240 "$OUT/sanitizer.log" \
@@ -101,7 +110,8 @@ if [ "$BUILD_OK" = 1 ]; then
   step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$RES/selfcheck.json"
   # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  want ot && step bench-ot 420 "$OUT/run.log" "$PY" bench/ot.py --device all --repeats 3 \
+  want ot && step bench-ot 420 "$OUT/run.log" "$PY" bench/ot.py \
+    --device "${GPU_CHECK_OT_DEVICE:-all}" --repeats 11 \
     --json "$RES/bench_ot.json" --plot "$RES/ot.png"
   if want ot; then  # where the time of a solve goes (kernel table per problem)
     for args in "--n 1000 --eps 1e-2" "--n 1000 --eps 1e-3" "--n 256 --batch 64 --eps 1e-3"; do

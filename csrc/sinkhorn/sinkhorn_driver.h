@@ -246,8 +246,9 @@ class Driver {
     // diagonal terms fused), then one block per batch element for all vector updates and
     // both dot products. The host looks at the CG flags every cg_check_interval()
     // iterations (every one on the CPU, where looking costs nothing).
-    // In tolerance mode the CUDA backend runs the whole CG as one cooperative kernel that
-    // stops on the device; fixed mode keeps plain launches (graph capture).
+    // The CUDA backend usually runs the whole CG as one kernel that stops on the device:
+    // one block per batch element for small problems (any mode), else one cooperative
+    // grid-wide kernel (tolerance mode only; fixed mode keeps plain launches for capture).
     int cur = 0;
     int64_t cg_issued = o_.cg_max_iter;
     const bool fused = bk_.cg_fused(s, w, o_.cg_max_iter, fixed);
