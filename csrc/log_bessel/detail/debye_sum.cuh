@@ -65,7 +65,9 @@ template <class T, int K>
 inline __attribute__((always_inline)) T debye_q_host(T y) {
   constexpr int row = K * (K + 1) / 2;
   T q = T(kDebyeUHost[row + K]);
+#if !defined(__CUDACC__)  // (nvcc's host pass does not know the pragma)
 #pragma GCC unroll 20
+#endif
   for (int j = K - 1; j >= 0; --j) q = q * y + T(kDebyeUHost[row + j]);
   return q;
 }

@@ -101,8 +101,9 @@ DK_HOST_DEVICE float gamma_function(float z) {
 
 #if !defined(__CUDA_ARCH__)
 // Host only: 1 / Gamma(1 + v) for 0 <= v < 20 (double), in place of glibc's tgamma
-// (~40-70 ns) in the series branch (~15 ns; as log(1/Gamma) it lost to lgamma_r). With v = n + f (n integer,
-// 0 <= f < 1): 1/Gamma(1+v) = R(f) / prod_{j=1..n} (j + f), where R(f) = 1/Gamma(1+f)
+// (~40-70 ns) in the series branch (~15 ns; as log(1/Gamma) it lost to lgamma_r).
+// With v = n + f (n integer, 0 <= f < 1): 1/Gamma(1+v) = R(f) / prod_{j=1..n} (j + f),
+// where R(f) = 1/Gamma(1+f)
 // is a degree-16 polynomial in t = f - 1/2 (1/Gamma is entire, so it converges fast;
 // fitted by interpolation at Chebyshev nodes in mpmath, 1.35e-16 relative in double
 // including rounding). The factors j + f are exact; the product adds n roundings.
