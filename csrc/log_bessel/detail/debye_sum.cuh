@@ -40,9 +40,92 @@ struct DebyeSum {
   T a_ss = T(0);
 };
 
+#if !defined(__CUDA_ARCH__)
+// Host only, A alone (kDerivs = 0): the same terms and stopping rule as debye_sum below,
+// evaluated with short dependency chains. The bounds max|Q_k| / s^k and max|U_k| / v^k
+// fall with k for s, v >= 20 (the table ratios max|Q_k+1| / max|Q_k| and
+// max|U_k+1| / max|U_k| stay below 9.1), so the first kDebyeHostHead terms are always
+// summed (those a point does not need lie below rounding), and the rest only where the
+// bound at kDebyeHostHead says so. Each Q_k is an unrolled Horner polynomial (they are
+// independent), and the head is summed by pairs in w = sign/s and w^2. The loop below
+// is latency-bound on the host: k variable-length Horner chains in a row, a
+// data-dependent trip count (mispredicted) and an fmin library call per term.
+constexpr int kDebyeHostHead = 8;
+static_assert(debye::kNumTerms == 20, "debye_sum_value_host unrolls 20 terms");
+
+template <class T, int N>
+inline __attribute__((always_inline)) T power_host(T a) {
+  if constexpr (N == 1) return a;
+  else if constexpr (N % 2 == 0) { const T h = power_host<T, N / 2>(a); return h * h; }
+  else return power_host<T, N - 1>(a) * a;
+}
+
+// Q_k(y), Horner unrolled (highest coefficient first, as in debye_sum).
+template <class T, int K>
+inline __attribute__((always_inline)) T debye_q_host(T y) {
+  constexpr int row = K * (K + 1) / 2;
+  T q = T(kDebyeUHost[row + K]);
+#if !defined(__CUDACC__)  // (nvcc's host pass does not know the pragma)
+#pragma GCC unroll 20
+#endif
+  for (int j = K - 1; j >= 0; --j) q = q * y + T(kDebyeUHost[row + j]);
+  return q;
+}
+
+template <class T>
+inline __attribute__((always_inline)) T debye_sum_value_host(T v, T p, T s, T sign) {
+  constexpr int head = kDebyeHostHead;
+  const T tol = Precision<T>::eps * T(0.01);
+  const T inv_s = T(1) / s;
+  const T inv_v = T(1) / v;
+  const T y = p * p;
+  const T w = sign * inv_s;
+  T a = T(0);
+  T bound_s = power_host<T, head>(inv_s), bound_v = power_host<T, head>(inv_v);
+  if (T(kDebyeQMaxHost[head]) * bound_s >= tol && T(kDebyeUMaxHost[head]) * bound_v >= tol) {
+    // Rare (large terms: v and s near 20): n terms in all, k = 0 .. n-1.
+    int n = head + 1;
+    while (n < debye::kNumTerms) {
+      bound_s *= inv_s;
+      bound_v *= inv_v;
+      const T qb = T(kDebyeQMaxHost[n]) * bound_s, ub = T(kDebyeUMaxHost[n]) * bound_v;
+      if ((qb < ub ? qb : ub) < tol) break;
+      ++n;
+    }
+    switch (n) {
+#define DK_DEBYE_CASE(k) \
+  case k + 1: if (k >= head) a = a * w + debye_q_host<T, k>(y); [[fallthrough]];
+      DK_DEBYE_CASE(19) DK_DEBYE_CASE(18) DK_DEBYE_CASE(17) DK_DEBYE_CASE(16)
+      DK_DEBYE_CASE(15) DK_DEBYE_CASE(14) DK_DEBYE_CASE(13) DK_DEBYE_CASE(12)
+      DK_DEBYE_CASE(11) DK_DEBYE_CASE(10) DK_DEBYE_CASE(9) DK_DEBYE_CASE(8)
+      DK_DEBYE_CASE(7) DK_DEBYE_CASE(6) DK_DEBYE_CASE(5)
+#undef DK_DEBYE_CASE
+      default: break;
+    }
+  }
+  // The head by pairs in w and w^2: a short dependency chain, since the
+  // Q_k are independent of each other.
+  static_assert(head == 8, "the head is written out for 8 terms");
+  const T w2 = w * w, w4 = w2 * w2;
+  const T q01 = debye_q_host<T, 0>(y) + w * debye_q_host<T, 1>(y);
+  const T q23 = debye_q_host<T, 2>(y) + w * debye_q_host<T, 3>(y);
+  const T q45 = debye_q_host<T, 4>(y) + w * debye_q_host<T, 5>(y);
+  const T q67 = debye_q_host<T, 6>(y) + w * debye_q_host<T, 7>(y);
+  a = (q01 + w2 * q23) + w4 * ((q45 + w2 * q67) + w4 * a);
+  return a;
+}
+#endif
+
 // kDerivs: 0 = A only, 1 = first derivatives, 2 = second derivatives too.
 template <class T, int kDerivs>
 DK_HOST_DEVICE DebyeSum<T> debye_sum(T v, T p, T s, T sign) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (kDerivs == 0) {
+    DebyeSum<T> r;
+    r.a = debye_sum_value_host(v, p, s, sign);
+    return r;
+  }
+#endif
   const T tol = Precision<T>::eps * T(0.01);
   const T y = p * p;
   const T inv_s = T(1) / s;

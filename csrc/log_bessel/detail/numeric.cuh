@@ -99,6 +99,42 @@ DK_HOST_DEVICE float gamma_function(float z) {
 #endif
 }
 
+#if !defined(__CUDA_ARCH__)
+// Host only: 1 / Gamma(1 + v) for 0 <= v < 20 (double), in place of glibc's tgamma
+// (~40-70 ns) in the series branch (~15 ns; as log(1/Gamma) it lost to lgamma_r).
+// With v = n + f (n integer, 0 <= f < 1): 1/Gamma(1+v) = R(f) / prod_{j=1..n} (j + f),
+// where R(f) = 1/Gamma(1+f)
+// is a degree-16 polynomial in t = f - 1/2 (1/Gamma is entire, so it converges fast;
+// fitted by interpolation at Chebyshev nodes in mpmath, 1.35e-16 relative in double
+// including rounding). The factors j + f are exact; the product adds n roundings.
+inline double inv_gamma_1p_host(double v) {
+  static constexpr double c[17] = {
+      1.1283791670955126,      -0.0411745264452831,     -0.5266544355255445,
+      0.17510202604393435,     0.050966860247706136,    -0.04215516936852384,
+      0.006612897826820958,    0.0021207314422774662,   -0.0011107302545151887,
+      0.00015235762470316286,  2.535520386106474e-05,   -1.3896835437533617e-05,
+      2.1562113294434155e-06,  5.8070298070884785e-08,  -8.917014541433564e-08,
+      1.6813402437575466e-08,  -8.521820446681207e-10};
+  const int n = static_cast<int>(v);
+  const double f = v - n;
+  const double t = f - 0.5;
+  // Estrin's scheme and a branch-free product tree: short dependency chains.
+  const double t2 = t * t, t4 = t2 * t2, t8 = t4 * t4, t16 = t8 * t8;
+  const double c01 = c[0] + t * c[1], c23 = c[2] + t * c[3], c45 = c[4] + t * c[5],
+               c67 = c[6] + t * c[7], c89 = c[8] + t * c[9], cab = c[10] + t * c[11],
+               ccd = c[12] + t * c[13], cef = c[14] + t * c[15];
+  const double r = ((c01 + t2 * c23) + t4 * (c45 + t2 * c67)) +
+                   t8 * ((c89 + t2 * cab) + t4 * (ccd + t2 * cef)) + t16 * c[16];
+  double a[20];
+  // a[j] = j + 1 + f for j < n, else 1 (exact either way: j + f is exact).
+  for (int j = 0; j < 20; ++j) a[j] = 1.0 + double(j < n) * (j + f);
+  for (int j = 0; j < 10; ++j) a[j] *= a[j + 10];
+  for (int j = 0; j < 5; ++j) a[j] *= a[j + 5];
+  const double prod = ((a[0] * a[1]) * (a[2] * a[3])) * a[4];
+  return r / prod;
+}
+#endif
+
 // Digamma psi(z) for z >= 1 (all the log-Bessel code needs): recurrence up to z >= 10,
 // then the asymptotic series, whose first neglected term is below 1e-17 there.
 template <class T>

@@ -44,6 +44,12 @@ DK_HOST_DEVICE bool series_prefactor_linear(T v, T x, T log_half_x, T& prefactor
   // form cannot cancel there; pow and tgamma are only paid for x > 2.
   const T max_exponent = T(sizeof(T) == 8 ? 600 : 40);
   if (!(v < T(kDebyeMinOrder) && x > T(2) && v * log_half_x < max_exponent)) return false;
+#if !defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 8) {
+    prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) * inv_gamma_1p_host(v);
+    return true;
+  }
+#endif
   // Gamma(v+1) as v Gamma(v): v + 1 would be rounded (badly so in float).
   prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) / (v * gamma_function(v));
   return true;
