@@ -362,22 +362,24 @@ def test_fit_is_differentiable():
 
 
 def test_errors_name_the_argument():
+    # Value checks run with validate_args; pass it explicitly, since torch's default is
+    # process-wide state (the first torch.compile in a process turns it off).
     mu = _unit(3)
     with pytest.raises(ValueError, match="loc"):
         VonMisesFisher(torch.ones(4, 1, dtype=F64), 1.0)
     with pytest.raises(ValueError, match="loc"):
         VonMisesFisher(torch.tensor(1.0, dtype=F64), 1.0)
     with pytest.raises(ValueError, match="loc"):
-        VonMisesFisher(mu * 1.1, 1.0)
+        VonMisesFisher(mu * 1.1, 1.0, validate_args=True)
     with pytest.raises(ValueError, match="concentration"):
-        VonMisesFisher(mu, 0.0)
+        VonMisesFisher(mu, 0.0, validate_args=True)
     with pytest.raises(ValueError, match="concentration"):
-        VonMisesFisher(mu, torch.tensor([1.0, -2.0], dtype=F64))
+        VonMisesFisher(mu, torch.tensor([1.0, -2.0], dtype=F64), validate_args=True)
     with pytest.raises(ValueError, match="concentration"):
         VonMisesFisher(_unit(4, 3), torch.ones(3, dtype=F64))
     with pytest.raises(TypeError, match="loc"):
         VonMisesFisher([1.0, 0.0], 1.0)
-    d = VonMisesFisher(mu, 1.0)
+    d = VonMisesFisher(mu, 1.0, validate_args=True)
     with pytest.raises(ValueError, match="value"):
         d.log_prob(torch.ones(3, dtype=F64))
     # value checks are skipped on request

@@ -85,7 +85,8 @@ class VonMisesFisher(Distribution):
         concentration: :math:`\kappa > 0`, shape broadcastable with ``loc.shape[:-1]``
             (checked when ``validate_args``). A Python number is allowed.
         validate_args: as in ``torch.distributions`` (default: on unless Python runs with
-            ``-O``). Structural checks (``p >= 2``, shapes, dtypes, devices) always run;
+            ``-O``; note that the first ``torch.compile`` in a process turns torch's
+            default off for every distribution, so pass ``True`` to be sure). Structural checks (``p >= 2``, shapes, dtypes, devices) always run;
             value checks (unit norm, ``kappa > 0``, samples on the sphere) only when on.
 
     ``batch_shape = broadcast(loc.shape[:-1], concentration.shape)``,
