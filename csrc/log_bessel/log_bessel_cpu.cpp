@@ -11,11 +11,77 @@
 namespace diffkern {
 namespace {
 
+// Branch class of one element: the predicates that pick log_iv's / log_kv's branch
+// (series, x <= 2, order >= 20, Hankel), as 4 bits computed without branches.
+template <class T>
+inline int branch_class(T v, T x) {
+  using namespace log_bessel;
+  const bool large = v >= T(kDebyeMinOrder);
+  // (Both sides evaluated and selected with &, |: no branch.)
+  const bool series = (large & (x * x <= T(4 * kSeriesMaxQOverV) * (v + T(1)))) |
+                      (!large & (x <= T(kSeriesMaxXSmallOrder)));
+  return int(large) | int(series) << 1 | int(x <= T(2)) << 2 |
+         int((x >= T(kHankelMinX)) & (T(2) * x >= v * v)) << 3;
+}
+
+constexpr int kNumClasses = 16;
+constexpr int kClassChunk = 1024;
+
+// Elements [begin, end) (end - begin <= kClassChunk) of a contiguous evaluation, one
+// branch class after another: on random inputs the branch taken changes from element to
+// element, and its mispredictions cost ~10 ns per element (one thread; measured sorted
+// 57-61 vs random 69-70 ns for log_ive). Counting sort of the indices by class, then
+// evaluate in that order. Each element is computed by the same code as before: the
+// results are bit-identical, only the order of evaluation changes.
+template <class T, LogBesselOp kOp>
+void run_classified(const T* v, const T* x, T* out, int64_t begin,
+                    int64_t end) {
+  const int m = static_cast<int>(end - begin);
+  uint8_t key[kClassChunk];
+  uint16_t order[kClassChunk];
+  int count[kNumClasses + 1] = {};
+  for (int i = 0; i < m; ++i) {
+    key[i] = static_cast<uint8_t>(branch_class(v[begin + i], x[begin + i]));
+  }
+  for (int i = 0; i < m; ++i) ++count[key[i] + 1];
+  for (int c = 0; c < kNumClasses; ++c) count[c + 1] += count[c];
+  for (int i = 0; i < m; ++i) order[count[key[i]]++] = static_cast<uint16_t>(i);
+  for (int j = 0; j < m; ++j) {
+    const int64_t i = begin + order[j];
+    out[i] = log_bessel::evaluate<T>(kOp, v[i], x[i]);
+  }
+}
+
+// The op as a template argument, so that each loop sees its Want flags as constants.
+template <class T>
+void run_classified(LogBesselOp op, const T* v, const T* x, T* out, int64_t begin,
+                    int64_t end) {
+  switch (op) {
+#define DK_CASE(name) \
+  case LogBesselOp::name: run_classified<T, LogBesselOp::name>(v, x, out, begin, end); break;
+    DK_CASE(log_iv) DK_CASE(log_kv) DK_CASE(log_ive) DK_CASE(log_kve) DK_CASE(iv_ratio)
+    DK_CASE(dlog_iv_dx) DK_CASE(dlog_kv_dx) DK_CASE(dlog_iv_dv) DK_CASE(dlog_kv_dv)
+#undef DK_CASE
+  }
+}
+
 // kContiguous: inputs laid out like the output, no per-element offset arithmetic.
 template <class T, bool kContiguous>
 void run(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadcast& g,
          int num_threads) {
   const int64_t n = g.numel();
+  if (kContiguous && n >= 256) {
+    const int64_t chunks = (n + kClassChunk - 1) / kClassChunk;
+#if defined(_OPENMP)
+    if (num_threads <= 0) num_threads = omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (n > 2048)
+#endif
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = c * kClassChunk;
+      run_classified(op, v, x, out, begin, begin + kClassChunk < n ? begin + kClassChunk : n);
+    }
+    return;
+  }
 #if defined(_OPENMP)
   if (num_threads <= 0) num_threads = omp_get_max_threads();
   // Elements cost from ~50 ns to a few us depending on the branch: dynamic chunks
