@@ -41,9 +41,10 @@ void run_classified(const T* v, const T* x, T* out, int64_t begin,
   uint16_t order[kClassChunk];
   int count[kNumClasses + 1] = {};
   for (int i = 0; i < m; ++i) {
-    key[i] = static_cast<uint8_t>(branch_class(v[begin + i], x[begin + i]));
+    const int c = branch_class(v[begin + i], x[begin + i]);
+    key[i] = static_cast<uint8_t>(c);
+    ++count[c + 1];
   }
-  for (int i = 0; i < m; ++i) ++count[key[i] + 1];
   for (int c = 0; c < kNumClasses; ++c) count[c + 1] += count[c];
   for (int i = 0; i < m; ++i) order[count[key[i]]++] = static_cast<uint16_t>(i);
   for (int j = 0; j < m; ++j) {
