@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from . import _C
-from ._ops import current_stream_handle, num_threads
+from ._ops import current_stream_handle, num_threads, skips_dispatcher
 
 __all__ = ["sinkhorn", "SinkhornResult"]
 
@@ -280,19 +280,6 @@ def _as_weights(w, name, length, batch, like):
     return w
 
 
-def _plain(*tensors) -> bool:
-    """Exactly torch.Tensor, no autograd to record, no functorch wrapper, not compiling."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(type(t) is torch.Tensor and not (grad and t.requires_grad)
-               and not _is_functorch_wrapped(t) for t in tensors)
-
-
-_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
-                                lambda t: False)
-
-
 def _check_values(C, a, b):
     """Every value check in one device round trip (each separate .item() on CUDA is a sync)."""
     if a is None and b is None:  # uniform weights: only the cost can be bad
@@ -448,7 +435,7 @@ def sinkhorn(
     b64 = b_.to(torch.float64)
     settings = (float(eps), _METHODS[method], float(tol), int(max_iter), int(check_every), fixed,
                 int(newton_warmup), g_init is not None, int(verbose))
-    if _plain(C, a64, b64, g0):
+    if skips_dispatcher(C, a64, b64, g0):
         # Nothing for the dispatcher to do (no autograd, not compiling, no functorch): call
         # the solve directly. Same results; on small CUDA problems the op's dispatch and the
         # extra synchronization for the convergence test are a fifth of the wall clock.

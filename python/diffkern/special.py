@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import _C
-from ._ops import current_stream_handle, num_threads
+from ._ops import current_stream_handle, num_threads, skips_dispatcher
 
 __all__ = ["log_iv", "log_kv", "log_ive", "log_kve", "bessel_iv_ratio"]
 
@@ -200,24 +200,12 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.get_default_dtype()
 
 
-def _plain(t: torch.Tensor) -> bool:
-    """A tensor (already known to be exactly torch.Tensor, so no fake or subclass tensor)
-    that needs nothing from the dispatcher: no autograd to record, no functorch wrapper."""
-    return not (t.requires_grad and torch.is_grad_enabled()) and not _is_functorch_wrapped(t)
-
-
-_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
-                                lambda t: False)
-
-
 def _apply(name: str, v: ArrayLike, x: ArrayLike):
     # Fast path for the common call (two tensors of one float dtype on one device, no
     # autograd, not compiling): the registered op's dispatch costs more than the kernel
     # for small inputs, so call the core directly; results are bit-identical.
-    # (is_compiling first: under torch.compile the rest must not even be traced.)
-    if (not torch.compiler.is_compiling() and type(v) is torch.Tensor
-            and type(x) is torch.Tensor and v.dtype is x.dtype and v.dtype in _NATIVE
-            and v.device == x.device and v.device.type in _DEVICES and _plain(v) and _plain(x)):
+    if (skips_dispatcher(v, x) and v.dtype is x.dtype and v.dtype in _NATIVE
+            and v.device == x.device and v.device.type in _DEVICES):
         shape = v.shape if v.shape == x.shape else _broadcast_or_raise(v, x, name)
         out = v.new_empty(shape)
         if out.numel():
