@@ -1,7 +1,7 @@
-// Validation helpers shared by every family's bindings: turn any DLPack producer
-// (torch, numpy, cupy, jax ...) into a checked view, with errors that name the argument,
-// what was expected and what was received. Header-only so each bind_<family>.cpp stays
-// a thin list of checks plus one core call.
+// Checks shared by every family's bindings, on ArrayInfo (array_arg.h makes one from any
+// array object), with errors that name the function, the argument, what was expected and
+// what was received. Header-only so each bind_<family>.cpp stays a thin list of checks
+// plus one core call.
 #pragma once
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -30,6 +30,10 @@ struct ArrayInfo {
   nb::dlpack::dtype dtype{};
   int device_type = 0;
   int device_id = 0;
+  bool read_only = false;
+  // Keeps a DLPack / buffer-protocol view alive for the call (empty for torch tensors,
+  // whose memory the caller's reference keeps alive).
+  nb::ndarray<nb::ro> view;
 
   int64_t numel() const {
     int64_t n = 1;
@@ -52,6 +56,10 @@ inline std::string describe_dtype(nb::dlpack::dtype t) {
   }
   if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
   return s;
+}
+
+inline std::string describe_dtype(const ArrayInfo& a) {
+  return describe_dtype(a.dtype);
 }
 
 inline std::string describe_device(int type, int id) {
@@ -80,109 +88,37 @@ inline std::string describe_type(nb::handle obj) {
   return nb::type_name(obj.type()).c_str();
 }
 
-template <class Array>
-ArrayInfo make_info(const Array& arr, const char* name, const char* fn) {
-  ArrayInfo info;
-  info.name = name;
-  if (arr.ndim() > static_cast<size_t>(kMaxDims)) {
-    throw nb::value_error((std::string(fn) + ": " + name + ": expected at most " +
-                           std::to_string(kMaxDims) + " dimensions, got " +
-                           std::to_string(arr.ndim()))
-                              .c_str());
-  }
-  info.ndim = static_cast<int>(arr.ndim());
-  for (int d = 0; d < info.ndim; ++d) {
-    info.shape[d] = static_cast<int64_t>(arr.shape(d));
-    info.strides[d] = arr.stride(d);
-  }
-  info.data = const_cast<void*>(static_cast<const void*>(arr.data()));
-  info.dtype = arr.dtype();
-  info.device_type = arr.device_type();
-  info.device_id = arr.device_id();
-  return info;
+inline std::string describe_device(const ArrayInfo& a) {
+  return describe_device(a.device_type, a.device_id);
 }
 
-// The same description from a plain tuple (data_ptr, shape, strides, dtype_bits,
-// device_type, device_id), as torch's Python side builds it cheaply: going through
-// __dlpack__ costs ~2 us per tensor, more than a small kernel. dtype is float of
-// `dtype_bits`; device_type uses DLPack's codes (1 CPU, 2 CUDA).
-inline ArrayInfo info_from_descriptor(nb::handle desc, const char* name, const char* fn) {
-  nb::tuple t;
-  if (!nb::try_cast(desc, t) || t.size() != 6) {
-    throw nb::type_error((std::string(fn) + ": " + name +
-                          ": expected a descriptor tuple (data_ptr, shape, strides, dtype_bits, "
-                          "device_type, device_id), got " + describe_type(desc))
-                             .c_str());
+// The core's DType of a floating array; false for any other element type.
+inline bool core_dtype(nb::dlpack::dtype t, DType* out) {
+  using C = nb::dlpack::dtype_code;
+  if (t.lanes != 1) return false;
+  if (t.code == static_cast<uint8_t>(C::Float)) {
+    if (t.bits == 32) return *out = DType::float32, true;
+    if (t.bits == 64) return *out = DType::float64, true;
+    if (t.bits == 16) return *out = DType::float16, true;
   }
-  ArrayInfo info;
-  info.name = name;
-  info.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(t[0]));
-  const nb::tuple shape = nb::cast<nb::tuple>(t[1]);
-  const nb::tuple strides = nb::cast<nb::tuple>(t[2]);
-  if (shape.size() != strides.size() || shape.size() > static_cast<size_t>(kMaxDims)) {
-    throw nb::value_error((std::string(fn) + ": " + name + ": expected at most " +
-                           std::to_string(kMaxDims) + " dimensions and one stride per dimension")
-                              .c_str());
-  }
-  info.ndim = static_cast<int>(shape.size());
-  for (int d = 0; d < info.ndim; ++d) {
-    info.shape[d] = nb::cast<int64_t>(shape[d]);
-    info.strides[d] = nb::cast<int64_t>(strides[d]);
-  }
-  info.dtype = nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Float),
-                                 static_cast<uint8_t>(nb::cast<int>(t[3])), 1};
-  info.device_type = nb::cast<int>(t[4]);
-  info.device_id = nb::cast<int>(t[5]);
-  return info;
-}
-
-// An input: read-only arrays are fine (e.g. numpy.broadcast_to views).
-inline nb::ndarray<nb::ro> as_input(nb::handle obj, const char* name, const char* fn) {
-  nb::ndarray<nb::ro> arr;
-  if (!nb::try_cast(obj, arr, /*convert=*/false)) {
-    throw nb::type_error((std::string(fn) + ": " + name +
-                          ": expected an array that supports DLPack or the buffer protocol "
-                          "(torch.Tensor, numpy.ndarray, ...; torch tensors must not require "
-                          "grad), got " + describe_type(obj))
-                             .c_str());
-  }
-  return arr;
-}
-
-// An output: must be writable. A read-only array converts only as nb::ro, which is how
-// we tell "read-only" apart from "not an array" for the message.
-inline nb::ndarray<> as_output(nb::handle obj, const char* name, const char* fn) {
-  nb::ndarray<> arr;
-  if (nb::try_cast(obj, arr, /*convert=*/false)) return arr;
-  nb::ndarray<nb::ro> ro;
-  if (nb::try_cast(obj, ro, /*convert=*/false)) {
-    throw nb::value_error((std::string(fn) + ": " + name +
-                           ": expected a writable array, got a read-only " + describe_type(obj))
-                              .c_str());
-  }
-  throw nb::type_error((std::string(fn) + ": " + name +
-                        ": expected a writable array that supports DLPack or the buffer "
-                        "protocol (torch.Tensor, numpy.ndarray, ...), got " + describe_type(obj))
-                           .c_str());
+  if (t.code == static_cast<uint8_t>(C::Bfloat) && t.bits == 16) return *out = DType::bfloat16, true;
+  return false;
 }
 
 // float32 -> DType::float32, float64 -> DType::float64, anything else: TypeError.
 inline DType require_float_dtype(const ArrayInfo& a, const char* fn) {
-  const auto t = a.dtype;
-  if (t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && t.lanes == 1) {
-    if (t.bits == 32) return DType::float32;
-    if (t.bits == 64) return DType::float64;
-  }
+  DType d;
+  if (core_dtype(a.dtype, &d) && (d == DType::float32 || d == DType::float64)) return d;
   throw nb::type_error((std::string(fn) + ": " + a.name + ": expected dtype float32 or float64, got " +
-                        describe_dtype(t))
+                        describe_dtype(a))
                            .c_str());
 }
 
 inline void require_same_dtype(const ArrayInfo& ref, const ArrayInfo& a, const char* fn) {
   if (a.dtype != ref.dtype) {
     throw nb::type_error((std::string(fn) + ": " + a.name + ": expected dtype " +
-                          describe_dtype(ref.dtype) + " (the dtype of " + ref.name + "), got " +
-                          describe_dtype(a.dtype))
+                          describe_dtype(ref) + " (the dtype of " + ref.name + "), got " +
+                          describe_dtype(a))
                              .c_str());
   }
 }
@@ -191,14 +127,14 @@ inline void require_same_dtype(const ArrayInfo& ref, const ArrayInfo& a, const c
 inline void require_same_device(const ArrayInfo& ref, const ArrayInfo& a, const char* fn) {
   if (a.device_type != kDeviceCpu && a.device_type != kDeviceCuda) {
     throw nb::value_error((std::string(fn) + ": " + a.name + ": expected a cpu or cuda array, got " +
-                           describe_device(a.device_type, a.device_id))
+                           describe_device(a))
                               .c_str());
   }
   if (a.device_type != ref.device_type ||
       (a.device_type == kDeviceCuda && a.device_id != ref.device_id)) {
     throw nb::value_error((std::string(fn) + ": " + a.name + ": expected device " +
-                           describe_device(ref.device_type, ref.device_id) + " (the device of " +
-                           ref.name + "), got " + describe_device(a.device_type, a.device_id))
+                           describe_device(ref) + " (the device of " + ref.name + "), got " +
+                           describe_device(a))
                               .c_str());
   }
 }

@@ -4,12 +4,10 @@
 #include <nanobind/nanobind.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
-#include "bindings/array_checks.h"
-#include "bindings/bindings.h"
-#include "bindings/cuda_device.h"
+#include "bindings/array_arg.h"
+#include "bindings/core_call.h"
 #include "sinkhorn/sinkhorn.h"
 
 namespace nb = nanobind;
@@ -29,7 +27,7 @@ void require_shape_is(const ArrayInfo& a, std::initializer_list<int64_t> shape,
 void require_dtype(const ArrayInfo& a, nb::dlpack::dtype_code code, int bits, const char* what) {
   if (a.dtype.code != static_cast<uint8_t>(code) || a.dtype.bits != bits || a.dtype.lanes != 1) {
     throw nb::type_error((std::string(kFn) + ": " + a.name + ": expected dtype " + what +
-                          ", got " + describe_dtype(a.dtype))
+                          ", got " + describe_dtype(a))
                              .c_str());
   }
 }
@@ -37,9 +35,10 @@ void require_dtype(const ArrayInfo& a, nb::dlpack::dtype_code code, int bits, co
 SinkhornOptions make_options(int method, double tol, int64_t max_iter, int64_t check_every,
                              bool fixed, int64_t warmup, bool warm_start, int64_t cg_max_iter,
                              int verbose) {
+  // Only what the core cannot survive: an out-of-range enum. User-facing values (eps, tol,
+  // iteration counts) are checked once, in diffkern/ot.py, in the user's terms.
   if (method != 0 && method != 1)
     throw nb::value_error("sinkhorn_solve: method: expected 0 (sinkhorn) or 1 (sns)");
-  if (max_iter < 0) throw nb::value_error("sinkhorn_solve: max_iter: expected >= 0");
   SinkhornOptions o;
   o.method = static_cast<SinkhornMethod>(method);
   o.tol = tol;
@@ -70,23 +69,14 @@ int64_t solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle
            nb::handle ws_o, double eps, int method, double tol, int64_t max_iter,
            int64_t check_every, bool fixed, int64_t warmup, bool warm_start, int64_t cg_max_iter,
            int verbose, int num_threads, uintptr_t stream) {
-  const auto cost_arr = as_input(cost_o, "cost", kFn);
-  const auto cost_t_arr = as_input(cost_t_o, "cost_t", kFn);
-  const auto a_arr = as_input(a_o, "a", kFn);
-  const auto b_arr = as_input(b_o, "b", kFn);
-  const auto f_arr = as_output(f_o, "f", kFn);
-  const auto g_arr = as_output(g_o, "g", kFn);
-  const auto err_arr = as_output(err_o, "marginal_error", kFn);
-  const auto it_arr = as_output(iters_o, "iterations", kFn);
-  const auto nt_arr = as_output(newton_o, "newton_steps", kFn);
-  const auto ws_arr = as_output(ws_o, "workspace", kFn);
-  const ArrayInfo cost = make_info(cost_arr, "cost", kFn), cost_t = make_info(cost_t_arr, "cost_t", kFn),
-                  a = make_info(a_arr, "a", kFn), b = make_info(b_arr, "b", kFn),
-                  f = make_info(f_arr, "f", kFn), g = make_info(g_arr, "g", kFn),
-                  err = make_info(err_arr, "marginal_error", kFn),
-                  iters = make_info(it_arr, "iterations", kFn),
-                  newton = make_info(nt_arr, "newton_steps", kFn),
-                  ws = make_info(ws_arr, "workspace", kFn);
+  const ArrayInfo cost = array_arg(cost_o, "cost", kFn), cost_t = array_arg(cost_t_o, "cost_t", kFn),
+                  a = array_arg(a_o, "a", kFn), b = array_arg(b_o, "b", kFn),
+                  f = array_arg(f_o, "f", kFn, Access::write),
+                  g = array_arg(g_o, "g", kFn, Access::write),
+                  err = array_arg(err_o, "marginal_error", kFn, Access::write),
+                  iters = array_arg(iters_o, "iterations", kFn, Access::write),
+                  newton = array_arg(newton_o, "newton_steps", kFn, Access::write),
+                  ws = array_arg(ws_o, "workspace", kFn, Access::write);
 
   if (cost.ndim != 3)
     throw nb::value_error((std::string(kFn) + ": cost: expected 3 dimensions (batch, n, m), got " +
@@ -114,7 +104,10 @@ int64_t solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle
   if (B < 1 || n < 1 || m < 1)
     throw nb::value_error((std::string(kFn) + ": cost: expected non-empty dimensions, got " +
                            describe_shape(cost)).c_str());
-  if (!(eps > 0)) throw nb::value_error("sinkhorn_solve: eps: expected > 0");
+  // The sparse Hessian stores column indices as int32.
+  if (n > INT32_MAX || m > INT32_MAX || B > INT32_MAX)
+    throw nb::value_error((std::string(kFn) + ": cost: expected each dimension < 2^31, got " +
+                           describe_shape(cost)).c_str());
 
   SinkhornProblem p;
   p.batch = B;
@@ -144,25 +137,9 @@ int64_t solve(nb::handle cost_o, nb::handle cost_t_o, nb::handle a_o, nb::handle
   int64_t unconverged = -1;
   s.unconverged = &unconverged;
 
-  Status status = Status::ok;
-  if (cost.device_type == kDeviceCuda) {
-    if (!DIFFKERN_WITH_CUDA) {
-      throw std::runtime_error(std::string(kFn) +
-                               ": got cuda arrays, but this diffkern build has no CUDA kernels");
-    }
-    nb::gil_scoped_release release;
-    CudaDeviceGuard guard(cost.device_id);
-    status = guard.ok() ? sinkhorn_solve_cuda(p, o, s, ws.data, reinterpret_cast<void*>(stream))
-                        : Status::cuda_error;
-  } else {
-    nb::gil_scoped_release release;
-    status = sinkhorn_solve_cpu(p, o, s, ws.data, num_threads);
-  }
-  if (status != Status::ok) {
-    throw std::runtime_error(std::string(kFn) + " on " +
-                             describe_device(cost.device_type, cost.device_id) +
-                             " failed: " + status_message(status));
-  }
+  call_core([] { return kFn; }, cost, num_threads, stream, kReleaseGilWork,
+            [&](int threads) { return sinkhorn_solve_cpu(p, o, s, ws.data, threads); },
+            [&](void* st) { return sinkhorn_solve_cuda(p, o, s, ws.data, st); });
   return unconverged;
 }
 

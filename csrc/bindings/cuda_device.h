@@ -7,6 +7,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "common/status.h"
+
 namespace diffkern {
 namespace bindings {
 
@@ -31,10 +33,13 @@ class CudaDeviceGuard {
   explicit CudaDeviceGuard(int device) {
 #if DIFFKERN_WITH_CUDA
     if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    if (previous_ != device) ok_ = cudaSetDevice(device) == cudaSuccess;
+    if (previous_ != device) {
+      const cudaError_t e = cudaSetDevice(device);
+      if (e != cudaSuccess) status_ = Status::cuda(static_cast<int>(e));
+    }
 #else
     (void)device;
-    ok_ = false;
+    status_ = Status::unsupported;
 #endif
   }
   ~CudaDeviceGuard() {
@@ -47,11 +52,12 @@ class CudaDeviceGuard {
   }
   CudaDeviceGuard(const CudaDeviceGuard&) = delete;
   CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
-  bool ok() const { return ok_; }
+  bool ok() const { return status_.is_ok(); }
+  Status status() const { return status_; }
 
  private:
   int previous_ = -1;
-  bool ok_ = true;
+  Status status_ = Status::ok;
 };
 
 }  // namespace bindings

@@ -1,11 +1,14 @@
 // diffkern._C: build information plus every family's bindings. Nothing here touches CUDA
 // at import time, so the module imports on machines without a GPU or driver.
+//
+// The families are registered from diffkern_families.inc, which CMake writes from the
+// folders csrc/<family>/: family F provides `void bind_F(nanobind::module_&)` in
+// csrc/bindings/bind_F.cpp, and nothing here names it.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
 #include <string>
 
-#include "bindings/bindings.h"
 #include "bindings/cuda_device.h"
 
 #if defined(_OPENMP)
@@ -13,6 +16,14 @@
 #endif
 
 namespace nb = nanobind;
+
+namespace diffkern {
+namespace bindings {
+#define DIFFKERN_FAMILY(name) void bind_##name(nb::module_& m);
+#include "diffkern_families.inc"
+#undef DIFFKERN_FAMILY
+}  // namespace bindings
+}  // namespace diffkern
 
 namespace {
 
@@ -65,6 +76,11 @@ NB_MODULE(_C, m) {
         "Dict describing this build: version, cuda, cuda_archs, cuda_version, openmp, compiler.");
   m.def("cuda_device_count", &diffkern::bindings::cuda_device_count,
         "Number of CUDA devices this build can use (0 without CUDA support, driver or GPU).");
-  diffkern::bindings::bind_log_bessel(m);
-  diffkern::bindings::bind_sinkhorn(m);
+  nb::list families;
+#define DIFFKERN_FAMILY(name)             \
+  diffkern::bindings::bind_##name(m);     \
+  families.append(#name);
+#include "diffkern_families.inc"
+#undef DIFFKERN_FAMILY
+  m.attr("FAMILIES") = nb::tuple(families);
 }

@@ -5,9 +5,7 @@
 #include "log_bessel/log_bessel.h"
 #include "log_bessel/log_bessel_math.cuh"
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "common/threads.h"
 
 namespace diffkern {
 namespace {
@@ -88,22 +86,16 @@ void run(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadcast& 
   const int64_t n = g.numel();
   if (kContiguous && n >= 256) {
     const int64_t chunks = (n + kClassChunk - 1) / kClassChunk;
-#if defined(_OPENMP)
-    if (num_threads <= 0) num_threads = omp_get_max_threads();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (n > 2048)
-#endif
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t begin = c * kClassChunk;
       run_classified(op, v, x, out, begin, begin + kClassChunk < n ? begin + kClassChunk : n);
     }
     return;
   }
-#if defined(_OPENMP)
-  if (num_threads <= 0) num_threads = omp_get_max_threads();
   // Elements cost from ~50 ns to a few us depending on the branch: dynamic chunks
   // keep threads busy when one region is expensive.
 #pragma omp parallel for schedule(dynamic, 1024) num_threads(num_threads) if (n > 2048)
-#endif
   for (int64_t i = 0; i < n; ++i) {
     int64_t v_off = i, x_off = i;
     if (!kContiguous) g.offsets(i, v_off, x_off);
@@ -120,7 +112,8 @@ Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x,
   }
   if (geometry.numel() == 0) return Status::ok;
   if (v == nullptr || x == nullptr || out == nullptr) return Status::invalid_argument;
-  dispatch_float(dtype, [&](auto tag) {
+  num_threads = resolve_num_threads(num_threads);
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto* vp = static_cast<const T*>(v);
     const auto* xp = static_cast<const T*>(x);
@@ -130,9 +123,8 @@ Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x,
     } else {
       run<T, false>(op, vp, xp, op_out, geometry, num_threads);
     }
-    return 0;
+    return Status::ok;
   });
-  return Status::ok;
 }
 
 }  // namespace diffkern

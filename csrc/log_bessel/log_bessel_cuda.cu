@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.cuh"
+#include "common/launch.h"
 #include "log_bessel/log_bessel.h"
 #include "log_bessel/log_bessel_math.cuh"
 
@@ -33,13 +34,10 @@ Status launch(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadc
               cudaStream_t stream) {
   const int64_t n = g.numel();
   int device = 0, sm_count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return Status::cuda_error;
-  }
+  DK_CUDA_TRY(cudaGetDevice(&device));
+  DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
-  const int64_t wanted = (n + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  const int blocks = static_cast<int>(std::min<int64_t>(wanted, int64_t(sm_count) * 32));
+  const unsigned blocks = grid_stride_blocks(n, kThreadsPerBlock, sm_count);
   if (g.inputs_match_output()) {
     log_bessel_kernel<T, true><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x, out, g, n);
   } else {

@@ -9,9 +9,7 @@
 #include "sinkhorn/sinkhorn_driver.h"
 #include "sinkhorn/workspace.h"
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "common/threads.h"
 
 namespace diffkern {
 namespace sinkhorn_detail {
@@ -201,12 +199,7 @@ Status sinkhorn_solve_cpu(const SinkhornProblem& p, const SinkhornOptions& o,
       !p.b || !s.f || !s.g || !workspace)
     return Status::invalid_argument;
   if (p.n > INT32_MAX || p.m > INT32_MAX) return Status::invalid_argument;
-#if defined(_OPENMP)
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-  (void)num_threads;
-#endif
+  const int threads = resolve_num_threads(num_threads);
   Workspace w;
   layout_workspace(p, o, workspace, &w);
   CpuBackend bk(p.batch, p.n, p.m, p.eps, threads);

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "common/host_device.h"
+#include "common/online_lse.cuh"
 
 namespace diffkern {
 namespace sinkhorn_detail {
@@ -17,42 +18,8 @@ DK_HOST_DEVICE double log_plan(double own, double other, double cost, double inv
 // Entries below exp(-80) are never kept: their float value would be denormal or zero.
 constexpr double kMinLogKept = -80.0;
 
-// Running log-sum-exp: value = mx + log(sum). One exp per element except when the
-// maximum moves. exp runs in float for float32 costs (the sum stays double): its 1e-7
-// relative error is below what a float32 cost can resolve.
-template <class T>
-DK_HOST_DEVICE double exp_as(double x) {
-  if constexpr (sizeof(T) == 4) {
-    return static_cast<double>(expf(static_cast<float>(x)));
-  } else {
-    return exp(x);
-  }
-}
-
-struct LogSumExp {
-  double mx = -INFINITY;
-  double sum = 0.0;
-
-  template <class T>
-  DK_HOST_DEVICE void add(double x) {
-    if (x > mx) {  // also the first finite x: exp(-inf) = 0 clears the empty sum
-      sum = sum * exp_as<T>(mx - x) + 1.0;
-      mx = x;
-    } else if (x > -INFINITY) {  // -inf (a zero-mass partner) adds nothing
-      sum += exp_as<T>(x - mx);
-    }
-  }
-  DK_HOST_DEVICE void merge(double o_mx, double o_sum) {
-    if (o_mx == -INFINITY) return;
-    if (o_mx <= mx) {
-      sum += o_sum * exp(o_mx - mx);
-    } else {
-      sum = sum * exp(mx - o_mx) + o_sum;
-      mx = o_mx;
-    }
-  }
-  DK_HOST_DEVICE double value() const { return mx == -INFINITY ? -INFINITY : mx + log(sum); }
-};
+// The running log-sum-exp of the sweeps is the shared one (common/online_lse.cuh).
+using LogSumExp = OnlineLogSumExp;
 
 enum class SweepMode : int {
   // New potential of the swept side: out_pot = eps (log w - L); out_term = out_pot * w.

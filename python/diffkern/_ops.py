@@ -1,7 +1,22 @@
-"""Helpers shared by every family's torch ops (kept tiny and torch-only)."""
+"""Helpers shared by every family's torch ops (kept small and torch-only).
+
+- ``current_stream_handle`` / ``num_threads``: what a core call launches on.
+- ``skips_dispatcher``: whether a call may go straight to the core (the fast path).
+- ``promote_inputs``: array-likes to tensors, promoted as their own library would.
+
+NumPy is optional: it is never imported here. An input can only be a NumPy object if the
+caller imported NumPy, so ``sys.modules`` tells whether to look for one.
+"""
 from __future__ import annotations
 
+import numbers
+import sys
+from typing import NamedTuple, Optional, Sequence
+
 import torch
+
+_Tensor = torch.Tensor
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def current_stream_handle(tensor: torch.Tensor) -> int:
@@ -10,8 +25,11 @@ def current_stream_handle(tensor: torch.Tensor) -> int:
     Read at every call, never cached: users switch streams with ``torch.cuda.stream(...)``
     and CUDA-graph capture runs on a side stream. 0 for CPU tensors (ignored there).
     """
-    if tensor.device.type == "cuda":
-        return torch.cuda.current_stream(tensor.device).cuda_stream
+    if tensor.is_cuda:
+        index = tensor.get_device()
+        if _raw_stream is not None:  # the same value, without building a Stream object
+            return _raw_stream(index)
+        return torch.cuda.current_stream(index).cuda_stream
     return 0
 
 
@@ -20,19 +38,216 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+_current_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
 def skips_dispatcher(*tensors) -> bool:
     """True when a call on these needs nothing from torch's dispatcher, so a family may call
     its core directly (same results, less per-call overhead): not compiling (checked first:
-    under torch.compile nothing else may be traced), each argument exactly torch.Tensor (no
-    fake or subclass tensor, no array-like), no autograd to record, no functorch wrapper."""
-    if torch.compiler.is_compiling():
+    under torch.compile nothing else may be traced), no functorch transform active (vmap,
+    grad: their tensors are wrappers), each argument exactly torch.Tensor (no fake or
+    subclass tensor, no array-like), and no autograd to record."""
+    if torch.compiler.is_compiling() or _current_level() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or _is_functorch_wrapped(t):
+        if type(t) is not _Tensor or (grad and t.requires_grad):
             return False
     return True
 
 
-_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
-                                lambda t: False)
+# ------------------------------------------------------------------ input promotion
+
+
+_COMPUTE = (torch.float32, torch.float64)
+
+
+class Promoted(NamedTuple):
+    tensors: list  # one tensor per input, all of `compute_dtype`, on one device
+    result_dtype: torch.dtype  # what the caller returns (float16/bfloat16 kept)
+    compute_dtype: torch.dtype  # float32 or float64: what the core computes in
+    output: str  # "torch", "numpy" (an ndarray) or "numpy_scalar" (a NumPy float)
+
+
+def _numpy():
+    return sys.modules.get("numpy")
+
+
+def _is_numpy_array(np, a) -> bool:
+    return np is not None and isinstance(a, np.ndarray)
+
+
+def _is_numpy_scalar(np, a) -> bool:
+    return np is not None and isinstance(a, np.generic)
+
+
+def _check_real(fn: str, name: str, dtype_text: str, kind: str) -> None:
+    if kind not in "biuf":
+        raise TypeError(f"{fn}: {name}: expected real numbers, got dtype {dtype_text}")
+
+
+def promote_inputs(fn: str, names: Sequence[str], values: Sequence[object],
+                   device: Optional[torch.device] = None) -> Promoted:
+    """Tensors for array-like inputs, promoted as their own library would promote them.
+
+    - No torch tensor among the inputs: NumPy's rules. Python numbers, NumPy scalars and
+      arrays and lists combine as ``numpy.result_type`` says (NEP 50: a Python float is
+      weak against a NumPy float32); integers and booleans compute in float64, as NumPy's
+      ufuncs do. The result is an ndarray when an input was one, a NumPy scalar when the
+      inputs were NumPy scalars, else a 0-dim torch tensor.
+    - With a torch tensor: torch's rules. Python numbers and NumPy scalars are weak
+      scalars (a float32 tensor stays float32); NumPy arrays and lists count as tensors of
+      their dtype (lists: float64, as NumPy would make them). Integer results compute in
+      torch's default dtype, as torch's float ops do.
+    float16 / bfloat16 results compute in float32 and are returned in their own dtype.
+    A 0-dim CPU tensor (or scalar) joins the other inputs' device, as in torch's own ops.
+    """
+    first = values[0]
+    if type(first) is _Tensor and first.dtype in _COMPUTE and all(
+            type(a) is _Tensor and a.dtype is first.dtype and a.device == first.device
+            for a in values):  # the common case: nothing to convert
+        if first.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{fn}: {names[0]}: expected a cpu or cuda tensor, got device "
+                             f"{first.device}")
+        return Promoted(list(values), first.dtype, first.dtype, "torch")
+    np = _numpy()
+    tensors: list = [None] * len(values)
+    any_torch = any(isinstance(v, _Tensor) for v in values)
+    any_array = False
+    any_np_scalar = False
+    for i, (name, a) in enumerate(zip(names, values)):
+        if isinstance(a, _Tensor):
+            if a.is_complex() or a.dtype is torch.bool:
+                raise TypeError(f"{fn}: {name}: expected a real floating or integer tensor, "
+                                f"got dtype {a.dtype}")
+            if a.layout is not torch.strided:
+                raise TypeError(f"{fn}: {name}: expected a dense (strided) tensor, got layout "
+                                f"{a.layout}")
+            if a.dtype.is_floating_point and a.dtype.itemsize == 1:
+                raise TypeError(f"{fn}: {name}: expected float16, bfloat16, float32 or float64, "
+                                f"got {a.dtype} (convert it first)")
+            tensors[i] = a
+        elif _is_numpy_array(np, a):
+            _check_real(fn, name, str(a.dtype), a.dtype.kind)
+            any_array = True
+            # torch.from_numpy shares memory; negative strides need a copy first.
+            tensors[i] = torch.from_numpy(
+                np.ascontiguousarray(a) if any(s < 0 for s in a.strides) else a)
+        elif isinstance(a, (list, tuple)):
+            any_array = True
+            try:
+                t = torch.as_tensor(a)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"{fn}: {name}: expected a tensor, array or nested list of real "
+                                f"numbers, got a {type(a).__name__} that torch cannot read: {e}"
+                                ) from None
+            _check_real(fn, name, str(t.dtype), "f" if t.is_floating_point() else
+                        ("c" if t.is_complex() else "i"))
+            tensors[i] = t.to(torch.float64)
+        elif _is_numpy_scalar(np, a):
+            _check_real(fn, name, str(a.dtype), a.dtype.kind)
+            any_np_scalar = True
+        elif isinstance(a, numbers.Real):
+            pass
+        else:
+            raise TypeError(f"{fn}: {name}: expected a torch.Tensor, numpy array or real number, "
+                            f"got {type(a).__name__}")
+
+    if any_torch:
+        # torch's rules: scalars are weak, tensors (and arrays/lists turned tensors) are not.
+        operands = [t if t is not None else _as_python_scalar(a) for t, a in zip(tensors, values)]
+        result = operands[0] if len(operands) == 1 else _torch_result_type(operands)
+        if not result.is_floating_point:
+            result = torch.get_default_dtype()
+        output = "torch"
+    else:
+        if np is not None and (any_array or any_np_scalar):
+            result = _torch_dtype(np.result_type(*[
+                t.numpy() if t is not None and not isinstance(a, (list, tuple)) else
+                (np.float64(0) if isinstance(a, (list, tuple)) else a)
+                for t, a in zip(tensors, values)]))
+        else:  # Python numbers (and lists) alone: NumPy would give float64
+            result = torch.float64
+        if not result.is_floating_point:
+            result = torch.float64
+        output = "numpy" if any_array and np is not None and any(
+            _is_numpy_array(np, a) for a in values) else (
+            "numpy_scalar" if any_np_scalar and not any_array else "torch")
+
+    compute = result if result in (torch.float32, torch.float64) else torch.float32
+    # One device: the first non-0-dim tensor's, else the first tensor's, else `device`.
+    target = device
+    for t in tensors:
+        if t is not None and t.dim() > 0:
+            target = t.device
+            break
+    else:
+        for t in tensors:
+            if t is not None:
+                target = t.device
+                break
+    if target is None:
+        target = torch.device("cpu")
+    out = []
+    for name, t, a in zip(names, tensors, values):
+        if t is None:
+            t = torch.tensor(_as_python_scalar(a), dtype=compute, device=target)
+        elif t.device != target:
+            if t.dim() == 0 and t.device.type == "cpu":
+                t = t.to(target)
+            else:
+                raise ValueError(f"{fn}: {name}: expected device {target} (the other inputs' "
+                                 f"device), got {t.device}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{fn}: {name}: expected a cpu or cuda tensor, got device "
+                             f"{t.device}")
+        out.append(t.to(compute))
+    return Promoted(out, result, compute, output)
+
+
+def _as_python_scalar(a):
+    if isinstance(a, (bool, int, float)):
+        return a
+    item = getattr(a, "item", None)  # NumPy scalars
+    return item() if item is not None else float(a)
+
+
+def _torch_result_type(operands) -> torch.dtype:
+    """torch's promotion of several operands (torch.result_type takes two): a left fold
+    that keeps each partial result's category."""
+    acc = operands[0]
+    for op in operands[1:]:
+        dt = torch.result_type(acc, op)
+        acc = _prototype(acc, op, dt)
+    return acc.dtype if isinstance(acc, _Tensor) else torch.tensor(acc).dtype
+
+
+def _prototype(a, b, dtype):
+    """A stand-in with `dtype` and the strongest category of a and b (dimensioned tensor >
+    0-dim tensor > Python scalar), so a left fold of torch.result_type stays exact."""
+    def rank(x):
+        if isinstance(x, _Tensor):
+            return 2 if x.dim() else 1
+        return 0
+    r = max(rank(a), rank(b))
+    if r == 2:
+        return torch.empty((1,), dtype=dtype)
+    if r == 1:
+        return torch.empty((), dtype=dtype)
+    return torch.empty((), dtype=dtype).item()
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    name = str(np_dtype)
+    return getattr(torch, name) if hasattr(torch, name) else torch.float64
+
+
+def finish_output(out: torch.Tensor, promoted: Promoted):
+    """The result in the form promote_inputs decided (dtype, torch/NumPy)."""
+    if out.dtype is not promoted.result_dtype:
+        out = out.to(promoted.result_dtype)
+    if promoted.output == "numpy":
+        return out.cpu().numpy()
+    if promoted.output == "numpy_scalar":
+        return out.cpu().numpy()[()]
+    return out

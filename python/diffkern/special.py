@@ -30,16 +30,18 @@ import math
 import time
 from typing import Union
 
-import numpy as np
 import torch
 
 from . import _C
-from ._ops import current_stream_handle, num_threads, skips_dispatcher
+from ._ops import (current_stream_handle, finish_output, num_threads, promote_inputs,
+                   skips_dispatcher)
 
 __all__ = ["log_iv", "log_kv", "log_ive", "log_kve", "bessel_iv_ratio"]
 
 _OPS: dict = dict(_C.LOG_BESSEL_OPS)
-ArrayLike = Union[torch.Tensor, np.ndarray, float, int]
+# torch.Tensor, numpy.ndarray (NumPy is optional), a nested list, or a real number.
+ArrayLike = Union[torch.Tensor, "numpy.ndarray", list, float, int]
+_Tensor = torch.Tensor
 
 
 # --------------------------------------------------------------------------- the op
@@ -144,96 +146,65 @@ _log_bessel.register_vmap(_vmap)
 
 # ------------------------------------------------------------------ input handling
 
-
-def _prepare(v: ArrayLike, x: ArrayLike, fn: str):
-    """Tensors of one float dtype on one device, plus how to return the result."""
-    numpy_out = not isinstance(v, torch.Tensor) and not isinstance(x, torch.Tensor) and (
-        isinstance(v, np.ndarray) or isinstance(x, np.ndarray))
-
-    def to_tensor(a, name):
-        if isinstance(a, torch.Tensor):
-            return a
-        if isinstance(a, np.ndarray):
-            if a.dtype.kind not in "biuf":
-                raise TypeError(f"diffkern.{fn}: {name}: expected a real numeric array, "
-                                f"got numpy dtype {a.dtype}")
-            return torch.from_numpy(np.ascontiguousarray(a) if a.strides and min(a.strides) < 0
-                                    else a)
-        if isinstance(a, (bool, int, float, np.integer, np.floating)):
-            return None  # a Python/NumPy scalar: placed next to the other input below
-        raise TypeError(f"diffkern.{fn}: {name}: expected a torch.Tensor, numpy.ndarray or "
-                        f"real number, got {type(a).__name__}")
-
-    vt, xt = to_tensor(v, "v"), to_tensor(x, "x")
-    if vt is None and xt is None:
-        vt = torch.tensor(float(v), dtype=torch.get_default_dtype())
-        xt = torch.tensor(float(x), dtype=torch.get_default_dtype())
-    elif vt is None:
-        vt = torch.tensor(float(v), dtype=_float_dtype(xt.dtype), device=xt.device)
-    elif xt is None:
-        xt = torch.tensor(float(x), dtype=_float_dtype(vt.dtype), device=vt.device)
-
-    for t, name in ((vt, "v"), (xt, "x")):
-        if t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"diffkern.{fn}: {name}: expected a real floating or integer "
-                            f"dtype, got {t.dtype}")
-    if vt.device != xt.device:
-        # A 0-dim CPU tensor may go along with a CUDA tensor, as in torch's own ops.
-        if vt.dim() == 0 and vt.device.type == "cpu":
-            vt = vt.to(xt.device)
-        elif xt.dim() == 0 and xt.device.type == "cpu":
-            xt = xt.to(vt.device)
-        else:
-            raise ValueError(f"diffkern.{fn}: v and x must be on the same device, got "
-                             f"v on {vt.device} and x on {xt.device}")
-    if vt.device.type not in _DEVICES:
-        raise ValueError(f"diffkern.{fn}: expected CPU or CUDA tensors, got {vt.device}")
-    _broadcast_or_raise(vt, xt, fn)
-
-    result_dtype = _float_dtype(torch.promote_types(vt.dtype, xt.dtype))
-    compute_dtype = result_dtype if result_dtype in (torch.float32, torch.float64) \
-        else torch.float32
-    return vt.to(compute_dtype), xt.to(compute_dtype), result_dtype, numpy_out
+# The core handles up to this many (broadcast) dimensions; more are flattened first.
+_MAX_DIMS = 8
+_f32, _f64 = torch.float32, torch.float64
+_empty_like = torch.empty_like
+_contiguous = torch.contiguous_format
 
 
-def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype.is_floating_point else torch.get_default_dtype()
+def _apply(public: str, op: str, v: ArrayLike, x: ArrayLike):
+    """``public``'s value: the core called directly when nothing needs the dispatcher
+    (bit-identical results, a fraction of the per-call cost), else the registered op."""
+    if type(v) is _Tensor and type(x) is _Tensor:
+        dtype = v.dtype
+        if dtype is x.dtype and (dtype is _f64 or dtype is _f32) and skips_dispatcher(v, x):
+            if v.shape == x.shape:
+                out = _empty_like(v) if v.is_contiguous() else \
+                    _empty_like(v, memory_format=_contiguous)
+            else:
+                out = _broadcast_output(v, x)
+            if out is not None:
+                try:
+                    if out.numel():
+                        _C.log_bessel(_OPS[op], v, x, out, num_threads(),
+                                      current_stream_handle(v))
+                    return out
+                except (TypeError, ValueError):
+                    pass  # the general path below gives the error in the user's terms
+    return _apply_general(public, op, v, x)
 
 
-def _apply(name: str, v: ArrayLike, x: ArrayLike):
-    # Fast path for the common call (two tensors of one float dtype on one device, no
-    # autograd, not compiling): the registered op's dispatch costs more than the kernel
-    # for small inputs, so call the core directly; results are bit-identical.
-    if (skips_dispatcher(v, x) and v.dtype is x.dtype and v.dtype in _NATIVE
-            and v.device == x.device and v.device.type in _DEVICES):
-        shape = v.shape if v.shape == x.shape else _broadcast_or_raise(v, x, name)
-        out = v.new_empty(shape)
-        if out.numel():
-            _C.log_bessel_described(_OPS[name], _describe(v), _describe(x), _describe(out),
-                                    num_threads(), current_stream_handle(out))
-        return out
-    vt, xt, result_dtype, numpy_out = _prepare(v, x, name)
-    out = _log_bessel(vt, xt, _OPS[name]).to(result_dtype)
-    return out.numpy() if numpy_out else out
-
-
-def _describe(t: torch.Tensor) -> tuple:
-    """(data_ptr, shape, strides, dtype bits, DLPack device type, device index)."""
-    cuda = t.device.type == "cuda"
-    return (t.data_ptr(), tuple(t.shape), t.stride(), 64 if t.dtype is torch.float64 else 32,
-            2 if cuda else 1, t.device.index if cuda else 0)
-
-
-_NATIVE = (torch.float32, torch.float64)
-_DEVICES = ("cpu", "cuda")
-
-
-def _broadcast_or_raise(v: torch.Tensor, x: torch.Tensor, fn: str) -> torch.Size:
+def _broadcast_output(v: torch.Tensor, x: torch.Tensor):
+    """The contiguous output for v, x of different shapes; None when the general path must
+    handle them (no broadcast, too many dimensions, different devices)."""
+    if v.device != x.device:
+        return None
     try:
-        return torch.broadcast_shapes(v.shape, x.shape)
+        shape = torch.broadcast_shapes(v.shape, x.shape)
     except RuntimeError:
-        raise ValueError(f"diffkern.{fn}: v and x cannot be broadcast together: v has shape "
-                         f"{tuple(v.shape)}, x has shape {tuple(x.shape)}") from None
+        return None
+    if len(shape) > _MAX_DIMS:
+        return None
+    return torch.empty(shape, dtype=v.dtype, device=v.device)
+
+
+def _apply_general(public: str, op: str, v: ArrayLike, x: ArrayLike):
+    fn = f"diffkern.{public}"
+    p = promote_inputs(fn, ("v", "x"), (v, x))
+    vt, xt = p.tensors
+    try:
+        shape = torch.broadcast_shapes(vt.shape, xt.shape)
+    except RuntimeError:
+        raise ValueError(f"{fn}: v and x cannot be broadcast together: v has shape "
+                         f"{tuple(vt.shape)}, x has shape {tuple(xt.shape)}") from None
+    if len(shape) > _MAX_DIMS:
+        # NumPy broadcasting has no such limit: compute on the flattened broadcast.
+        vt, xt = (t.expand(shape).reshape(-1) for t in (vt, xt))
+        out = _log_bessel(vt, xt, _OPS[op]).reshape(shape)
+    else:
+        out = _log_bessel(vt, xt, _OPS[op])
+    return finish_output(out, p)
 
 
 # ------------------------------------------------------------------- public functions
@@ -252,7 +223,7 @@ def log_iv(v: ArrayLike, x: ArrayLike):
     Differentiable in ``x`` (to any order) and in ``v`` (first order):
     :math:`\partial_x \log I_v = I_{v+1}/I_v + v/x`.
     """
-    return _apply("log_iv", v, x)
+    return _apply("log_iv", "log_iv", v, x)
 
 
 def log_ive(v: ArrayLike, x: ArrayLike):
@@ -261,7 +232,7 @@ def log_ive(v: ArrayLike, x: ArrayLike):
     Same arguments and gradients as :func:`log_iv`; stays accurate for huge ``x``
     (e.g. ``log_ive(0, 1e10) = -12.43...``) where ``log_iv(v, x) - x`` would not.
     """
-    return _apply("log_ive", v, x)
+    return _apply("log_ive", "log_ive", v, x)
 
 
 def log_kv(v: ArrayLike, x: ArrayLike):
@@ -273,7 +244,7 @@ def log_kv(v: ArrayLike, x: ArrayLike):
 
     Differentiable in ``x`` (to any order) and in ``v`` (first order).
     """
-    return _apply("log_kv", v, x)
+    return _apply("log_kv", "log_kv", v, x)
 
 
 def log_kve(v: ArrayLike, x: ArrayLike):
@@ -281,7 +252,7 @@ def log_kve(v: ArrayLike, x: ArrayLike):
 
     Same arguments and gradients as :func:`log_kv`.
     """
-    return _apply("log_kve", v, x)
+    return _apply("log_kve", "log_kve", v, x)
 
 
 def bessel_iv_ratio(v: ArrayLike, x: ArrayLike):
@@ -291,7 +262,7 @@ def bessel_iv_ratio(v: ArrayLike, x: ArrayLike):
     (``v = p/2 - 1``, ``x`` = concentration). Differentiable in ``x`` to any order
     (:math:`R' = 1 - (2v+1)R/x - R^2`); not in ``v``.
     """
-    return _apply("iv_ratio", v, x)
+    return _apply("bessel_iv_ratio", "iv_ratio", v, x)
 
 
 # --------------------------------------------------------- self-check for the CLI
