@@ -7,6 +7,7 @@
 
 #include "bindings/array_arg.h"
 #include "bindings/core_call.h"
+#include "bindings/fast_path.h"
 #include "log_bessel/log_bessel.h"
 
 namespace nb = nanobind;
@@ -56,6 +57,46 @@ void log_bessel(int op, nb::handle v_obj, nb::handle x_obj, nb::handle out_obj, 
             [&](void* s) { return log_bessel_cuda(lb_op, dtype, v.data, x.data, out.data, geometry, s); });
 }
 
+// The whole call for the common case (see fast_path.h): v and x plain tensors of one
+// shape, dtype (float32/float64) and device, v contiguous, nothing for the dispatcher to
+// do. Returns the result, or None when the caller's general path must run.
+nb::object log_bessel_fast(int op, nb::handle v_obj, nb::handle x_obj) {
+  if (op < 0 || op >= kNumLogBesselOps || !fast_path_allowed(v_obj, x_obj)) return nb::none();
+  const ArrayInfo v = array_arg(v_obj, "v", kFn);
+  const ArrayInfo x = array_arg(x_obj, "x", kFn);
+  DType dtype;
+  if (!core_dtype(v.dtype, &dtype) || (dtype != DType::float32 && dtype != DType::float64) ||
+      v.dtype != x.dtype || v.device_type != x.device_type || v.device_id != x.device_id ||
+      (v.device_type != kDeviceCpu && v.device_type != kDeviceCuda) || v.ndim != x.ndim ||
+      !is_c_contiguous(v))
+    return nb::none();
+  for (int d = 0; d < v.ndim; ++d)
+    if (v.shape[d] != x.shape[d]) return nb::none();
+  const FastPathHooks& h = fast_path_hooks();
+  nb::object out_obj = h.empty_like(v_obj);  // contiguous, like v: same dtype, device, shape
+  ArrayInfo out = v;
+  out.name = "out";
+  out.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(out_obj.attr("data_ptr")()));
+  BinaryBroadcast geometry;
+  geometry.ndim = v.ndim;
+  for (int d = 0; d < v.ndim; ++d) {
+    geometry.sizes[d] = v.shape[d];
+    geometry.a_strides[d] = v.strides[d];
+    geometry.b_strides[d] = x.strides[d];
+  }
+  coalesce(geometry);
+  if (out.numel() == 0) return out_obj;
+  const uintptr_t stream =
+      v.device_type == kDeviceCuda ? nb::cast<uintptr_t>(h.current_stream(v.device_id)) : 0;
+  const int threads = v.device_type == kDeviceCpu ? nb::cast<int>(h.num_threads()) : 0;
+  const auto lb_op = static_cast<LogBesselOp>(op);
+  call_core([&] { return std::string(kFn) + "(" + kOpNames[op] + ")"; }, v, threads, stream,
+            out.numel(),
+            [&](int t) { return log_bessel_cpu(lb_op, dtype, v.data, x.data, out.data, geometry, t); },
+            [&](void* s) { return log_bessel_cuda(lb_op, dtype, v.data, x.data, out.data, geometry, s); });
+  return out_obj;
+}
+
 }  // namespace
 
 void bind_log_bessel(nb::module_& m) {
@@ -70,6 +111,9 @@ void bind_log_bessel(nb::module_& m) {
         "v, x, out: float32/float64 arrays (torch tensors or any DLPack producer) on one\n"
         "device; out C-contiguous with the broadcast shape. num_threads: CPU threads (<= 0: default).\n"
         "stream: cudaStream_t as an integer (0: legacy default stream).");
+  m.def("log_bessel_fast", &log_bessel_fast, nb::arg("op"), nb::arg("v"), nb::arg("x"),
+        "The whole call for plain same-shape tensors when nothing needs torch's dispatcher\n"
+        "(see register_fast_path); None when the caller must take its general path.");
 }
 
 }  // namespace bindings

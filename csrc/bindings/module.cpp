@@ -10,6 +10,7 @@
 #include <string>
 
 #include "bindings/cuda_device.h"
+#include "bindings/fast_path.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -76,6 +77,10 @@ NB_MODULE(_C, m) {
         "Dict describing this build: version, cuda, cuda_archs, cuda_version, openmp, compiler.");
   m.def("cuda_device_count", &diffkern::bindings::cuda_device_count,
         "Number of CUDA devices this build can use (0 without CUDA support, driver or GPU).");
+  m.def("register_fast_path", &diffkern::bindings::register_fast_path, nb::arg("tensor_type"),
+        nb::arg("grad_enabled"), nb::arg("functorch_level"), nb::arg("empty_like"),
+        nb::arg("num_threads"), nb::arg("current_stream"),
+        "The torch callables the C++ fast paths need (diffkern/_ops.py registers them).");
   nb::list families;
 #define DIFFKERN_FAMILY(name)             \
   diffkern::bindings::bind_##name(m);     \

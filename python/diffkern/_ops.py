@@ -15,6 +15,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from . import _C
+
 _Tensor = torch.Tensor
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
@@ -25,11 +27,8 @@ def current_stream_handle(tensor: torch.Tensor) -> int:
     Read at every call, never cached: users switch streams with ``torch.cuda.stream(...)``
     and CUDA-graph capture runs on a side stream. 0 for CPU tensors (ignored there).
     """
-    if tensor.is_cuda:
-        index = tensor.get_device()
-        if _raw_stream is not None:  # the same value, without building a Stream object
-            return _raw_stream(index)
-        return torch.cuda.current_stream(index).cuda_stream
+    if tensor.is_cuda:  # _raw_stream: the same value, without building a Stream object
+        return _stream_of_device(tensor.get_device())
     return 0
 
 
@@ -39,6 +38,18 @@ def num_threads() -> int:
 
 
 _current_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
+def _stream_of_device(index: int) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# The C++ fast paths (csrc/bindings/fast_path.h) make skips_dispatcher's decision and the
+# allocation themselves, with these torch callables: the compiled module links no torch.
+_C.register_fast_path(_Tensor, torch.is_grad_enabled, _current_level, torch.empty_like,
+                      torch.get_num_threads, _stream_of_device)
 
 
 def skips_dispatcher(*tensors) -> bool:

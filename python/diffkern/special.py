@@ -150,12 +150,18 @@ _log_bessel.register_vmap(_vmap)
 _MAX_DIMS = 8
 _f32, _f64 = torch.float32, torch.float64
 _empty_like = torch.empty_like
+_is_compiling = torch.compiler.is_compiling
+_fast = _C.log_bessel_fast
+_OP_LOG_IV, _OP_LOG_IVE, _OP_LOG_KV, _OP_LOG_KVE, _OP_IV_RATIO = (
+    _OPS[k] for k in ("log_iv", "log_ive", "log_kv", "log_kve", "iv_ratio"))
 _contiguous = torch.contiguous_format
 
 
 def _apply(public: str, op: str, v: ArrayLike, x: ArrayLike):
     """``public``'s value: the core called directly when nothing needs the dispatcher
-    (bit-identical results, a fraction of the per-call cost), else the registered op."""
+    (bit-identical results, a fraction of the per-call cost), else the registered op.
+    The public functions try the C++ fast path (plain same-shape tensors) first; this one
+    covers broadcasting tensors, then everything else."""
     if type(v) is _Tensor and type(x) is _Tensor:
         dtype = v.dtype
         if dtype is x.dtype and (dtype is _f64 or dtype is _f32) and skips_dispatcher(v, x):
@@ -223,6 +229,8 @@ def log_iv(v: ArrayLike, x: ArrayLike):
     Differentiable in ``x`` (to any order) and in ``v`` (first order):
     :math:`\partial_x \log I_v = I_{v+1}/I_v + v/x`.
     """
+    if not _is_compiling() and (out := _fast(_OP_LOG_IV, v, x)) is not None:
+        return out  # the C++ fast path (see _apply)
     return _apply("log_iv", "log_iv", v, x)
 
 
@@ -232,6 +240,8 @@ def log_ive(v: ArrayLike, x: ArrayLike):
     Same arguments and gradients as :func:`log_iv`; stays accurate for huge ``x``
     (e.g. ``log_ive(0, 1e10) = -12.43...``) where ``log_iv(v, x) - x`` would not.
     """
+    if not _is_compiling() and (out := _fast(_OP_LOG_IVE, v, x)) is not None:
+        return out  # the C++ fast path (see _apply)
     return _apply("log_ive", "log_ive", v, x)
 
 
@@ -244,6 +254,8 @@ def log_kv(v: ArrayLike, x: ArrayLike):
 
     Differentiable in ``x`` (to any order) and in ``v`` (first order).
     """
+    if not _is_compiling() and (out := _fast(_OP_LOG_KV, v, x)) is not None:
+        return out  # the C++ fast path (see _apply)
     return _apply("log_kv", "log_kv", v, x)
 
 
@@ -252,6 +264,8 @@ def log_kve(v: ArrayLike, x: ArrayLike):
 
     Same arguments and gradients as :func:`log_kv`.
     """
+    if not _is_compiling() and (out := _fast(_OP_LOG_KVE, v, x)) is not None:
+        return out  # the C++ fast path (see _apply)
     return _apply("log_kve", "log_kve", v, x)
 
 
@@ -262,6 +276,8 @@ def bessel_iv_ratio(v: ArrayLike, x: ArrayLike):
     (``v = p/2 - 1``, ``x`` = concentration). Differentiable in ``x`` to any order
     (:math:`R' = 1 - (2v+1)R/x - R^2`); not in ``v``.
     """
+    if not _is_compiling() and (out := _fast(_OP_IV_RATIO, v, x)) is not None:
+        return out  # the C++ fast path (see _apply)
     return _apply("bessel_iv_ratio", "iv_ratio", v, x)
 
 
