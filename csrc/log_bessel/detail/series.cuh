@@ -65,6 +65,13 @@ template <class T>
 DK_HOST_DEVICE T series_log_prefactor(T v, T log_half_x) {
   if (v == T(0)) return T(0);
   const double vd = v;
+  if (vd > 1e300) {
+    // Past ~1e305 both terms overflow (inf - inf); with Stirling's log Gamma(z), z = v+1,
+    // the difference is v log(x / (2z)) - log(z)/2 + z - log(2 pi)/2 (- O(1/z)).
+    const double z = vd + 1.0;
+    return T(vd * (double(log_half_x) - std::log(z)) - 0.5 * std::log(z) + z -
+             Precision<double>::half_log_two_pi);
+  }
   return T(vd * double(log_half_x) - (vd >= 20.0 ? log_gamma_large(vd + 1.0)
                                                  : log_gamma(vd + 1.0)));
 }
