@@ -180,6 +180,29 @@ def test_ratio_derivative_in_v_raises():
         dk.bessel_iv_ratio(v, torch.tensor([2.0], dtype=torch.float64)).sum().backward()
 
 
+def test_v_requiring_grad_raises_only_when_its_gradient_is_used():
+    # Issue 9 item 9: v and x both require grad, only the x-gradient is asked for: no
+    # error, and the same x-gradient as with v detached. Asking for v's gradient (or a
+    # backward() that would fill v.grad) raises, naming the public function and v.
+    v = torch.tensor([1.0, 2.5], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    for fn in (dk.bessel_iv_ratio, lambda a, b: dk.bessel_iv_ratio(a * 2, b)):
+        (gx,) = torch.autograd.grad(fn(v, x).sum(), x)
+        (want,) = torch.autograd.grad(fn(v.detach(), x).sum(), x)
+        torch.testing.assert_close(gx, want, rtol=0, atol=0)
+        with pytest.raises(NotImplementedError, match=r"diffkern\.bessel_iv_ratio.*\bv\b"):
+            torch.autograd.grad(fn(v, x).sum(), v)
+        with pytest.raises(NotImplementedError, match="v.detach"):
+            fn(v, x).sum().backward()
+    # Second derivatives: d/dx of the x-gradient works with v requiring grad; the
+    # mixed derivative (d/dv of the x-gradient) raises.
+    (gx,) = torch.autograd.grad(dk.log_iv(v, x).sum(), x, create_graph=True)
+    (gxx,) = torch.autograd.grad(gx.sum(), x, retain_graph=True)
+    assert torch.isfinite(gxx).all()
+    with pytest.raises(NotImplementedError, match="log_iv/log_ive"):
+        torch.autograd.grad(gx.sum(), v)
+
+
 # ----------------------------------------------------------- torch.library / compile
 
 

@@ -212,3 +212,148 @@ def test_infinite_x_scaled_and_ratio(device, dtype):
     assert dk.log_ive(v, x).tolist() == [-math.inf] * 4
     assert dk.log_kve(v, x).tolist() == [-math.inf] * 4
     assert dk.bessel_iv_ratio(v, x).tolist() == [1.0] * 4
+
+
+# ------------------------------------------------------------------------------------
+# second derivatives, huge arguments, negative integer orders (issue 9, items 3, 4, 6, 7)
+
+NPZ_D2 = os.path.join(os.path.dirname(__file__), "reference", "log_bessel_d2_ref.npz")
+SECOND_OPS = ("iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2")
+TOL_D2 = 1e-10  # relative (the values reach 1e-20 at x = 1e10: mixed would say nothing)
+
+
+@pytest.fixture(scope="module")
+def ref2():
+    d = np.load(NPZ_D2)
+    return {k: d[k] for k in d.files}
+
+
+@pytest.mark.parametrize("op", SECOND_OPS)
+def test_second_derivative_ops_float64(ref2, device, op):
+    from diffkern.special import _OPS, _log_bessel
+    v, x = _f64(ref2["v"], device), _f64(ref2["x"], device)
+    got = _log_bessel(v, x, _OPS[op]).cpu().numpy()
+    _check(op, "(float64, relative)", ref2["v"], ref2["x"], got, ref2[op], TOL_D2,
+           relative=True)
+
+
+@pytest.mark.parametrize("name", VALUE_OPS + ("dlog_iv_dx",))
+def test_second_x_derivative_by_autograd(ref2, device, name):
+    # create_graph=True twice through the public ops: the second derivative of
+    # log_iv/log_ive is d2/dx2 log I (the scaling is linear in x), of log_kv/log_kve
+    # d2/dx2 log K; the first derivative of the ratio is its own op.
+    fn = dk.bessel_iv_ratio if name == "dlog_iv_dx" else _op(name)
+    v = _f64(ref2["v"], device)
+    x = _f64(ref2["x"], device).requires_grad_()
+    (g,) = torch.autograd.grad(fn(v, x).sum(), x, create_graph=True)
+    if name == "dlog_iv_dx":
+        got, want = g, ref2["iv_ratio_dx"]
+    else:
+        (got,) = torch.autograd.grad(g.sum(), x)
+        want = ref2["d2log_iv_dx2" if name.startswith("log_i") else "d2log_kv_dx2"]
+    _check(name, "d2/dx2 by autograd (float64, relative)", ref2["v"], ref2["x"],
+           got.detach().cpu().numpy(), want, TOL_D2, relative=True)
+
+
+def test_second_derivative_limits_at_zero(device, dtype):
+    from diffkern.special import _OPS, _log_bessel
+    v = torch.tensor([0.0, 0.5, 1.0, 3.0, 1e6], dtype=dtype, device=device)
+    x = torch.zeros_like(v)
+    # R ~ x / (2 (v+1)): R'(0) = 1 / (2 (v+1)); d2/dx2 log I_0 -> 1/2, else -v/x^2 -> -inf;
+    # d2/dx2 log K -> +inf.
+    want = (0.5 / (v.double() + 1)).to(dtype)
+    torch.testing.assert_close(_log_bessel(v, x, _OPS["iv_ratio_dx"]), want, rtol=1e-6, atol=0)
+    assert _log_bessel(v, x, _OPS["d2log_iv_dx2"]).tolist() == [0.5] + [-math.inf] * 4
+    assert _log_bessel(v, x, _OPS["d2log_kv_dx2"]).tolist() == [math.inf] * 5
+    # the issue's cases, through autograd
+    xr = torch.zeros(1, dtype=dtype, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(dk.bessel_iv_ratio(torch.ones_like(xr), xr).sum(), xr)
+    assert g.item() == 0.25
+    (g,) = torch.autograd.grad(dk.log_iv(torch.zeros_like(xr), xr).sum(), xr,
+                               create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), xr)
+    assert h.item() == 0.5
+
+
+def test_second_derivatives_below_1e154_are_not_nan(device):
+    # x^2 underflows there; the true values overflow to +-inf or are finite limits.
+    from diffkern.special import _OPS, _log_bessel
+    v = _f64([0.0, 1e-3, 0.5, 1.0, 7.0, 25.0, 1e5], device).reshape(-1, 1)
+    x = _f64([5e-324, 1e-310, 1e-200, 1e-160], device).reshape(1, -1)
+    for op in SECOND_OPS:
+        got = _log_bessel(v, x, _OPS[op])
+        assert not torch.isnan(got).any(), f"{op}: NaN at {got}"
+    r = _log_bessel(v, x, _OPS["iv_ratio_dx"])
+    torch.testing.assert_close(r, (0.5 / (v + 1)).expand_as(r), rtol=1e-14, atol=0)
+    assert (_log_bessel(v[1:], x, _OPS["d2log_iv_dx2"]) == -math.inf).all()
+    assert (_log_bessel(v, x, _OPS["d2log_kv_dx2"]) == math.inf).all()
+    assert (_log_bessel(v[:1], x, _OPS["d2log_iv_dx2"]) == 0.5).all()
+
+
+def test_huge_arguments_float64(ref2, device):
+    # v or x past ~1.3e154, where v^2, x^2 or v x overflow (mpmath at 400 digits).
+    v, x = _f64(ref2["hv"], device), _f64(ref2["hx"], device)
+    from diffkern.special import _OPS, _log_bessel
+    for name in VALUE_OPS + ("iv_ratio", "dlog_iv_dx", "dlog_kv_dx"):
+        fn = getattr(dk, name, None) if name in VALUE_OPS else None
+        got = fn(v, x) if fn is not None else _log_bessel(v, x, _OPS[name])
+        _check(name, "huge v or x (float64)", ref2["hv"], ref2["hx"], got.cpu().numpy(),
+               ref2["h_" + name], TOL_VALUE)
+    for name in ("dlog_iv_dv", "dlog_kv_dv") + SECOND_OPS:
+        got = _log_bessel(v, x, _OPS[name])
+        assert not torch.isnan(got).any(), f"{name}: NaN at huge arguments: {got.tolist()}"
+
+
+def test_infinite_order_and_argument_is_nan(device, dtype):
+    from diffkern.special import _OPS, _log_bessel
+    v = torch.tensor([math.inf, -math.inf], dtype=dtype, device=device)
+    x = torch.full_like(v, math.inf)
+    for op in _OPS.values():
+        assert torch.isnan(_log_bessel(v, x, op)).all(), f"op {op} at (+-inf, inf)"
+
+
+def test_negative_integer_orders_every_op(device):
+    # I_{-n} = I_n: the logs and their x-derivatives equal those at n; the ratio is
+    # I_{1-n} / I_{-n} = I_{n-1} / I_n = 2n/x + I_{n+1}/I_n; d/dv log I at -n is
+    # -d/dv log I_n - 2 (-1)^n K_n / I_n (I_{-v} = I_v + (2/pi) sin(v pi) K_v).
+    import mpmath as mp
+    from diffkern.special import _OPS, _log_bessel
+    n = _f64([1.0, 1.0, 2.0, 3.0, 7.0, 20.0, 25.0, 3.0], device)
+    x = _f64([3.0, 1e-5, 0.5, 40.0, 12.0, 30.0, 1e3, 1e-200], device)
+    for op in ("log_iv", "log_ive", "dlog_iv_dx", "d2log_iv_dx2"):
+        torch.testing.assert_close(_log_bessel(-n, x, _OPS[op]), _log_bessel(n, x, _OPS[op]),
+                                   rtol=0, atol=0)
+    ratio = dk.bessel_iv_ratio(-n, x)
+    want = [float(mp.besseli(int(a) - 1, b) / mp.besseli(int(a), b))
+            for a, b in zip(n.tolist()[:-1], x.tolist()[:-1])]
+    torch.testing.assert_close(ratio[:-1].cpu(), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-14, atol=0)
+    assert ratio[-1].item() == 2 * 3.0 / 1e-200
+    assert dk.bessel_iv_ratio(_f64([-1.0], device), _f64([3.0], device)).item() == \
+        pytest.approx(1.2345903159739333, rel=1e-15)
+    xr = x[:-1].clone().requires_grad_()
+    (g,) = torch.autograd.grad(dk.bessel_iv_ratio(-n[:-1], xr).sum(), xr)
+    with mp.workdps(40):
+        want = [float(mp.diff(lambda t: mp.besseli(int(a) - 1, t) / mp.besseli(int(a), t), b))
+                for a, b in zip(n.tolist()[:-1], x.tolist()[:-1])]
+    torch.testing.assert_close(g.cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+    got = _log_bessel(-n[:5], x[:5], _OPS["dlog_iv_dv"]).cpu()
+    with mp.workdps(40):
+        want = [float(mp.diff(lambda t: mp.log(mp.besseli(t, b)), -a))
+                for a, b in zip(n.tolist()[:5], x.tolist()[:5])]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    # at x = 0: the ratio -> +inf, its derivative -> -inf
+    z = torch.zeros(2, dtype=torch.float64, device=device)
+    assert dk.bessel_iv_ratio(-n[:2], z).tolist() == [math.inf, math.inf]
+    assert _log_bessel(-n[:2], z, _OPS["iv_ratio_dx"]).tolist() == [-math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("op", ("log_iv", "log_ive", "iv_ratio", "dlog_iv_dx", "dlog_iv_dv",
+                                "iv_ratio_dx", "d2log_iv_dx2"))
+def test_noninteger_negative_order_every_i_op_is_nan(device, dtype, op):
+    from diffkern.special import _OPS, _log_bessel
+    v = torch.tensor([-0.5, -1.25, -1e-3, -10.5, -2.5, -math.inf], dtype=dtype,
+                     device=device)
+    x = torch.full_like(v, 2.0)
+    assert torch.isnan(_log_bessel(v, x, _OPS[op])).all()

@@ -23,8 +23,13 @@ enum class LogBesselOp : int {
   dlog_kv_dx = 6,  // d/dx log K_v(x)
   dlog_iv_dv = 7,  // d/dv log I_v(x)   (derivative in the order)
   dlog_kv_dv = 8,  // d/dv log K_v(x)
+  // Second derivatives in x, each formed from its branch's own sums (for the
+  // autograd of the ops above: the Bessel equation's form of them cancels).
+  iv_ratio_dx = 9,     // d/dx (I_{v+1}(x) / I_v(x))
+  d2log_iv_dx2 = 10,   // d2/dx2 log I_v(x)
+  d2log_kv_dx2 = 11,   // d2/dx2 log K_v(x)
 };
-constexpr int kNumLogBesselOps = 9;
+constexpr int kNumLogBesselOps = 12;
 
 // CPU: OpenMP over elements with num_threads threads (<= 0: OpenMP's default).
 Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x, void* out,

@@ -16,7 +16,9 @@ constexpr int kThreadsPerBlock = 256;
 
 // kContiguous: v and x are laid out like the output (no broadcasting), so the
 // per-element offset computation (a division per dimension) is skipped.
-template <class T, bool kContiguous>
+// kSecond: the second-derivative ops (autograd's double backward), in a kernel of their
+// own so that the value and first-derivative kernel's code and registers stay as they were.
+template <class T, bool kContiguous, bool kSecond>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     log_bessel_kernel(LogBesselOp op, const T* __restrict__ v, const T* __restrict__ x,
                       T* __restrict__ out, BinaryBroadcast geometry, int64_t n) {
@@ -25,7 +27,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
        i += stride) {
     int64_t v_off = i, x_off = i;
     if (!kContiguous) geometry.offsets(i, v_off, x_off);
-    out[i] = log_bessel::evaluate<T>(op, v[v_off], x[x_off]);
+    if constexpr (kSecond) {
+      out[i] = T(log_bessel::evaluate_second(op, double(v[v_off]), double(x[x_off])));
+    } else {
+      out[i] = log_bessel::evaluate<T>(op, v[v_off], x[x_off]);
+    }
+  }
+}
+
+template <class T, bool kSecond>
+void launch_kernel(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadcast& g,
+                   int64_t n, unsigned blocks, cudaStream_t stream) {
+  if (g.inputs_match_output()) {
+    log_bessel_kernel<T, true, kSecond><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x, out,
+                                                                                 g, n);
+  } else {
+    log_bessel_kernel<T, false, kSecond><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x,
+                                                                                  out, g, n);
   }
 }
 
@@ -38,10 +56,10 @@ Status launch(LogBesselOp op, const T* v, const T* x, T* out, const BinaryBroadc
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
   const unsigned blocks = grid_stride_blocks(n, kThreadsPerBlock, sm_count);
-  if (g.inputs_match_output()) {
-    log_bessel_kernel<T, true><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x, out, g, n);
+  if (log_bessel::is_second_derivative_op(op)) {
+    launch_kernel<T, true>(op, v, x, out, g, n, blocks, stream);
   } else {
-    log_bessel_kernel<T, false><<<blocks, kThreadsPerBlock, 0, stream>>>(op, v, x, out, g, n);
+    launch_kernel<T, false>(op, v, x, out, g, n, blocks, stream);
   }
   return last_launch_status();
 }

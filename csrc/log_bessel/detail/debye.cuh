@@ -14,6 +14,14 @@
 //   d/dx log I = s/x - x/(2 s^2) + d/dx log A_+,  I_{v+1}/I_v = d/dx log I - v/x
 //              = x/(s+v) - x/(2 s^2) + d/dx log A_+   (no cancellation)
 //   d/dv log I = -asinh(v/x) - p/(2 s) + d/dv log A_+, and for K the signs of E flip.
+// Second derivatives in x (d/dx (s/x) = -v^2 / (s x^2), d/dx (x / (2 s^2)) =
+// (p^2 - (x/s)^2) / (2 s^2)):
+//   d2/dx2 log I = -p v / x^2 - (p^2 - (x/s)^2) / (2 s^2) + d2/dx2 log A_+,
+//   d/dx (I_{v+1}/I_v) = p / (s (1 + p)) - (p^2 - (x/s)^2) / (2 s^2) + d2/dx2 log A_+,
+//   d2/dx2 log K = +p v / x^2 - (p^2 - (x/s)^2) / (2 s^2) + d2/dx2 log A_-,
+// whose leading terms have one sign at both ends (x << v and x >> v).
+// Every quantity is formed from x/s, v/s and 1/s, never from v^2, x^2 or v x, so that
+// nothing overflows for v or x up to the largest double.
 #pragma once
 #include <cmath>
 
@@ -89,7 +97,14 @@ DK_HOST_DEVICE T debye_exponent(T v, T x, T s, bool scaled) {
                   u2 * T(143.0 / 163840))))))));
     return v * phi;
   }
-  if (scaled) return v * v / (s + x) - v * asinh_ratio(v, x, s);
+  if (scaled) {
+    // v^2 / (s + x) = s - x. For v past ~1e154 v^2 overflows (and s + x past ~9e307):
+    // there v (p / (1 + x/s)) instead, not everywhere (one divide more, and it was
+    // measured a little less accurate: bench/NOTES-log_bessel.md item 15).
+    const T big = T(sizeof(T) == 8 ? 1e150 : 1e18);
+    const T v2_over = s < big ? v * v / (s + x) : v * ((v / s) / (T(1) + x / s));
+    return v2_over - v * asinh_ratio(v, x, s);
+  }
   T z0_hi, z0_lo;
   eta_zero<T>(z0_hi, z0_lo);
   const T w = (std::fma(-z0_hi, v, x) - z0_lo * v) / v;
@@ -157,7 +172,10 @@ DK_HOST_DEVICE DebyeResult<T> log_bessel_debye(T v, T x, bool is_i, Want want) {
     const T half_x_s2 = T(0.5) * x_s / s;            // x / (2 s^2)
     if (want.dx) {
       if (is_i) {
-        r.ratio = x / (s + v) - half_x_s2 + g;
+        // x / (s + v); past s ~ 1e150 as (x/s) / (1 + p), since s + v can overflow.
+        const T x_over_s_plus_v =
+            s < T(sizeof(T) == 8 ? 1e150 : 1e18) ? x / (s + v) : x_s / (T(1) + p);
+        r.ratio = x_over_s_plus_v - half_x_s2 + g;
         r.dlog_dx = s / x - half_x_s2 + g;
       } else {
         r.dlog_dx = -s / x - half_x_s2 + g;
@@ -174,8 +192,24 @@ DK_HOST_DEVICE DebyeResult<T> log_bessel_debye(T v, T x, bool is_i, Want want) {
         const T dg_dv = ((A.a_pp * p_v + A.a_ps * s_v) * p_x + A.a_p * p_xv +
                          (A.a_ps * p_v + A.a_ss * s_v) * s_x + A.a_s * s_xv) / A.a -
                         g * dlog_a_dv;
+        // (Only the shifted-order branch asks: v ~ 20, x < ~200, so s + v is small.)
         const T spv = s + v;
         out.ratio_dv = -x * (p + T(1)) / (spv * spv) + x_s * p / (s * s) + dg_dv;
+      }
+    }
+    if (kDerivs >= 2 && want.dx2) {
+      const T p_xx = p * (T(2) * x_s * x_s - p * p) / s / s;  // v (2x^2 - v^2) / s^5
+      const T s_xx = p * p / s;                               // v^2 / s^3
+      const T a_xx = A.a_pp * p_x * p_x + T(2) * A.a_ps * p_x * s_x + A.a_ss * s_x * s_x +
+                     A.a_p * p_xx + A.a_s * s_xx;
+      const T dg_dx = a_xx / A.a - g * g;  // d2/dx2 log A
+      const T common = -(p * p - x_s * x_s) * (T(0.5) / s) / s + dg_dx;
+      const T p_v_over_x2 = p * (v / x) / x;  // v^2 / (s x^2); inf only where it is
+      if (is_i) {
+        r.ratio_dx = p / (s * (T(1) + p)) + common;
+        r.d2log_dx2 = -p_v_over_x2 + common;
+      } else {
+        r.d2log_dx2 = p_v_over_x2 + common;
       }
     }
   }

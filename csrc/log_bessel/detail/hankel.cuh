@@ -7,7 +7,11 @@
 // The series is asymptotic: its terms shrink, reach a minimum, then grow. It is used
 // only where the terms fall below rounding before that minimum (checked as it is
 // summed: if they turn upward first, the caller falls back to another branch), and
-// for I only where e^-2x is far below rounding. Derivatives come from the same terms.
+// for I only where e^-2x is far below rounding. Derivatives come from the same terms;
+// with the sum S = sum_k c_k / x^k, d/dx log S = -<k> / x and
+// d2/dx2 log S = (<k (k+1)> - <k>^2) / x^2 (<f> = sum f c_k / x^k / S), both ~1/x^2 or
+// smaller, so d2/dx2 log I = 1/(2 x^2) + d2/dx2 log S carries no cancellation for large x
+// (the Bessel equation's form subtracts numbers of size 1 to get ~1/x^2).
 #pragma once
 #include <cmath>
 
@@ -48,6 +52,7 @@ DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselV
   T term = T(1);       // sign^k a_k / x^k
   T dterm_dv = T(0);   // its derivative in v
   T sum = T(1), sum_k = T(0), sum_dv = T(0);
+  T sum_kk = T(0);  // sum k (k+1) term_k, second derivatives only
   bool converged = false;
   for (int k = 1; k <= 60; ++k) {
     const T odd = T(2 * k - 1);
@@ -64,9 +69,11 @@ DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselV
     term *= c;
     sum += term;
     if (want.dx) sum_k += T(k) * term;
+    if (want.dx2) sum_kk += T(k) * T(k + 1) * term;
     if (want.dv) sum_dv += dterm_dv;
     if (std::fabs(term) <= tol * std::fabs(sum) &&
         (!want.dx || std::fabs(T(k) * term) <= tol * (std::fabs(sum_k) + tol)) &&
+        (!want.dx2 || std::fabs(T(k) * T(k + 1) * term) <= tol * (std::fabs(sum_kk) + tol)) &&
         (!want.dv || std::fabs(dterm_dv) <= tol * (std::fabs(sum_dv) + tol))) {
       converged = true;
       break;
@@ -109,6 +116,13 @@ DK_HOST_DEVICE bool log_bessel_hankel(T v, T x, bool is_i, Want want, LogBesselV
     }
   }
   if (want.dv) out.dlog_dv = sum_dv / sum;
+  if (want.dx2) {
+    const T mean_k = sum_k / sum;
+    const T d2_log_sum = (sum_kk / sum - mean_k * mean_k) / x / x;
+    const T half_over_x2 = T(0.5) / x / x;
+    out.d2log_dx2 = half_over_x2 + d2_log_sum;
+    if (is_i) out.ratio_dx = (v + T(0.5)) / x / x + d2_log_sum;  // d2/dx2 log I + v / x^2
+  }
   return true;
 }
 

@@ -172,7 +172,10 @@ DK_HOST_DEVICE T asinh_ratio(T v, T x, T s) {
   // Past 1/sqrt(eps), asinh(y) = log(2y) to working precision.
   const T big = T(1) / std::sqrt(Precision<T>::eps);
   if (v > big * x) return Precision<T>::ln2 + std::log(v) - std::log(x);
-  return std::log1p(v / x * (T(1) + v / (x + s)));
+  // x + s overflows for x near the largest number: there v / (x + s) = p / (1 + x/s).
+  const T v_over_x_plus_s =
+      x < T(sizeof(T) == 8 ? 1e300 : 1e36) ? v / (x + s) : (v / s) / (T(1) + x / s);
+  return std::log1p(v / x * (T(1) + v_over_x_plus_s));
 }
 
 template <class T>

@@ -7,6 +7,10 @@
 // taken of the prefactor analytically. Derivatives follow from the same terms:
 //   d/dx log I = (v + 2 sum k t_k / sum t_k) / x,
 //   d/dv log I = log(x/2) - psi(v+1) - sum t_k H_k / sum t_k,  H_k = sum_{j<=k} 1/(v+j).
+// With M and V the mean and variance of k under the weights t_k, I_{v+1}/I_v = 2 M / x
+// and its derivative is 2 (2 V - M) / x^2 (dt_k/dx = 2 k t_k / x): for small x this is
+// ~ 1 / (2 (v+1)) with no cancellation, where the Bessel equation's form
+// 1 - (2v+1) R / x - R^2 subtracts numbers of size 1 (and is 0/0 at x = 0).
 #pragma once
 #include <cmath>
 
@@ -61,6 +65,13 @@ template <class T>
 DK_HOST_DEVICE T series_log_prefactor(T v, T log_half_x) {
   if (v == T(0)) return T(0);
   const double vd = v;
+  if (vd > 1e300) {
+    // Past ~1e305 both terms overflow (inf - inf); with Stirling's log Gamma(z), z = v+1,
+    // the difference is v log(x / (2z)) - log(z)/2 + z - log(2 pi)/2 (- O(1/z)).
+    const double z = vd + 1.0;
+    return T(vd * (double(log_half_x) - std::log(z)) - 0.5 * std::log(z) + z -
+             Precision<double>::half_log_two_pi);
+  }
   return T(vd * double(log_half_x) - (vd >= 20.0 ? log_gamma_large(vd + 1.0)
                                                  : log_gamma(vd + 1.0)));
 }
@@ -75,10 +86,11 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
   T u = T(1) / (v + T(1));  // u_1
   T sum = T(0);             // sum_{k>=1} t_k
   T sum_k_u = T(0);         // sum_{k>=1} k u_k
+  T sum_k2_u = T(0);        // sum_{k>=1} k^2 u_k (second derivatives only)
   T sum_h = T(0);           // sum_{k>=1} t_k H_k
   T harmonic = T(0);        // H_k
 #if !defined(__CUDA_ARCH__)
-  const bool paired = sizeof(T) == 8 && !want.dx && !want.dv && x > T(2) && v < T(kDebyeMinOrder);
+  const bool paired = sizeof(T) == 8 && !want.dx && !want.dx2 && !want.dv && x > T(2) && v < T(kDebyeMinOrder);
   if (paired) {
     // Host, double, value, 2 < x <= 35 (30-70 terms, q > 1): two terms per divide.
     // u_{k+2} = u_k q (q / (a_{k+1} a_{k+2})), a_j = j (v + j), and t_{k+1} = u_{k+2} a_{k+2}:
@@ -98,6 +110,7 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
     const T t = u * q;
     sum += t;
     if (want.dx) sum_k_u += T(k) * u;
+    if (want.dx2) sum_k2_u += T(k) * T(k) * u;
     if (want.dv) {
       harmonic += T(1) / (v + T(k));
       sum_h += t * harmonic;
@@ -109,6 +122,7 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
     const T tol = eps * T(0.05);
     if (next_ratio < T(1) && t * next_ratio <= tol * (T(1) + sum) &&
         (!want.dx || T(k + 1) * u * next_ratio <= tol * sum_k_u) &&
+        (!want.dx2 || T(k + 1) * T(k + 1) * u * next_ratio <= tol * sum_k2_u) &&
         (!want.dv || t * next_ratio * (harmonic + T(1) / (v + T(k + 1))) <= tol * sum_h)) {
       break;
     }
@@ -126,7 +140,7 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
     // cancellation.
     const T z = v + T(1), rz = T(1) / z;
     const T half_x_over_z = x * (T(0.5) * rz);
-    if (!want.dv && v >= T(kDebyeMinOrder) && half_x_over_z > T(1e-300)) {
+    if (!want.dv && !want.dx2 && v >= T(kDebyeMinOrder) && half_x_over_z > T(1e-300)) {
       const T r2 = rz * rz;
       const T series =
           rz * (T(1.0 / 12) - r2 * (T(1.0 / 360) - r2 * (T(1.0 / 1260) - r2 * (T(1.0 / 1680) -
@@ -160,6 +174,14 @@ DK_HOST_DEVICE LogBesselValue<T> log_iv_series(T v, T x, Want want) {
     r.dlog_dx = v / x + r.ratio;
   }
   if (want.dv) r.dlog_dv = log_half_x - digamma_ge1(v + T(1)) - sum_h / (T(1) + sum);
+  if (want.dx2) {
+    // 2 (2V - M) / x^2 = (2 <k^2>_u - <k>_u - 2 q <k>_u^2) / 2, <.>_u = sum . u_k / (1+S):
+    // q = x^2/4 cancels against 1/x^2 before anything can underflow.
+    const T total = T(1) + sum;
+    const T m1 = sum_k_u / total, m2 = sum_k2_u / total;
+    r.ratio_dx = T(0.5) * ((T(2) * m2 - m1) - T(2) * q * m1 * m1);
+    r.d2log_dx2 = r.ratio_dx - v / x / x;
+  }
   return r;
 }
 
