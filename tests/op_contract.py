@@ -222,22 +222,29 @@ def poisoned_allocations(kind: int):
                 delattr(owner, name)  # back to the inherited method
 
 
-def check_poisoned_outputs(fn: Callable, *args, rtol: float = 0.0, atol: float = 0.0):
-    """Every element of every output ``fn`` allocates uninitialized is written: two calls
-    with its allocations poisoned differently both equal an unpoisoned call. Returns the
-    unpoisoned outputs."""
+def check_poisoned_outputs(fn: Callable, *args, rtol: float = 0.0, atol: float = 0.0,
+                           outputs_allocated: bool = True):
+    """Every element of every buffer ``fn`` allocates uninitialized is written: two calls
+    with its allocations poisoned differently both equal an unpoisoned call. With
+    ``outputs_allocated`` at least one output must be such a buffer; a composite whose
+    outputs torch computes from the ops' buffers passes False (a skipped element still
+    reaches its outputs as poison), and then at least one allocation must have been
+    poisoned. Returns the unpoisoned outputs."""
     want = fn(*args)
-    landed_any = False
+    landed = poisoned = False
     for kind in (0, 1):
         with poisoned_allocations(kind) as made:
             got = fn(*args)
         ptrs = {t.untyped_storage().data_ptr() for t in made}
-        landed_any |= any(t.untyped_storage().data_ptr() in ptrs for t in tensors(got)
-                          if t.numel())
+        poisoned |= bool(made)
+        landed |= any(t.untyped_storage().data_ptr() in ptrs for t in tensors(got) if t.numel())
         assert_same(got, want, rtol=rtol, atol=atol, what=f"poison {kind}")
         del made
-    assert landed_any, ("no output came from torch.empty/new_empty/...: the poisoned-output "
+    if outputs_allocated:
+        assert landed, ("no output came from torch.empty/new_empty/...: the poisoned-output "
                         "check would prove nothing (does the op allocate another way?)")
+    else:
+        assert poisoned, "nothing was allocated with torch.empty/new_empty/...: nothing checked"
     return want
 
 
