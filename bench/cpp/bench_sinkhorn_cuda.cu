@@ -115,7 +115,8 @@ int main(int argc, char** argv) {
   run_dtype<float>(rows, stream, peak_gbs);
   run_dtype<double>(rows, stream, peak_gbs);
   DK_BENCH_CUDA(cudaStreamDestroy(stream));
-  const auto header = bench::JsonObject().str("benchmark", "sinkhorn_cuda").str("device", prop.name);
+  const auto header =
+      bench::JsonObject().str("benchmark", "sinkhorn_cuda").str("device", prop.name);
   if (!json.empty() && !bench::write_json(json, header, rows)) return 1;
   return 0;
 }
