@@ -22,7 +22,8 @@ and dk.log_iv for comparison with the scaled function.
 dk.log_ive calls (per callee: calls per op call and share of the profiled time, scaled to
 the unprofiled time per call), and the unprofiled cost of the torch calls any fast path
 makes (allocate the output, read the grad mode, the current stream, the thread count, a
-data pointer), for reference.
+data pointer), for reference. cProfile does not see nanobind functions: the call into the
+core (and the kernel) is counted in the self time of the Python function that makes it.
 """
 from __future__ import annotations
 
