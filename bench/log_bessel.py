@@ -1,7 +1,7 @@
 """log-Bessel benchmark: throughput and accuracy of the diffkern ops against peers.
 
-    python bench/log_bessel.py [--device cpu|cuda|all] [--n N] [--repeats R]
-                               [--threads T] [--json PATH] [--plot PATH]
+    python bench/log_bessel.py [--device cpu|cuda|all] [--n N] [--repeats R] [--quick]
+                               [--threads T] [--json PATH] [--plot PATH] [--no-accuracy]
 
 Throughput (evaluations/s, median of ``repeats`` timed calls after a warm-up, cycling over
 ``--sets`` different input sets so no call re-reads the previous call's data):
@@ -10,12 +10,13 @@ Throughput (evaluations/s, median of ``repeats`` timed calls after a warm-up, cy
   CPU: every dk op in float64 and float32, with torch.set_num_threads(1) ("1 thread") and
        with T threads; peers SciPy (single-threaded) log(ive), log(kve), log(iv), log(kv),
        ive(v+1)/ive(v), float64.
-  CUDA: CUDA events (triton.testing.do_bench when triton is importable); peers
+  CUDA: CUDA events, one pair per call (bench/_harness.py), median of max(R, 10); peers
        TensorFlow Probability's log_bessel_ive / log_bessel_kve on the JAX substrate when
        importable (a shim restores jax.interpreters.xla.pytype_aval_mappings, removed in
        JAX 0.7, which TFP still reads at import), and torch.special.i0e / i1e (orders 0
        and 1 only: a floor for what one elementwise special-function kernel costs).
-  Per-call overhead: one-element tensor, dk.log_ive vs torch.special.i0e, per device.
+  Per-call overhead: one-element tensor, dk.log_ive vs torch.special.i0e, per device, no
+  autograd (bench/overhead.py has the autograd and torch.compile modes and a profile).
 
 Accuracy (float64, vs the committed mpmath references tests/reference/log_bessel_ref.npz):
   max and median of |got - ref| / max(1, |ref|) for dk and SciPy, and the fraction of
@@ -26,22 +27,22 @@ Prints a table (last), writes JSON (--json), and --plot PATH draws a PNG heat ma
 float64 error of log I and log K over the reference (v, x) grid, dk and SciPy side by side
 (needs matplotlib: pip install matplotlib, or the project's "bench" extra).
 Absolute rates are for the CPU/GPU named in the output; compare ratios only within a run.
+--quick: n = 1e5 (CPU) / 1e6 (CUDA), 3 repeats, for checking that the script runs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
-import diffkern as dk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+from overhead import plain_overhead  # noqa: E402
+
+import diffkern as dk  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NPZ = os.path.join(os.path.dirname(HERE), "tests", "reference", "log_bessel_ref.npz")
@@ -65,65 +66,18 @@ def make_sets(n, nsets, device, dtype, seed=0):
 
 
 # ------------------------------------------------------------------------------------
-# timing
+# timing (bench/_harness.py)
 
 
 def time_cpu(fn, sets, repeats):
     """Median seconds per call; calls cycle over the input sets."""
-    fn(*sets[0])                                    # warm-up
-    times = []
-    for i in range(repeats):
-        a = sets[(i + 1) % len(sets)]
-        t = time.perf_counter()
-        fn(*a)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return H.measure(fn, sets, clock="wall", warmup=1, repeats=repeats).median
 
 
 def time_cuda(fn, sets, repeats):
-    try:
-        import triton.testing as tt
-        k = [0]
-
-        def call():
-            k[0] += 1
-            fn(*sets[k[0] % len(sets)])
-        return tt.do_bench(call, warmup=25, rep=max(100, 20 * repeats),
-                           return_mode="median") * 1e-3
-    except Exception:
-        pass
-    for a in sets:                                  # warm-up, every set
-        fn(*a)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(max(repeats, 10)):
-        a = sets[i % len(sets)]
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn(*a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e-3)
-    return statistics.median(times)
-
-
-def per_call_overhead(fn, device, calls=2000):
-    """Median microseconds per call on a one-element tensor (batches of `calls`)."""
-    v = torch.tensor([1.0], dtype=torch.float64, device=device)
-    x = torch.tensor([2.0], dtype=torch.float64, device=device)
-    for _ in range(50):
-        fn(v, x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    res = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn(v, x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        res.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(res)
+    """Median seconds per call (CUDA events), after one warm-up call per input set."""
+    return H.measure(fn, sets, clock="cuda", warmup=len(sets),
+                     repeats=max(repeats, 10)).median
 
 
 # ------------------------------------------------------------------------------------
@@ -184,15 +138,9 @@ def bench_tfp_jax(n, repeats, nsets):
         for v, x in make_sets(n, nsets, "cpu", torch.float64, seed=1):
             sets.append((jnp.asarray(v.numpy(), dtype=jdt), jnp.asarray(x.numpy(), dtype=jdt)))
         for name, f in fns.items():
-            for a in sets:
-                f(*a).block_until_ready()
-            times = []
-            for i in range(repeats):
-                a = sets[i % len(sets)]
-                t = time.perf_counter()
-                f(*a).block_until_ready()
-                times.append(time.perf_counter() - t)
-            out[f"{name}/{dtype}"] = n / statistics.median(times)
+            t = H.measure(lambda *a, f=f: f(*a).block_until_ready(), sets, clock="wall",
+                          warmup=len(sets), repeats=repeats)
+            out[f"{name}/{dtype}"] = t.rate(n)
     return out
 
 
@@ -201,7 +149,7 @@ def bench_tfp_jax(n, repeats, nsets):
 
 
 def bench_cpu(n, repeats, nsets, threads):
-    res = {"device": platform.processor() or platform.machine(), "n": n,
+    res = {"device": H.cpu_name(), "n": n,
            "threads": threads, "rates": {}}
     saved = torch.get_num_threads()
     for dtype in (torch.float64, torch.float32):
@@ -219,10 +167,7 @@ def bench_cpu(n, repeats, nsets, threads):
         with np.errstate(all="ignore"):
             sec = time_cpu(f, sets, repeats)
         res["rates"][f"scipy.{name}/float64/1t"] = n / sec
-    res["overhead_us"] = {
-        "dk.log_ive": per_call_overhead(dk.log_ive, "cpu"),
-        "torch.special.i0e": per_call_overhead(lambda v, x: torch.special.i0e(x), "cpu"),
-    }
+    res["overhead_us"] = plain_overhead("cpu")
     return res
 
 
@@ -240,10 +185,7 @@ def bench_cuda(n, repeats, nsets):
         del sets
     torch.cuda.empty_cache()
     res["tfp_jax"] = bench_tfp_jax(n, repeats, nsets)
-    res["overhead_us"] = {
-        "dk.log_ive": per_call_overhead(dk.log_ive, "cuda"),
-        "torch.special.i0e": per_call_overhead(lambda v, x: torch.special.i0e(x), "cuda"),
-    }
+    res["overhead_us"] = plain_overhead("cuda")
     return res
 
 
@@ -305,14 +247,10 @@ def _scipy_eval(f, v, x):
 
 
 def plot(ref, errs, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import Normalize
-    except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    plt = H.pyplot()
+    if plt is None:
         return
+    from matplotlib.colors import Normalize
     nv, nx = (int(a) for a in ref["grid_shape"])
     gv, gx = ref["grid_v"], ref["grid_x"]
     # The grid is not uniform in log (sparse below x = 1e-4, v = 0 included): draw cells
@@ -344,124 +282,120 @@ def plot(ref, errs, path):
             if col == 0:
                 ax.set_ylabel("v")
     fig.colorbar(m, ax=axes, shrink=0.8, label="log10(|got - ref| / max(1, |ref|))")
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}", file=sys.stderr)
+    H.save(fig, path)
 
 
 # ------------------------------------------------------------------------------------
 # report
 
 
-def fmt_rate(r):
-    return f"{r / 1e6:10.2f} M/s"
-
-
 def print_table(results):
     lines = []
+    rate = H.rate
     if "cpu" in results:
         c = results["cpu"]
-        lines.append(f"CPU ({c['device']}, n={c['n']:.0e}, {c['threads']} threads); "
-                     "ratio = dk 1 thread / SciPy")
-        lines.append(f"{'op':18s}{'dtype':>9s}{'dk 1 thread':>15s}{'dk ' + str(c['threads']) + ' threads':>15s}"
-                     f"{'SciPy':>15s}{'ratio':>8s}")
-        r = c["rates"]
+        t, r = c["threads"], c["rates"]
+        rows = []
         for name in OPS:
             for dname in ("float64", "float32"):
                 one = r[f"dk.{name}/{dname}/1t"]
-                allt = r[f"dk.{name}/{dname}/{c['threads']}t"]
                 sp = r.get(f"scipy.{name}/float64/1t") if dname == "float64" else None
-                ratio = f"{one / sp:8.2f}" if sp else f"{'':8s}"
-                lines.append(f"{name:18s}{dname:>9s}{fmt_rate(one):>15s}{fmt_rate(allt):>15s}"
-                             f"{fmt_rate(sp) if sp else '':>15s}{ratio}")
+                rows.append({"op": name, "dtype": dname, "one": one,
+                             "all": r[f"dk.{name}/{dname}/{t}t"], "scipy": sp,
+                             "ratio": one / sp if sp else None})
+        cols = [H.Column("op", 18, left=True), H.Column("dtype", 9),
+                H.Column("dk 1 thread", 15, rate, key="one"),
+                H.Column(f"dk {t} threads", 15, rate, key="all"),
+                H.Column("SciPy", 15, rate, key="scipy"), H.Column("ratio", 8, ".2f")]
+        lines += H.table(cols, rows, title=f"CPU ({c['device']}, n={c['n']:.0e}, {t} threads); "
+                                          "ratio = dk 1 thread / SciPy")
         o = c["overhead_us"]
         lines.append(f"per-call overhead, 1 element: dk.log_ive {o['dk.log_ive']:.2f} us, "
                      f"torch.special.i0e {o['torch.special.i0e']:.2f} us")
         lines.append("")
     if "cuda" in results:
         g = results["cuda"]
-        lines.append(f"CUDA ({g['device']}, n={g['n']:.0e})")
-        r = g["rates"]
-        t = g["tfp_jax"]
-        lines.append(f"{'op':18s}{'dtype':>9s}{'dk':>15s}{'TFP (JAX)':>15s}{'dk/TFP':>8s}")
+        r, tfp = g["rates"], g["tfp_jax"]
+        rows = []
         for name in OPS:
             for dname in ("float64", "float32"):
                 d = r[f"dk.{name}/{dname}"]
-                p = t.get(f"{name}/{dname}") if t.get("available") else None
-                lines.append(f"{name:18s}{dname:>9s}{fmt_rate(d):>15s}"
-                             f"{fmt_rate(p) if p else 'n/a':>15s}"
-                             f"{(f'{d / p:8.2f}') if p else '':8s}")
+                p = tfp.get(f"{name}/{dname}") if tfp.get("available") else None
+                rows.append({"op": name, "dtype": dname, "dk": d, "tfp": p or "n/a",
+                             "ratio": d / p if p else None})
         for name in ("torch.special.i0e", "torch.special.i1e"):
             for dname in ("float64", "float32"):
-                lines.append(f"{name:18s}{dname:>9s}{fmt_rate(r[f'{name}/{dname}']):>15s}"
-                             "   (orders 0/1 only: a floor)")
-        if not t.get("available"):
-            lines.append(f"TFP (JAX) not available: {t.get('reason')}")
+                rows.append({"op": name, "dtype": dname, "dk": r[f"{name}/{dname}"],
+                             "note": "   (orders 0/1 only: a floor)"})
+        cols = [H.Column("op", 18, left=True), H.Column("dtype", 9),
+                H.Column("dk", 15, rate, key="dk"),
+                H.Column("TFP (JAX)", 15, lambda v: v if isinstance(v, str) else rate(v),
+                         key="tfp"),
+                H.Column("dk/TFP", 8, ".2f", key="ratio"), H.Column("", 0, key="note")]
+        lines += H.table(cols, rows, title=f"CUDA ({g['device']}, n={g['n']:.0e})")
+        if not tfp.get("available"):
+            lines.append(f"TFP (JAX) not available: {tfp.get('reason')}")
         o = g["overhead_us"]
         lines.append(f"per-call overhead, 1 element: dk.log_ive {o['dk.log_ive']:.2f} us, "
                      f"torch.special.i0e {o['torch.special.i0e']:.2f} us")
         lines.append("")
     if "accuracy" in results:
         a = results["accuracy"]
-        lines.append("Accuracy, float64, vs mpmath (|got - ref| / max(1, |ref|)), "
-                     f"{results['accuracy_points']} reference points")
-        lines.append(f"{'op':18s}{'dk max':>11s}{'dk median':>11s}{'dk nonfin':>10s}"
-                     f"{'SciPy max':>11s}{'SciPy med':>11s}{'SciPy nonfin':>13s}")
+        rows = []
         for name in OPS:
             d, s = a[f"dk.{name}"], a[f"scipy.{name}"]
-            lines.append(f"{name:18s}{d['max']:11.2e}{d['median']:11.2e}"
-                         f"{d['nonfinite_frac']:10.1%}{s['max']:11.2e}{s['median']:11.2e}"
-                         f"{s['nonfinite_frac']:13.1%}")
+            rows.append({"op": name, "dmax": d["max"], "dmed": d["median"],
+                         "dnf": d["nonfinite_frac"], "smax": s["max"], "smed": s["median"],
+                         "snf": s["nonfinite_frac"]})
+        cols = [H.Column("op", 18, left=True), H.Column("dk max", 11, ".2e", key="dmax"),
+                H.Column("dk median", 11, ".2e", key="dmed"),
+                H.Column("dk nonfin", 10, ".1%", key="dnf"),
+                H.Column("SciPy max", 11, ".2e", key="smax"),
+                H.Column("SciPy med", 11, ".2e", key="smed"),
+                H.Column("SciPy nonfin", 13, ".1%", key="snf")]
+        lines += H.table(cols, rows, title="Accuracy, float64, vs mpmath (|got - ref| / "
+                         f"max(1, |ref|)), {results['accuracy_points']} reference points")
         worst = max((a[f"dk.{n}"] for n in OPS), key=lambda q: q["max"])
         lines.append(f"dk worst point: {worst['worst']}")
     print("\n".join(lines))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
-    ap.add_argument("--n", type=int, default=None, help="points (default 1e6 CPU, 1e7 CUDA)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = H.parser(__doc__, repeats=5)
+    ap.add_argument("--n", type=int, default=None,
+                    help="points (default 1e6 CPU, 1e7 CUDA; --quick 1e5 / 1e6)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
     ap.add_argument("--sets", type=int, default=3, help="input sets rotated between calls")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None)
     ap.add_argument("--no-accuracy", action="store_true")
     args = ap.parse_args(argv)
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
 
-    results = {"torch": torch.__version__, "python": platform.python_version(),
-               "platform": platform.platform()}
+    results = H.environment()
     try:
         import scipy
         results["scipy"] = scipy.__version__
     except ImportError:
         sys.exit("SciPy is the CPU peer: pip install scipy")
-    cuda_ok = torch.cuda.is_available()
-    try:
-        cuda_ok = cuda_ok and bool(dk.build_info()["cuda"])
-    except Exception:
-        pass
-    if args.device in ("cpu", "all"):
+    devices = H.devices(args.device)
+    if "cpu" in devices:
         print("timing CPU ...", file=sys.stderr)
-        results["cpu"] = bench_cpu(args.n or 1_000_000, args.repeats, args.sets, args.threads)
-    if args.device in ("cuda", "all"):
-        if cuda_ok:
-            print("timing CUDA ...", file=sys.stderr)
-            results["cuda"] = bench_cuda(args.n or 10_000_000, args.repeats, args.sets)
-        elif args.device == "cuda":
-            sys.exit("no usable CUDA device (torch.cuda.is_available() or the diffkern build)")
+        n = args.n or (100_000 if args.quick else 1_000_000)
+        results["cpu"] = bench_cpu(n, repeats, args.sets, args.threads)
+    if "cuda" in devices:
+        print("timing CUDA ...", file=sys.stderr)
+        n = args.n or (1_000_000 if args.quick else 10_000_000)
+        results["cuda"] = bench_cuda(n, repeats, args.sets)
     if not args.no_accuracy or args.plot:
         ref = load_ref()
         acc, errs = accuracy(ref, "cpu")
         results["accuracy"] = acc
         results["accuracy_points"] = int(ref["v"].size)
-        if cuda_ok and args.device in ("cuda", "all"):
+        if "cuda" in devices:
             results["accuracy_cuda"] = accuracy(ref, "cuda")[0]
         if args.plot:
             plot(ref, errs, args.plot)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
-        print(f"wrote {args.json}", file=sys.stderr)
+    H.write_json(args.json, results)
     print_table(results)
 
 

@@ -59,29 +59,28 @@ the output; compare ratios only within a run.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
-import json
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 import warnings
 
 import numpy as np
 import torch
 
-import diffkern as dk
-
 # This file is named ot.py: run as a script, its folder comes first on sys.path and
-# "import ot" would import it instead of POT.
+# "import ot" would import it instead of POT. Import the harness from here first, then
+# take the folder off the path.
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _harness as H  # noqa: E402
+
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 if getattr(sys.modules.get("ot"), "__file__", None) == os.path.abspath(__file__):
     del sys.modules["ot"]
+
+import diffkern as dk  # noqa: E402
 
 TOL_GEOM = 1e-6
 TOL_ASSIGN = 1e-10
@@ -128,40 +127,22 @@ def l1_error(plan):
 
 
 def timed(fn, clock):
-    """(output, seconds). clock "cuda": CUDA events around fn on the current stream;
-    "wall": perf_counter (fn must block until its work is done)."""
-    if clock == "cuda":
-        torch.cuda.synchronize()
-        s = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
-        s.record()
-        out = fn()
-        e.record()
-        e.synchronize()
-        return out, s.elapsed_time(e) * 1e-3
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+    """(output, seconds) of one call (bench/_harness.py): clock "cuda" (events) or "wall"."""
+    return H.time_call(fn, clock)
 
 
 def measure(solve, clock, repeats, warm=None, budget_s=None, stopped=None):
     """Median seconds of up to `repeats` calls of solve() after a warm-up call (warm(), or
     solve() when warm is None). When `stopped(output)` says the warm-up solve hit its cap,
     that solve is not repeated. Returns (last output, median seconds, runs timed)."""
-    out = None
     if warm is None:
         out, t0 = timed(solve, clock)
         if stopped is not None and not stopped(out):
             return out, t0, 1
     else:
         warm()
-    times = []
-    for _ in range(max(1, repeats)):
-        out, t = timed(solve, clock)
-        times.append(t)
-        if budget_s is not None and sum(times) >= budget_s:
-            break
-    return out, statistics.median(times), len(times)
+    t = H.measure(solve, clock=clock, warmup=0, repeats=repeats, budget_s=budget_s)
+    return t.out, t.median, t.runs
 
 
 def quiet(fn):
@@ -625,13 +606,8 @@ def collect_traces(device, results, cap):
 
 
 def plot(traces, path, device_name):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib); no plot written",
-              file=sys.stderr)
+    plt = H.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(len(traces), 2, figsize=(12, 4.5 * len(traces)),
                              constrained_layout=True, squeeze=False)
@@ -648,8 +624,7 @@ def plot(traces, path, device_name):
             ax.set_title(f"{title} ({device_name})")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}", file=sys.stderr)
+    H.save(fig, path)
     return True
 
 
@@ -657,26 +632,28 @@ def plot(traces, path, device_name):
 # report
 
 
-def fmt_t(row):
-    if "error" in row:
-        return "error"
-    return f"{row['time_s'] * 1e3:10.2f}"
+def _stop(r):
+    return "yes" if r.get("converged", True) else "cap"
 
 
-def fmt_row(r, width=16):
-    if "error" in r:
-        return f"{r['method']:{width}s}  {'ERROR: ' + r['error'][:90]}"
-    it = f"{r['iters']:>8d}" if "iters" in r else f"{'':>8s}"
-    nw = f"{r['newton']:>7d}" if r.get("newton") is not None else f"{'-':>7s}"
-    conv = "yes" if r.get("converged", True) else "cap"
-    rat = (f"{r['vs_peer']:8.2f}" if "vs_peer" in r else f"{'':8s}")
-    mat = (f"{r['vs_matched']:9.2f}" if "vs_matched" in r else f"{'':9s}")
-    return (f"{r['method']:{width}s}{r['time_s'] * 1e3:11.2f}{it}{nw}{r['err']:11.2e}"
-            f"{conv:>5s}{rat}{mat}")
+def _newton(r):
+    return r["newton"] if r.get("newton") is not None else "-"
 
 
-HEAD = (f"{'method':16s}{'ms':>11s}{'iters':>8s}{'newton':>7s}{'err':>11s}{'stop':>5s}"
-        f"{'dk/peer':>8s}{'dk/match':>9s}")
+# Columns of the solver tables (sections 2-4); rows are the JSON rows.
+METHOD = H.Column("method", 16, left=True)
+MS = H.Column("ms", 11, ".2f", key=lambda r: r["time_s"] * 1e3)
+ITERS = H.Column("iters", 8, "d")
+NEWTON = H.Column("newton", 7, key=_newton)
+ERR = H.Column("err", 11, ".2e")
+STOP = H.Column("stop", 5, key=_stop)
+VS_PEER = H.Column("dk/peer", 8, ".2f", key="vs_peer")
+SOLVER_COLS = [METHOD, MS, ITERS, NEWTON, ERR, STOP, VS_PEER,
+               H.Column("dk/match", 9, ".2f", key="vs_matched")]
+ASSIGN_COLS = [METHOD, H.Column("iters", 9, "d"), H.Column("newton", 8, "d",
+               key=lambda r: r.get("newton", 0)), ERR, STOP, H.Column("s", 10, ".3f",
+               key="time_s")]
+CPU_COLS = [METHOD, H.Column("threads", 8, "d"), MS, ITERS, NEWTON, ERR, STOP, VS_PEER]
 
 
 def print_table(results):
@@ -686,17 +663,10 @@ def print_table(results):
     if results.get("notes"):
         L.append("")
     for dev, a in results.get("assignment", {}).items():
-        L.append(f"1. Random assignment n=500, eps=1/1200, float64, tol {a['tol']:.0e} "
-                 f"({results['devices'][dev]}"
-                 + (f", {a['threads']} threads" if a.get("threads") else "") + ")")
-        L.append(f"{'method':16s}{'iters':>9s}{'newton':>8s}{'err':>11s}{'stop':>5s}{'s':>10s}")
-        for r in a["rows"]:
-            if "error" in r:
-                L.append(f"{r['method']:16s}  ERROR: {r['error'][:90]}")
-                continue
-            conv = "yes" if r.get("converged") else "cap"
-            L.append(f"{r['method']:16s}{r['iters']:9d}{r.get('newton', 0):8d}{r['err']:11.2e}"
-                     f"{conv:>5s}{r['time_s']:10.3f}")
+        L += H.table(ASSIGN_COLS, a["rows"], title=(
+            f"1. Random assignment n=500, eps=1/1200, float64, tol {a['tol']:.0e} "
+            f"({results['devices'][dev]}"
+            + (f", {a['threads']} threads" if a.get("threads") else "") + ")"))
         if "iter_ratio" in a:
             ge = ">=" if a["iter_ratio_is_lower_bound"] else ""
             L.append(f"iterations sinkhorn / sns: {ge}{a['iter_ratio']:.1f}"
@@ -708,9 +678,8 @@ def print_table(results):
                  "ms = median solve; err = L1 marginal error of the returned plan (float64); "
                  "stop: own rule met or 'cap'")
         for cfg in results["single"]:
-            L.append(f"-- {cfg['dtype']} n={cfg['n']} eps={cfg['eps']:g}")
-            L.append(HEAD)
-            L += [fmt_row(r) for r in cfg["rows"]]
+            L += H.table(SOLVER_COLS, cfg["rows"],
+                         title=f"-- {cfg['dtype']} n={cfg['n']} eps={cfg['eps']:g}")
         L.append("dk/peer: vs the fastest peer that stopped by its rule; dk/match: vs the "
                  f"fastest peer with err <= {MATCH_SLACK} * max(tol, dk err). POT: L2 of the "
                  "column error < tol; POT-L1: < tol/sqrt(n); OTT: L1 < tol (as dk).")
@@ -719,27 +688,15 @@ def print_table(results):
         L.append(f"3. Batched point clouds, float32, tol {TOL_GEOM:.0e} "
                  f"({results['devices']['cuda']}); err = worst element; iters = max over batch")
         for cfg in results["batched"]:
-            L.append(f"-- B={cfg['B']} n={cfg['n']} eps={cfg['eps']:g}")
-            L.append(HEAD)
-            L += [fmt_row(r) for r in cfg["rows"]]
+            L += H.table(SOLVER_COLS, cfg["rows"],
+                         title=f"-- B={cfg['B']} n={cfg['n']} eps={cfg['eps']:g}")
         L.append("")
     if "cpu" in results:
         L.append(f"4. CPU point cloud, float64, tol {TOL_GEOM:.0e} ({results['devices']['cpu']}); "
                  "dk/peer = dk / POT-L1 numpy (single-threaded)")
         for cfg in results["cpu"]:
-            L.append(f"-- n={cfg['n']} eps={cfg['eps']:g}")
-            L.append(f"{'method':16s}{'threads':>8s}{'ms':>11s}{'iters':>8s}{'newton':>7s}"
-                     f"{'err':>11s}{'stop':>5s}{'dk/peer':>8s}")
-            for r in cfg["rows"]:
-                if "error" in r:
-                    L.append(f"{r['method']:16s}{r.get('threads', ''):>8}  "
-                             f"ERROR: {r['error'][:80]}")
-                    continue
-                nw = f"{r['newton']:>7d}" if r.get("newton") is not None else f"{'-':>7s}"
-                conv = "yes" if r.get("converged", True) else "cap"
-                rat = f"{r['vs_peer']:8.2f}" if "vs_peer" in r else ""
-                L.append(f"{r['method']:16s}{r['threads']:8d}{r['time_s'] * 1e3:11.2f}"
-                         f"{r['iters']:8d}{nw}{r['err']:11.2e}{conv:>5s}{rat}")
+            L += H.table(CPU_COLS, cfg["rows"], title=f"-- n={cfg['n']} eps={cfg['eps']:g}",
+                         lead=2)
         L.append("")
     print("\n".join(L).rstrip())
 
@@ -747,28 +704,8 @@ def print_table(results):
 # ------------------------------------------------------------------------------------
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build_info():
-    try:
-        return {k: v for k, v in dk.build_info().items() if isinstance(v, (str, int, float, bool,
-                                                                          list, type(None)))}
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    ap = H.parser(__doc__, repeats=None)
     ap.add_argument("--quick", action="store_true",
                     help="short run: fewer sizes, assignment cap 2000, 2 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed solves (default 5, quick 2)")
@@ -776,8 +713,6 @@ def main(argv=None):
     ap.add_argument("--assignment-max-iter", type=int, default=None,
                     help="cap for dk sinkhorn on the assignment problem (default 200000, "
                          "quick 2000)")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
 
     if not hasattr(dk, "ot") or not hasattr(dk.ot, "sinkhorn"):
@@ -786,19 +721,7 @@ def main(argv=None):
     repeats = args.repeats or (2 if quick else 5)
     cap_asg = args.assignment_max_iter or (2000 if quick else 200_000)
 
-    cuda_ok = torch.cuda.is_available()
-    try:
-        cuda_ok = cuda_ok and bool(dk.build_info()["cuda"])
-    except Exception:
-        pass
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append("cpu")
-    if args.device in ("cuda", "all"):
-        if cuda_ok:
-            devices.append("cuda")
-        elif args.device == "cuda":
-            sys.exit("no usable CUDA device (torch.cuda.is_available() or the diffkern build)")
+    devices = H.devices(args.device)
     notes = []
     if args.device == "all" and "cuda" not in devices:
         notes.append("no usable CUDA device: sections 2 and 3 skipped")
@@ -806,11 +729,9 @@ def main(argv=None):
     peers = load_peers(want_jax="cuda" in devices)
     notes += peers["notes"]
     results = {
-        "diffkern": getattr(dk, "__version__", "?"), "torch": torch.__version__,
-        "numpy": np.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "build": _build_info(), "quick": quick, "repeats": repeats,
+        **H.environment(), "quick": quick, "repeats": repeats,
         "threads": args.threads, "tol": {"assignment": TOL_ASSIGN, "point_cloud": TOL_GEOM},
-        "devices": {"cpu": cpu_name()},
+        "devices": {"cpu": H.cpu_name()},
         "peers": {k: peers[k] for k in ("pot_version", "jax_version") if k in peers},
         "notes": notes,
     }
@@ -853,10 +774,7 @@ def main(argv=None):
         torch.set_num_threads(saved)
         results["traces"] = {"device": results["devices"][dev], "problems": traces}
         plot(traces, args.plot, results["devices"][dev])
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
-        print(f"wrote {args.json}", file=sys.stderr)
+    H.write_json(args.json, results)
     print_table(results)
 
 

@@ -2,13 +2,23 @@
 (torch.profiler), host synchronizations, and the wall clock, for the bench problems.
 
     python bench/ot_profile.py [--n 1000] [--eps 1e-3] [--dtype float32] [--batch 1]
+                               [--method sns] [--device auto|cpu|cuda] [--repeats 10]
+                               [--json PATH]
+
+Wall clock: median of --repeats solves after 3 warm-up solves (bench/_harness.py). On CUDA
+also the host layers: the same solve entered through the public function, the custom op,
+and the C++ entry with every buffer preallocated; the differences are each layer's host
+overhead. --json writes those numbers (not the profiler tables).
 """
-import argparse
-import time
+import os
+import sys
 
 import torch
 
-import diffkern as dk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import diffkern as dk  # noqa: E402
 
 
 def problem(batch, n, dtype, device, seed=0):
@@ -20,27 +30,30 @@ def problem(batch, n, dtype, device, seed=0):
     return C.to(dtype).to(device)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def wall(fn, device, repeats):
+    """Median wall seconds of fn() (synchronized on CUDA), after 3 warm-up calls."""
+    def call():
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return H.measure(call, clock="wall", warmup=3, repeats=repeats).median
+
+
+def main(argv=None):
+    p = H.parser(__doc__, devices=("auto", "cpu", "cuda"), device_default="auto", repeats=10,
+                 plot=False)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--method", default="sns")
-    args = p.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = p.parse_args(argv)
+    (dev,) = H.devices(args.device)
     C = problem(args.batch, args.n, getattr(torch, args.dtype), dev)
     C = C[0] if args.batch == 1 else C
     solve = lambda: dk.ot.sinkhorn(C, eps=args.eps, tol=1e-6, method=args.method)  # noqa: E731
-    for _ in range(3):
-        solve()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+    t_wall = wall(solve, dev, args.repeats)
     res = solve()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
     acts = [torch.profiler.ProfilerActivity.CPU]
     if dev == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -48,15 +61,20 @@ def main():
         solve()
         if dev == "cuda":
             torch.cuda.synchronize()
+    out = {"device": H.gpu_name() if dev == "cuda" else H.cpu_name(), "n": args.n,
+           "batch": args.batch, "eps": args.eps, "dtype": args.dtype, "method": args.method,
+           "wall_s": t_wall, "iterations": res.iterations.max().item(),
+           "newton": res.newton_steps.max().item()}
     print(f"{dev} n={args.n} B={args.batch} eps={args.eps} {args.dtype} {args.method}: "
-          f"wall {wall * 1e3:.3f} ms, iterations {res.iterations.max().item()}, "
-          f"newton {res.newton_steps.max().item()}")
+          f"wall {t_wall * 1e3:.3f} ms, iterations {out['iterations']}, "
+          f"newton {out['newton']}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if dev == "cuda"
                                     else "self_cpu_time_total", row_limit=25))
     if dev == "cuda":
         # Host side: runtime calls (launches, copies, synchronizations) and torch ops.
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-        host_layers(C, args)
+        out["host_layers_s"] = host_layers(C, args)
+    H.write_json(args.json, out)
 
 
 def host_layers(C, args):
@@ -96,19 +114,11 @@ def host_layers(C, args):
                                               10000, 10, False, 20, False, 0),
         "C++ entry (buffers ready)": raw,
     }
+    out = {}
     for name, fn in layers.items():
-        sync = torch.cuda.synchronize if C.is_cuda else (lambda: None)
-        for _ in range(3):
-            fn()
-        sync()
-        ts = []
-        for _ in range(10):
-            t = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t)
-        ts.sort()
-        print(f"host layers: {name:28s} median {ts[len(ts) // 2] * 1e3:.3f} ms")
+        out[name] = wall(fn, "cuda" if C.is_cuda else "cpu", args.repeats)
+        print(f"host layers: {name:28s} median {out[name] * 1e3:.3f} ms")
+    return out
 
 
 if __name__ == "__main__":

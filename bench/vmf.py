@@ -1,6 +1,7 @@
 """von Mises-Fisher benchmark: concentration estimates/s, sampling and log_prob throughput.
 
-    python bench/vmf.py [--n 1000000] [--repeats 5] [--device cpu|cuda|all] [--json PATH]
+    python bench/vmf.py [--n 1000000] [--repeats 5] [--device cpu|cuda|all] [--quick]
+                        [--json PATH]
 
 Concentration: a batch of ``n`` mean resultant lengths R = A_p(kappa) made from known
 kappa (p uniform in [2, 32768], kappa log-uniform in [1e-6, 1e7]), solved back with
@@ -13,39 +14,28 @@ rest (elementwise Halley arithmetic + compaction). Peer in the same run: Banerje
 closed-form approximation alone (no iteration), for its speed and its error.
 
 Sampling: samples/s of ``VonMisesFisher.sample`` and ``log_prob`` evaluations/s for a few
-(p, kappa). Absolute times are for the machine printed at the top.
+(p, kappa). Times: median of --repeats after a warm-up (bench/_harness.py: CUDA events on
+the GPU). --quick: n = 1e5, sampling sizes / 10, 3 repeats. Prints the machine (JSON) first
+and the tables last; absolute times are for that machine.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
-import time
 
 import torch
 
-import diffkern as dk
-from diffkern.distributions import (VonMisesFisher, _solve_concentration,
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import diffkern as dk  # noqa: E402
+from diffkern.distributions import (VonMisesFisher, _solve_concentration,  # noqa: E402
                                     concentration_from_mean_resultant_length)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_time(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return H.measure(fn, clock=H.clock_for(device), warmup=1, repeats=repeats).median
 
 
 def _problem(n, device, seed=0):
@@ -95,9 +85,10 @@ def bench_concentration(n, device, repeats, threads):
     return rows
 
 
-def bench_sampling(device, repeats, threads):
+def bench_sampling(device, repeats, threads, scale=1):
     rows = []
-    cases = [(3, 10.0, 200_000), (64, 100.0, 50_000), (1000, 1e3, 4_000), (32768, 1e4, 100)]
+    cases = [(3, 10.0, 200_000 // scale), (64, 100.0, 50_000 // scale),
+             (1000, 1e3, 4_000 // scale), (32768, 1e4, max(10, 100 // scale))]
     for nthreads in threads:
         torch.set_num_threads(nthreads)
         for p, kappa, n in cases:
@@ -114,57 +105,64 @@ def bench_sampling(device, repeats, threads):
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    ap.add_argument("--json", default=None, help="write the rows here")
-    args = ap.parse_args(argv)
+def print_tables(rows):
+    conc = [r for r in rows if r["bench"] == "concentration"]
+    brk = [r for r in rows if r["bench"] == "concentration breakdown"]
+    samp = [r for r in rows if r["bench"] == "sample/log_prob"]
+    dev, thr = H.Column("device", 8, left=True), H.Column("threads", 8, "d")
+    L = H.table([dev, thr, H.Column("  mode", 22, key=lambda r: "  " + r["mode"], left=True),
+                 H.Column("M est/s", 9, ".2f", key=lambda r: r["estimates_per_s"] / 1e6),
+                 H.Column("max rel err", 12, ".1e", key="max_rel_err"),
+                 H.Column("well-cond.", 11, ".1e", key="max_rel_err_well_conditioned"),
+                 H.Column("% well", 7, ".0%", key="fraction_well_conditioned"),
+                 H.Column("err/limit", 10, ".2f", key="max_err_over_data_limit")], conc,
+                title="Concentration from R (well-cond.: max rel err where 4 eps / (1 - R) "
+                      "<= 1e-13; err/limit: in units of what float64 R determines)")
+    L.append("")
+    L += H.table([dev, thr,
+                  H.Column("A_p evals/el", 13, ".2f", key="evaluations_per_element"),
+                  H.Column("A_p pass ms", 12, ".1f", key=lambda r: r["ratio_pass_seconds"] * 1e3),
+                  H.Column("A_p ms", 8, ".1f", key=lambda r: r["ratio_evaluations_seconds"] * 1e3),
+                  H.Column("rest ms", 8, ".1f", key=lambda r: r["other_seconds"] * 1e3),
+                  H.Column("total ms", 9, ".1f", key=lambda r: r["total_seconds"] * 1e3),
+                  H.Column("Banerjee M/s", 13, ".1f",
+                           key=lambda r: r["banerjee_only_estimates_per_s"] / 1e6),
+                  H.Column("Banerjee err", 13, ".1e", key="banerjee_only_max_rel_err")], brk,
+                 title="Cost breakdown of the tolerance mode (Banerjee: the closed-form "
+                       "approximation alone)")
+    for r in brk:
+        L.append(f"  working set per evaluation ({r['device']}, {r['threads']} thr): "
+                 f"{r['working_set_per_evaluation']}")
+    L.append("")
+    L += H.table([dev, thr, H.Column("p", 6, "d"), H.Column("kappa", 8, "g"),
+                  H.Column("n", 8, "d"),
+                  H.Column("sample k/s", 11, ".1f", key=lambda r: r["samples_per_s"] / 1e3),
+                  H.Column("log_prob M/s", 13, ".2f", key=lambda r: r["log_prob_per_s"] / 1e6)],
+                 samp, title="VonMisesFisher.sample and log_prob")
+    print("\n".join(L))
 
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append(torch.device("cpu"))
-    if args.device in ("cuda", "all") and torch.cuda.is_available() and \
-            dk.build_info().get("cuda"):
-        devices.append(torch.device("cuda"))
+
+def main(argv=None):
+    ap = H.parser(__doc__, repeats=5, plot=False)
+    ap.add_argument("--n", type=int, default=None, help="batch (default 1e6, --quick 1e5)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
+    args = ap.parse_args(argv)
+    n = args.n or (100_000 if args.quick else 1_000_000)
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+
+    devices = [torch.device(d) for d in H.devices(args.device)]
     all_threads = torch.get_num_threads()
-    machine = dict(platform=platform.platform(), processor=platform.processor(),
-                   cpu_count=os.cpu_count(), torch_threads=all_threads,
-                   torch=torch.__version__, diffkern=dk.__version__,
-                   gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    print(json.dumps(machine))
+    machine = dict(H.environment(), processor=H.cpu_name(), gpu=H.gpu_name())
+    print(json.dumps({k: machine[k] for k in ("platform", "processor", "cpu_count",
+                                               "torch_threads", "torch", "diffkern", "gpu")}))
     rows = []
     for dev in devices:
         threads = sorted({1, all_threads}) if dev.type == "cpu" else [all_threads]
-        rows += bench_concentration(args.n, dev, args.repeats, threads)
-        rows += bench_sampling(dev, args.repeats, threads)
+        rows += bench_concentration(n, dev, repeats, threads)
+        rows += bench_sampling(dev, repeats, threads, scale=10 if args.quick else 1)
     torch.set_num_threads(all_threads)
-
-    for row in rows:
-        if row["bench"] == "concentration":
-            print(f"[{row['device']}, {row['threads']} thr] concentration ({row['mode']}): "
-                  f"{row['estimates_per_s'] / 1e6:.2f} M estimates/s; max rel err "
-                  f"{row['max_rel_err']:.1e} (well-conditioned R: "
-                  f"{row['max_rel_err_well_conditioned']:.1e}, "
-                  f"{100 * row['fraction_well_conditioned']:.0f}% of points); "
-                  f"max err / data limit {row['max_err_over_data_limit']:.2f}")
-        elif row["bench"] == "concentration breakdown":
-            print(f"[{row['device']}, {row['threads']} thr]   breakdown: "
-                  f"{row['evaluations_per_element']:.2f} A_p evaluations/element "
-                  f"(working set {row['working_set_per_evaluation']}); one A_p pass "
-                  f"{row['ratio_pass_seconds'] * 1e3:.1f} ms, A_p total "
-                  f"{row['ratio_evaluations_seconds'] * 1e3:.1f} ms, rest "
-                  f"{row['other_seconds'] * 1e3:.1f} ms of {row['total_seconds'] * 1e3:.1f} ms;"
-                  f" Banerjee only: {row['banerjee_only_estimates_per_s'] / 1e6:.1f} M/s, "
-                  f"max rel err {row['banerjee_only_max_rel_err']:.1e}")
-        else:
-            print(f"[{row['device']}, {row['threads']} thr] p={row['p']:>5} "
-                  f"kappa={row['kappa']:g}: sample {row['samples_per_s'] / 1e3:.1f} k/s, "
-                  f"log_prob {row['log_prob_per_s'] / 1e6:.2f} M/s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(machine=machine, rows=rows), fh, indent=1)
+    H.write_json(args.json, dict(machine=machine, rows=rows))
+    print_tables(rows)
     return 0
 
 

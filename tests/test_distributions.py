@@ -18,6 +18,7 @@ import torch
 import diffkern as dk
 from diffkern.distributions import (VonMisesFisher, concentration_from_mean_resultant_length,
                                     fit_von_mises_fisher)
+from tests import op_contract as contract
 
 F64 = torch.float64
 PS = [2, 3, 10, 1000, 32768]
@@ -411,3 +412,49 @@ def test_batch_shapes_and_expand():
     d32 = VonMisesFisher(_unit(3, dtype=torch.float32), 2.0)
     assert d32.sample((2,)).dtype == torch.float32 and d32.batch_shape == ()
     assert d32.log_prob(d32.sample()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------- op contract
+
+
+def _log_prob(x, loc, kappa):
+    return VonMisesFisher(loc, kappa, validate_args=False).log_prob(x)
+
+
+def _contract_inputs(device):
+    loc = _unit(3, 5, seed=20, device=device)
+    kappa = torch.tensor([0.5, 20.0, 1e4], dtype=F64, device=device, requires_grad=True)
+    x = _unit(4, 3, 5, seed=21, device=device).requires_grad_()
+    return x, loc, kappa
+
+
+def test_log_prob_contract(device):
+    x, loc, kappa = _contract_inputs(device)
+    contract.check_noncontiguous(_log_prob, x, loc, kappa)
+    contract.check_zero_size(_log_prob, x[:0], loc, kappa, shape=(0, 3))
+    contract.check_poisoned_outputs(_log_prob, x, loc, kappa, outputs_allocated=False)
+    contract.check_compile(_log_prob, x, loc, kappa)
+
+
+@pytest.mark.parametrize("iterations", [None, 4])
+def test_concentration_contract(iterations, device):
+    r = torch.tensor([[1e-3, 0.3, 0.5], [0.9, 0.999, 1 - 1e-9]], dtype=F64, device=device,
+                     requires_grad=True)
+
+    def fn(r):
+        return concentration_from_mean_resultant_length(r, 7, iterations=iterations)
+
+    contract.check_noncontiguous(fn, r)
+    contract.check_zero_size(fn, r[:0], shape=(0, 3))
+    contract.check_poisoned_outputs(fn, r.detach(), outputs_allocated=False)
+    if iterations is not None:  # a fixed iteration count has no data-dependent shapes
+        contract.check_compile(fn, r)
+
+
+@pytest.mark.cuda
+def test_side_stream(cuda_device):
+    x, loc, kappa = _contract_inputs(cuda_device)
+    contract.check_side_stream(_log_prob, x, loc, kappa)
+    r = dk.bessel_iv_ratio(torch.full((1000,), 4.0, dtype=F64, device=cuda_device),
+                           torch.logspace(-3, 5, 1000, dtype=F64, device=cuda_device))
+    contract.check_side_stream(lambda r: concentration_from_mean_resultant_length(r, 10), r)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import diffkern as dk
+from tests import op_contract as contract
 from tests.reference import ot_reference as R
 
 METHODS = ["sinkhorn", "sns"]
@@ -610,8 +611,8 @@ def test_bad_method():
 
 @pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 0), (2, 0, 3)])
 def test_zero_size_raises_value_error(shape):
-    with pytest.raises(ValueError):
-        _solve(torch.zeros(shape, dtype=F64), eps=0.1)
+    contract.check_zero_size(lambda c: _solve(c, eps=0.1), torch.zeros(shape, dtype=F64),
+                             raises=ValueError)
 
 
 # -------------------------------------------------------------------- CUDA specifics
@@ -660,41 +661,32 @@ def test_cuda_kernel_paths_match_cpu(B, n, m, fixed, cuda_device):
     torch.testing.assert_close(gpu.marginal_error.cpu(), cpu.marginal_error, rtol=0, atol=1e-10)
 
 
+def _fields(res):
+    """Every output of a SinkhornResult, by name (the computed ones included)."""
+    return dict(f=res.f, g=res.g, plan=res.plan, cost=res.cost, reg_cost=res.reg_cost,
+                iterations=res.iterations, newton_steps=res.newton_steps,
+                marginal_error=res.marginal_error, converged=res.converged)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_graph_capture_fixed_iterations(method, cuda_device):
-    C, a, b = _problem(40, 30, B=2, seed=41, device=cuda_device)
-    C2, a2, b2 = _problem(40, 30, B=2, seed=42, device=cuda_device)
+    sets = [_problem(40, 30, B=2, seed=s, device=cuda_device) for s in (41, 42)]
     kw = dict(eps=0.05, method=method, tol=1e-9, max_iter=60, fixed_iterations=True)
-    eager1 = _solve(C, a, b, **kw)
-    eager2 = _solve(C2, a2, b2, **kw)
-    sC, sa, sb = C.clone(), a.clone(), b.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up outside the graph
-            _solve(sC, sa, sb, **kw).plan
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _solve(sC, sa, sb, **kw)
-        static = dict(f=out.f, g=out.g, plan=out.plan, cost=out.cost, reg_cost=out.reg_cost,
-                      iterations=out.iterations, marginal_error=out.marginal_error,
-                      converged=out.converged)
-    for (Cx, ax, bx), eager in (((C2, a2, b2), eager2), ((C, a, b), eager1)):
-        sC.copy_(Cx)
-        sa.copy_(ax)
-        sb.copy_(bx)
-        graph.replay()
-        torch.cuda.synchronize()
-        for key, val in static.items():
-            want = getattr(eager, key)
-            if val.dtype.is_floating_point:
-                torch.testing.assert_close(val, want, rtol=1e-12, atol=1e-15, msg=key)
-            else:
-                assert torch.equal(val, want), key
-        assert (static["iterations"] == 60).all()
+    static = contract.check_cuda_graph(lambda C, a, b: _fields(_solve(C, a, b, **kw)), sets,
+                                       rtol=1e-12, atol=1e-15)
+    assert (static["iterations"] == 60).all()
+    eager1, eager2 = (_solve(*s, **kw) for s in sets)
     assert (eager1.plan - eager2.plan).abs().sum().item() > 1e-2  # replay recomputed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fixed", [False, True])
+def test_cuda_side_stream(fixed, cuda_device):
+    C, a, b = _problem(40, 30, B=2, seed=44, device=cuda_device)
+    kw = dict(eps=0.05, method="sns", tol=1e-9, max_iter=60 if fixed else 100_000,
+              fixed_iterations=fixed)
+    contract.check_side_stream(lambda C, a, b: _fields(_solve(C, a, b, **kw)), C, a, b)
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "sns"])
@@ -715,6 +707,25 @@ def test_iterations_never_exceed_max_iter(method):
         assert torch.isfinite(res.plan).all()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_output_element_is_written(method, device):
+    C, a, b = _problem(13, 10, B=2, seed=45, device=device)
+    kw = dict(eps=0.05, method=method, tol=1e-10, max_iter=100_000)
+    out = contract.check_poisoned_outputs(lambda C, a, b: _fields(_solve(C, a, b, **kw)),
+                                          C, a, b)
+    assert out["converged"].all() and torch.isfinite(out["plan"]).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_noncontiguous_inputs(method, device):
+    kw = dict(eps=0.05, method=method, tol=1e-10, max_iter=100_000)
+    C, a, b = _problem(13, 10, seed=46, device=device)
+    contract.check_noncontiguous(lambda C, a, b: _fields(_solve(C, a, b, **kw)),
+                                 C.requires_grad_(), a, b)
+    Cb, ab, bb = _problem(13, 10, B=3, seed=47, device=device)
+    contract.check_noncontiguous(lambda C, a, b: _fields(_solve(C, a, b, **kw)), Cb, ab, bb)
+
+
 def test_custom_op_opcheck():
     """The registered op (schema, fake tensor, autograd registration, AOT dispatch)."""
     from diffkern import ot as ot_module
@@ -726,7 +737,7 @@ def test_custom_op_opcheck():
     g0 = torch.zeros(2, 5, dtype=F64)
     for method in (0, 1):
         args = (C, a, b, g0, 0.1, method, 1e-10, 200, 10, False, 20, False, 0)
-        torch.library.opcheck(ot_module._solve, args)
+        contract.check_opcheck(ot_module._solve, args)
 
 
 def test_compile_fullgraph_fixed_iterations():
@@ -738,8 +749,4 @@ def test_compile_fullgraph_fixed_iterations():
         res = dk.ot.sinkhorn(cost, eps=0.1, max_iter=40, fixed_iterations=True)
         return res.cost, res.plan
 
-    compiled = torch.compile(f, fullgraph=True)
-    c1, p1 = compiled(C)
-    c0, p0 = f(C)
-    torch.testing.assert_close(p1, p0, rtol=0, atol=1e-15)
-    torch.testing.assert_close(c1, c0, rtol=0, atol=1e-15)
+    contract.check_compile(f, C, backend="inductor", rtol=0, atol=1e-15)

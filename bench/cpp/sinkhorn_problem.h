@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+namespace diffkern {
 namespace bench {
 
 template <class T>
@@ -45,3 +46,4 @@ HostProblem<T> make_point_cloud_problem(int64_t n, unsigned seed = 7) {
 }
 
 }  // namespace bench
+}  // namespace diffkern
