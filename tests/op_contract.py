@@ -37,6 +37,8 @@ from typing import Callable, Optional, Sequence
 import pytest
 import torch
 
+import diffkern._ops
+
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -213,6 +215,9 @@ def poisoned_allocations(kind: int):
             own = name in vars(owner)
             saved.append((owner, name, own, vars(owner).get(name)))
             setattr(owner, name, wrap(getattr(owner, name)))
+        # The C++ fast paths hold torch's allocator from registration: re-register so they
+        # allocate through the poisoned one too.
+        diffkern._ops.register_fast_path()
         yield made
     finally:
         for owner, name, own, orig in reversed(saved):
@@ -220,6 +225,7 @@ def poisoned_allocations(kind: int):
                 setattr(owner, name, orig)
             else:
                 delattr(owner, name)  # back to the inherited method
+        diffkern._ops.register_fast_path()
 
 
 def check_poisoned_outputs(fn: Callable, *args, rtol: float = 0.0, atol: float = 0.0,

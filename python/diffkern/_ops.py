@@ -46,10 +46,16 @@ def _stream_of_device(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
-# The C++ fast paths (csrc/bindings/fast_path.h) make skips_dispatcher's decision and the
-# allocation themselves, with these torch callables: the compiled module links no torch.
-_C.register_fast_path(_Tensor, torch.is_grad_enabled, _current_level, torch.empty_like,
-                      torch.get_num_threads, _stream_of_device)
+def register_fast_path() -> None:
+    """Hands the C++ fast paths (csrc/bindings/fast_path.h) the torch callables with which
+    they make skips_dispatcher's decision and allocate: the compiled module links no torch.
+    They are held from here on; call again after replacing one (tests poison torch's
+    allocator this way)."""
+    _C.register_fast_path(_Tensor, torch.is_grad_enabled, _current_level, torch.empty_like,
+                          torch.get_num_threads, _stream_of_device)
+
+
+register_fast_path()
 
 
 def skips_dispatcher(*tensors) -> bool:
@@ -223,29 +229,40 @@ def _as_python_scalar(a):
     return item() if item is not None else float(a)
 
 
-def _torch_result_type(operands) -> torch.dtype:
-    """torch's promotion of several operands (torch.result_type takes two): a left fold
-    that keeps each partial result's category."""
-    acc = operands[0]
-    for op in operands[1:]:
-        dt = torch.result_type(acc, op)
-        acc = _prototype(acc, op, dt)
-    return acc.dtype if isinstance(acc, _Tensor) else torch.tensor(acc).dtype
-
-
-def _prototype(a, b, dtype):
-    """A stand-in with `dtype` and the strongest category of a and b (dimensioned tensor >
-    0-dim tensor > Python scalar), so a left fold of torch.result_type stays exact."""
-    def rank(x):
-        if isinstance(x, _Tensor):
-            return 2 if x.dim() else 1
+def _category(dtype: torch.dtype) -> int:
+    if dtype is torch.bool:
         return 0
-    r = max(rank(a), rank(b))
-    if r == 2:
-        return torch.empty((1,), dtype=dtype)
-    if r == 1:
-        return torch.empty((), dtype=dtype)
-    return torch.empty((), dtype=dtype).item()
+    if dtype.is_complex:
+        return 3
+    return 2 if dtype.is_floating_point else 1
+
+
+def _torch_result_type(operands) -> torch.dtype:
+    """torch's type promotion of tensors and Python scalars (the rules of
+    torch.result_type, which takes only two operands and which torch.compile cannot
+    trace): dimensioned tensors decide, unless a 0-dim tensor or a scalar is of a higher
+    category (bool < integer < floating < complex); a higher-category scalar gives that
+    category's default dtype."""
+    dims, zero_dims, scalars = [], [], []
+    for op in operands:
+        if isinstance(op, _Tensor):
+            (dims if op.dim() else zero_dims).append(op.dtype)
+        elif isinstance(op, bool):
+            scalars.append(torch.bool)
+        elif isinstance(op, int):
+            scalars.append(torch.int64)
+        else:
+            scalars.append(torch.get_default_dtype())
+    result = None
+    for group in (dims, zero_dims, scalars):
+        if not group:
+            continue
+        d = group[0]
+        for other in group[1:]:
+            d = torch.promote_types(d, other)
+        if result is None or _category(d) > _category(result):
+            result = d
+    return result
 
 
 def _torch_dtype(np_dtype) -> torch.dtype:
