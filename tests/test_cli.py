@@ -64,12 +64,12 @@ def test_real_run_json_has_rows_of_every_family(cpu_run):
 
 
 def test_bad_json_path_fails_fast_with_one_line(tmp_path):
-    for path in (str(tmp_path / "missing_dir" / "o.json"), str(tmp_path)):
-        proc = _cli("--json", path, timeout=60)
-        assert proc.returncode == 2, (path, proc.stdout, proc.stderr)
-        err = proc.stderr.strip().splitlines()
-        assert len(err) == 1 and "--json" in err[0] and path in err[0], proc.stderr
-        assert "checking" not in proc.stdout  # nothing ran
+    path = str(tmp_path / "missing_dir" / "o.json")
+    proc = _cli("--json", path, timeout=60)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "--json" in err[0] and path in err[0], proc.stderr
+    assert "checking" not in proc.stdout  # nothing ran
     assert not (tmp_path / "missing_dir").exists()
 
 
@@ -150,13 +150,22 @@ def test_failure_reaches_json_and_other_families_still_run(monkeypatch, tmp_path
     assert by_family["b_good"]["status"] == "ok"
 
 
-def test_bad_json_path_runs_nothing(fake_family, capsys, tmp_path):
+@pytest.mark.parametrize("where", ["missing dir", "a directory", "read-only dir"])
+def test_bad_json_path_runs_nothing(fake_family, capsys, tmp_path, where):
     called = []
     fake_family(lambda device, quick: called.append(device) or [_row("ok")])
-    assert main(["--json", str(tmp_path / "no" / "o.json")]) == 2
+    path = {"missing dir": tmp_path / "no" / "o.json", "a directory": tmp_path,
+            "read-only dir": tmp_path / "ro" / "o.json"}[where]
+    if where == "read-only dir":
+        path.parent.mkdir()
+        path.parent.chmod(0o500)
+        if os.access(path.parent, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as root: a read-only directory is still writable")
+    assert main(["--json", str(path)]) == 2
     assert called == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m diffkern: error: --json"), err
+    assert str(path) in err[0]
 
 
 def test_unknown_family_is_one_line(capsys):
@@ -191,8 +200,8 @@ def test_median_time_rejects_no_repeats():
     assert len(calls) == 5
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("name", checks.family_names())
-def test_sanitizer_workload_runs_on_cuda(name):
-    """The workloads compute-sanitizer runs must pass without it, too."""
-    assert checks.load(name).sanitizer_workload("cuda") > 0
+def test_sanitizer_workload_runs(name, device):
+    """The workloads compute-sanitizer runs must pass without it, too (and on the CPU, so
+    a change of an op's signature breaks CI, not the next GPU check)."""
+    assert checks.load(name).sanitizer_workload(device) > 0

@@ -63,8 +63,10 @@ def _environment() -> dict:
     info["torch_cuda"] = torch.version.cuda
     info["torch_threads"] = torch.get_num_threads()
     info["python"] = platform.python_version()
-    info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
-        if torch.cuda.is_available() else []
+    # Name and compute capability: the archs line above says whether kernels exist for it.
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    info["gpus"] = [torch.cuda.get_device_name(i) + ", sm_%d%d"
+                    % torch.cuda.get_device_capability(i) for i in range(count)]
     return info
 
 
@@ -127,6 +129,7 @@ def _listing(names: list[str]) -> list[dict]:
     for name in names:
         module = checks.load(name)
         doc = (module.__doc__ or "").strip().split("\n\n")[0]
+        doc = doc.removeprefix(f"{name} family: ")
         out.append(dict(
             name=name, module=module.__name__, aliases=list(getattr(module, "ALIASES", ())),
             summary=" ".join(doc.split()),
@@ -283,4 +286,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. `| head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

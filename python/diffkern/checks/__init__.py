@@ -18,7 +18,8 @@ The contract of ``diffkern/checks/<family>.py``:
 ``sanitizer_workload(device: str) -> int`` (required for a family with CUDA kernels)
     Tiny calls of every CUDA kernel of the family (odd sizes, broadcast, non-contiguous,
     zero-size, backward, a side stream) for compute-sanitizer; returns the number of calls.
-    Raises (e.g. ``AssertionError``) when a result is wrong.
+    Raises (e.g. ``AssertionError``) when a result is wrong. Runs on "cpu" too (CUDA-only
+    parts such as the side stream skipped), so the CPU test suite keeps it from rotting.
 ``GPU_BENCHMARKS: list[dict]`` (optional)
     Python benchmarks that ``scripts/gpu_check.sh`` runs on the GPU machine, each
     ``dict(name=str, timeout_s=int, argv=[script, args...])``; ``argv`` is run from the

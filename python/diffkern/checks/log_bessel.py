@@ -14,6 +14,7 @@ import torch
 
 import diffkern as dk
 from diffkern import _C
+from diffkern._ops import current_stream_handle
 from diffkern.distributions import VonMisesFisher, concentration_from_mean_resultant_length
 
 from ._timing import median_time
@@ -123,9 +124,10 @@ def _vmf(dev: torch.device, quick: bool) -> list[dict]:
 
 
 def sanitizer_workload(device: str) -> int:
-    """Every log-Bessel op, both dtypes: plain, broadcast, scalar, non-contiguous, offset,
-    zero-size and an odd size that does not fill the last block; the raw ops (with the
-    derivatives the autograd formulas use), backward passes, and a side stream."""
+    """For compute-sanitizer (runs on the CPU too, minus the side stream): every
+    log-Bessel op, both dtypes: plain, broadcast, scalar, non-contiguous, offset, zero-size
+    and an odd size that does not fill the last block; the raw ops (with the derivatives
+    the autograd formulas use), backward passes, and a side stream."""
     dev = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     public = [dk.log_iv, dk.log_kv, dk.log_ive, dk.log_kve, dk.bessel_iv_ratio]
@@ -150,17 +152,17 @@ def sanitizer_workload(device: str) -> int:
             shape = torch.broadcast_shapes(v.shape, x.shape)
             for op in _C.LOG_BESSEL_OPS.values():
                 out = torch.full(shape, float("nan"), dtype=dtype, device=dev)
-                _C.log_bessel(op, v, x, out, 0, torch.cuda.current_stream(dev).cuda_stream)
+                _C.log_bessel(op, v, x, out, 0, current_stream_handle(out))
                 calls += 1
         v = rand(64)
         x = rand(64).requires_grad_(True)
         for fn in public:
             torch.autograd.grad(fn(v, x).sum(), x)
             calls += 1
-        # The op must launch on the current stream, not the default one.
-        s = torch.cuda.Stream(dev)
-        with torch.cuda.stream(s):
-            dk.log_kv(rand(257), rand(257))
-        s.synchronize()
-        calls += 1
+        if dev.type == "cuda":  # the op must launch on the current stream, not the default
+            s = torch.cuda.Stream(dev)
+            with torch.cuda.stream(s):
+                dk.log_kv(rand(257), rand(257))
+            s.synchronize()
+            calls += 1
     return calls
