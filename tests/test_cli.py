@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkern import checks
+from diffkern import _C, checks
 from diffkern.__main__ import main
 from diffkern.checks._timing import median_time
 
@@ -88,6 +88,18 @@ def test_list_families_json_is_the_plug_contract():
             assert 0 < b["timeout_s"] <= 600, b
 
 
+def test_every_compiled_family_has_a_check_module():
+    assert sorted(_C.FAMILIES) == checks.family_names()
+
+
+def test_compiled_family_without_check_module_fails(fake_family, capsys):
+    fake_family(lambda device, quick: [_row("ok")], compiled=("fake", "ghost"))
+    assert main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "no check module diffkern/checks/ghost.py" in out
+    assert "checks/fake.py" not in out
+
+
 def test_resolve_names_aliases_and_typos():
     names = checks.family_names()
     assert checks.resolve(None) == names == checks.resolve("all")
@@ -108,10 +120,11 @@ def _fake(run):
 @pytest.fixture
 def fake_family(monkeypatch):
     """Replace discovery by one family 'fake' whose run() is given by the test."""
-    def install(run):
+    def install(run, compiled=("fake",)):
         module = _fake(run)
         monkeypatch.setattr(checks, "family_names", lambda: ["fake"])
         monkeypatch.setattr(checks, "load", lambda name: module)
+        monkeypatch.setattr(_C, "FAMILIES", tuple(compiled))  # what the build reports
         return module
     return install
 
@@ -140,6 +153,7 @@ def test_failure_reaches_json_and_other_families_still_run(monkeypatch, tmp_path
     bad = _fake(lambda device, quick: 1 / 0)
     monkeypatch.setattr(checks, "family_names", lambda: ["a_bad", "b_good"])
     monkeypatch.setattr(checks, "load", lambda name: bad if name == "a_bad" else good)
+    monkeypatch.setattr(_C, "FAMILIES", ("a_bad", "b_good"))
     out = tmp_path / "o.json"
     assert main(["--device", "cpu", "--json", str(out)]) == 1
     data = json.loads(out.read_text())

@@ -163,6 +163,16 @@ def _run_family(name: str, device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def _unchecked(names: list[str]) -> list[dict]:
+    """A failing row per compiled family (``_C.FAMILIES``) that has no check module: its
+    kernels would otherwise pass unnoticed as "all rows ok"."""
+    from diffkern import _C
+
+    return [dict(family=f, device="-", check=f"no check module diffkern/checks/{f}.py",
+                 value="", reference="every compiled family has one", status="fail")
+            for f in getattr(_C, "FAMILIES", ()) if f not in names]
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"on {', '.join(devices)}; {why}; {'quick' if quick else 'full'} run")
     say("")
     t_all = time.perf_counter()
-    rows: list[dict] = []
+    rows: list[dict] = _unchecked(names) if args.families is None else []
     timing: dict = {}
     width = max([len(n) for n in names] + [6])
     for name in names:
