@@ -25,6 +25,9 @@ GPU_BENCHMARKS = [
                "--json", "{results}/bench_log_bessel.json"]),
     dict(name="bench-vmf", timeout_s=180,
          argv=["bench/vmf.py", "--device", "all", "--json", "{results}/bench_vmf.json"]),
+    # Per-call cost on one-element tensors (issue 8, item 4: <= 2x torch.special.i0e).
+    dict(name="bench-overhead", timeout_s=150,
+         argv=["bench/overhead.py", "--device", "all", "--json", "{results}/bench_overhead.json"]),
 ]
 
 # (v, x, log I_v(x), log K_v(x)) from mpmath at 50 digits (tests/reference/ regenerates
