@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# GPU check on an offline CUDA machine (H100): build in place (no isolation, no downloads),
-# run the CUDA tests, compute-sanitizer (memcheck + racecheck), the C++ CUDA benchmark, the
-# self-check and the Python benchmark. A failing step does not stop the others; the exit
-# status is non-zero if any failed. A summary table is printed last.
+# GPU check on an offline CUDA machine (H100/H200): build in place (no isolation, no
+# downloads), run the CUDA tests, compute-sanitizer (memcheck + racecheck), every C++ CUDA
+# benchmark, the self-check and every family's Python benchmarks. A failing step does not
+# stop the others; the exit status is non-zero if any failed. A summary table is printed last.
 #
 #   bash scripts/gpu_check.sh OUTDIR
 #
+# Nothing here names a family. The Python benchmarks come from each family's
+# diffkern/checks/<family>.py (GPU_BENCHMARKS, listed by `python -m diffkern
+# --list-families --json -`); the C++ benchmarks are every built
+# build/gpu/bench/cpp/bench_<family>_cuda; the sanitizer runs scripts/sanitizer_smoke.py,
+# which loops over the families itself.
+#
 # OUTDIR gets 5 files (the device tool returns at most 8): build.log pytest.log
 # sanitizer.log run.log, and results.tar.gz with every JSON and plot (selfcheck.json,
-# bench_log_bessel.json, bench_vmf.json, bench_cpp_cuda.json, bench_cpp_sinkhorn.json,
-# bench_ot.json, ot.png).
+# bench_cpp_<family>.json, and what the families' benchmarks write, e.g. bench_ot.json).
 #
-# GPU_CHECK_BENCH="ot log_bessel vmf" (default: all) limits which Python benchmarks run;
-# DK_SANITIZE_FAMILIES="ot" (default: all) which families the sanitizer exercises;
-# GPU_CHECK_BENCH_ONLY=1 skips the tests and the sanitizer (a benchmark rerun of code that
-# a full check already passed); GPU_CHECK_OT_DEVICE=cuda (default: all) skips the CPU half
-# of bench/ot.py.
+# GPU_CHECK_BENCH="sinkhorn log_bessel" (families or aliases such as "ot"; default: all;
+# "none": no benchmarks) limits the Python and C++ benchmarks; DK_SANITIZE_FAMILIES (same
+# names) the families the sanitizer exercises; GPU_CHECK_BENCH_ONLY=1 skips the tests and the
+# sanitizer (a benchmark rerun of code that a full check already passed);
+# GPU_CHECK_OT_DEVICE=cuda (default: all) skips the CPU half of bench/ot.py (read by
+# diffkern/checks/sinkhorn.py). DRY_RUN=1 builds nothing and runs nothing: it prints each
+# step it would run (the benchmark list comes from the installed diffkern, so PYTHON must
+# import one) and still prints the summary.
 #
 # Peers that the machine lacks (TensorFlow Probability for JAX) travel as wheels in .whl/
-# (see bench/README.md); when that folder exists they are installed to a private folder. Target: < 9 minutes.
+# (see bench/README.md); when that folder exists they are installed to a private folder.
+# Target: < 9 minutes.
 set -uo pipefail  # no -e: every step runs; failures are collected instead
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -26,8 +35,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 RES="$OUT/results"   # packed into results.tar.gz at the end
 mkdir -p "$RES"
-BENCHES=${GPU_CHECK_BENCH:-"ot log_bessel vmf"}
-want() { case " $BENCHES " in *" $1 "*) return 0 ;; esac; return 1; }
+BENCHES=${GPU_CHECK_BENCH:-all}
+DRY=${DRY_RUN:-0}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 T0=$(date +%s)
@@ -37,8 +46,13 @@ NAMES=(); STATES=(); SECS=()
 step() {
   local name=$1 limit=$2 log=$3; shift 3
   local t=$(date +%s) rc
+  if [ "$DRY" = 1 ]; then
+    echo "=== $name (limit ${limit}s, log ${log##*/}): $*"
+    NAMES+=("$name"); STATES+=("dry-run"); SECS+=(0)
+    return 0
+  fi
   echo "=== [$(( t - T0 ))s] $name: $*" | tee -a "$log"
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1 </dev/null
   rc=$?
   local state=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then state="TIMEOUT(${limit}s)"
@@ -47,13 +61,59 @@ step() {
   NAMES+=("$name"); STATES+=("$state"); SECS+=($(( $(date +%s) - t )))
 }
 skip() { NAMES+=("$1"); STATES+=("skip: $2"); SECS+=(0); echo "=== $1: skipped ($2)"; }
+fail() { NAMES+=("$1"); STATES+=("FAIL($2)"); SECS+=(0); echo "=== $1: FAIL ($2)"; }
+
+summary() {
+  tar -czf "$OUT/results.tar.gz" -C "$RES" . && rm -rf "$RES"
+  local failed=0 i
+  echo
+  echo "gpu_check summary ($(( $(date +%s) - T0 ))s total, logs in $OUT)"
+  printf '%-20s %-30s %6s\n' step status seconds
+  printf '%-20s %-30s %6s\n' -------------------- ------------------------------ ------
+  for i in "${!NAMES[@]}"; do
+    printf '%-20s %-30s %6s\n' "${NAMES[$i]}" "${STATES[$i]}" "${SECS[$i]}"
+    # A missing sanitizer or benchmark is reported but is not a failure of the code.
+    case "${STATES[$i]}" in ok|skip*|dry-run) ;; *) failed=1 ;; esac
+  done
+  exit $failed
+}
+
+# The families' benchmarks as lines "B<TAB>family<TAB>step<TAB>timeout<TAB>shell-quoted argv",
+# after one line "F<TAB>family" per selected family; {results} becomes $RES.
+bench_plan() {
+  "$PY" -m diffkern --list-families --families "$BENCHES" --json - | "$PY" -c '
+import json, shlex, sys
+text = sys.stdin.read()
+if not text:  # the CLI failed and said why on stderr
+    sys.exit(1)
+for f in json.loads(text)["families"]:
+    print("F", f["name"], sep="\t")
+    for b in f["gpu_benchmarks"]:
+        argv = [a.replace("{results}", sys.argv[1]) for a in b["argv"]]
+        print("B", f["name"], b["name"], b["timeout_s"], shlex.join(argv), sep="\t")
+' "$RES"
+}
 
 SAN=$(command -v compute-sanitizer || true)
 [ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/run.log" 2>&1
+
+# 0. Is there a GPU at all? Without one every later step would fail for the same reason.
+if nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+     >"$OUT/run.log" 2>&1 && [ -s "$OUT/run.log" ]; then
+  echo "=== GPU: $(head -1 "$OUT/run.log")"
+elif [ "$DRY" = 1 ]; then
+  echo "=== no GPU found (nvidia-smi: $(head -1 "$OUT/run.log" 2>/dev/null)); dry run goes on"
+else
+  echo "=== nvidia-smi: $(head -1 "$OUT/run.log")"
+  fail gpu "no GPU"
+  for s in build pytest-cuda memcheck racecheck bench-cpp selfcheck benchmarks; do
+    skip "$s" "no GPU"
+  done
+  summary
+fi
 
 # 1. Build + install; the same CMake build also compiles the C++ benchmarks (one nvcc pass).
 step build 420 "$OUT/build.log" \
@@ -62,83 +122,75 @@ step build 420 "$OUT/build.log" \
   -Ccmake.define.DIFFKERN_CUDA=ON \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
   -Ccmake.define.DIFFKERN_BUILD_BENCH=ON
-BUILD_OK=$([ "${STATES[-1]}" = ok ] && echo 1 || echo 0)
-
-if [ "$BUILD_OK" = 1 ]; then
-  # Peers and test-only dependencies the offline machine lacks (POT, OTT-JAX, TFP) travel as
-  # wheels in .whl/ (bench/README.md); installed before the tests, which compare with POT.
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk_peers .whl/*.whl \
-      >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  # 2. CUDA tests (the cpu half of the suite runs in CI).
-  if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
-    skip pytest-cuda "GPU_CHECK_BENCH_ONLY=1"
-  else
-    step pytest-cuda 300 "$OUT/pytest.log" \
-      "$PY" -m pytest -q -m cuda tests -rs
-  fi
-
-  # 3. compute-sanitizer on a small workload. No caching allocator under memcheck, so
-  #    out-of-bounds accesses hit unallocated memory instead of a neighbour's block.
-  if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
-    skip memcheck "GPU_CHECK_BENCH_ONLY=1"; skip racecheck "GPU_CHECK_BENCH_ONLY=1"
-  elif [ -n "$SAN" ]; then
-    step memcheck 240 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SAN" --tool memcheck --error-exitcode 1 --leak-check no "$PY" scripts/sanitizer_smoke.py
-    step racecheck 240 "$OUT/sanitizer.log" \
-      "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/sanitizer_smoke.py
-  else
-    skip memcheck "compute-sanitizer not found"; skip racecheck "compute-sanitizer not found"
-  fi
-
-  # 4. C++ CUDA microbenchmark (built above when nvcc was found).
-  BENCH=build/gpu/bench/cpp/bench_log_bessel_cuda
-  if [ -x "$BENCH" ]; then
-    want log_bessel && step bench-cpp-cuda 120 "$OUT/run.log" "$BENCH" --json "$RES/bench_cpp_cuda.json"
-  else
-    skip bench-cpp-cuda "$BENCH not built"
-  fi
-  BENCH=build/gpu/bench/cpp/bench_sinkhorn_cuda
-  if [ -x "$BENCH" ]; then
-    want ot && step bench-cpp-sinkhorn 120 "$OUT/run.log" "$BENCH" --json "$RES/bench_cpp_sinkhorn.json"
-  else
-    skip bench-cpp-sinkhorn "$BENCH not built"
-  fi
-
-  # 5. Self-check of every family, then the Python benchmark against peers.
-  step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --json "$RES/selfcheck.json"
-  # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  want ot && step bench-ot 420 "$OUT/run.log" "$PY" bench/ot.py \
-    --device "${GPU_CHECK_OT_DEVICE:-all}" --repeats 11 \
-    --json "$RES/bench_ot.json" --plot "$RES/ot.png"
-  if want ot; then  # where the time of a solve goes (kernel table per problem)
-    for args in "--n 1000 --eps 1e-2" "--n 1000 --eps 1e-3" "--n 256 --batch 64 --eps 1e-3"; do
-      step profile-ot 120 "$OUT/run.log" "$PY" bench/ot_profile.py $args
-    done
-  fi
-  want log_bessel && step bench-log-bessel 300 "$OUT/run.log" "$PY" bench/log_bessel.py \
-    --device all --json "$RES/bench_log_bessel.json"
-  want vmf && step bench-vmf 180 "$OUT/run.log" "$PY" bench/vmf.py --device all \
-    --json "$RES/bench_vmf.json"
-else
-  for s in pytest-cuda memcheck racecheck bench-cpp-cuda bench-cpp-sinkhorn selfcheck bench-ot \
-           bench-log-bessel bench-vmf; do
+if [ "${STATES[-1]}" != ok ] && [ "${STATES[-1]}" != dry-run ]; then
+  for s in pytest-cuda memcheck racecheck bench-cpp selfcheck benchmarks; do
     skip "$s" "build failed (see build.log)"
   done
+  summary
 fi
 
-tar -czf "$OUT/results.tar.gz" -C "$RES" . && rm -rf "$RES"
+# Peers and test-only dependencies the offline machine lacks (POT, OTT-JAX, TFP) travel as
+# wheels in .whl/ (bench/README.md); installed before the tests, which compare with POT.
+if [ "$DRY" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk_peers .whl/*.whl \
+    >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
+fi
 
-FAILED=0
-echo
-echo "gpu_check summary ($(( $(date +%s) - T0 ))s total, logs in $OUT)"
-printf '%-18s %-22s %6s\n' step status seconds
-printf '%-18s %-22s %6s\n' ------------------ ---------------------- ------
-for i in "${!NAMES[@]}"; do
-  printf '%-18s %-22s %6s\n' "${NAMES[$i]}" "${STATES[$i]}" "${SECS[$i]}"
-  case "${STATES[$i]}" in ok|skip*) ;; *) FAILED=1 ;; esac
+# 2. CUDA tests (the cpu half of the suite runs in CI).
+if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
+  skip pytest-cuda "GPU_CHECK_BENCH_ONLY=1"
+else
+  step pytest-cuda 300 "$OUT/pytest.log" "$PY" -m pytest -q -m cuda tests -rs
+fi
+
+# 3. compute-sanitizer on every family's small workload. No caching allocator under
+#    memcheck, so out-of-bounds accesses hit unallocated memory instead of a neighbour's block.
+if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
+  skip memcheck "GPU_CHECK_BENCH_ONLY=1"; skip racecheck "GPU_CHECK_BENCH_ONLY=1"
+elif [ -n "$SAN" ] || [ "$DRY" = 1 ]; then
+  SAN=${SAN:-compute-sanitizer}
+  step memcheck 240 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SAN" --tool memcheck --error-exitcode 1 --leak-check no "$PY" scripts/sanitizer_smoke.py
+  step racecheck 240 "$OUT/sanitizer.log" \
+    "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/sanitizer_smoke.py
+else
+  skip memcheck "compute-sanitizer not found"; skip racecheck "compute-sanitizer not found"
+fi
+
+# Which families' benchmarks run (GPU_CHECK_BENCH), and their Python benchmark commands.
+if PLAN_TEXT=$(bench_plan 2>>"$OUT/run.log"); then
+  mapfile -t PLAN <<<"$PLAN_TEXT"
+  SELECTED=" $(printf '%s\n' "${PLAN[@]}" | awk -F'\t' '$1 == "F" {printf "%s ", $2}')"
+  echo "=== benchmarks of families:${SELECTED% }"
+else
+  fail bench-plan "GPU_CHECK_BENCH=$BENCHES, see run.log"
+  PLAN=(); SELECTED=" "
+fi
+
+# 4. C++ CUDA microbenchmarks: every binary the build made, bench_<family>_cuda.
+shopt -s nullglob
+CPP=(build/gpu/bench/cpp/bench_*_cuda)
+if [ ${#CPP[@]} -eq 0 ]; then
+  skip bench-cpp "none built"
+fi
+for BENCH in "${CPP[@]}"; do
+  FAM=${BENCH##*/bench_}; FAM=${FAM%_cuda}
+  if [ "$BENCHES" = all ] || [[ "$SELECTED" == *" $FAM "* ]]; then
+    step "bench-cpp-$FAM" 120 "$OUT/run.log" "$BENCH" --json "$RES/bench_cpp_$FAM.json"
+  else
+    skip "bench-cpp-$FAM" "GPU_CHECK_BENCH=$BENCHES"
+  fi
 done
-# A missing sanitizer or benchmark is reported but is not a failure of the code.
-exit $FAILED
+
+# 5. Self-check of every family, then each family's Python benchmarks against peers.
+step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --full --json "$RES/selfcheck.json"
+# JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+for LINE in "${PLAN[@]}"; do
+  IFS=$'\t' read -r KIND FAM NAME LIMIT CMD <<<"$LINE"
+  [ "$KIND" = B ] || continue
+  eval "ARGV=($CMD)"  # CMD was written by shlex.join from the family's argv list
+  step "$NAME" "$LIMIT" "$OUT/run.log" "$PY" "${ARGV[@]}"
+done
+
+summary
