@@ -720,8 +720,11 @@ def test_every_output_element_is_written(method, device):
 def test_noncontiguous_inputs(method, device):
     kw = dict(eps=0.05, method=method, tol=1e-10, max_iter=100_000)
     C, a, b = _problem(13, 10, seed=46, device=device)
+    # The backward's dense solves are torch ops: on the GPU their reduction order follows
+    # the layout, so the gradients agree to rounding, not bit for bit.
+    tol = dict(rtol=1e-12, atol=1e-15) if device == "cuda" else {}
     contract.check_noncontiguous(lambda C, a, b: _fields(_solve(C, a, b, **kw)),
-                                 C.requires_grad_(), a, b)
+                                 C.requires_grad_(), a, b, **tol)
     Cb, ab, bb = _problem(13, 10, B=3, seed=47, device=device)
     contract.check_noncontiguous(lambda C, a, b: _fields(_solve(C, a, b, **kw)), Cb, ab, bb)
 

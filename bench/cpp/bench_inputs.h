@@ -13,10 +13,6 @@
 namespace diffkern {
 namespace bench {
 
-constexpr const char* kOpNames[kNumLogBesselOps] = {
-    "log_iv", "log_kv", "log_ive", "log_kve", "iv_ratio",
-    "dlog_iv_dx", "dlog_kv_dx", "dlog_iv_dv", "dlog_kv_dv"};
-
 template <class T>
 void make_inputs(int64_t n, std::vector<T>& v, std::vector<T>& x, uint64_t seed = 1234) {
   std::mt19937_64 rng(seed);

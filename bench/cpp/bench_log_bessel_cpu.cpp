@@ -48,12 +48,12 @@ int main(int argc, char** argv) {
       const std::string suffix = std::string("/threads:") + std::to_string(threads);
       const auto lop = static_cast<LogBesselOp>(op);
       benchmark::RegisterBenchmark(
-          (std::string("log_bessel_cpu/") + bench::kOpNames[op] + "/float64" + suffix).c_str(),
+          (std::string("log_bessel_cpu/") + kLogBesselOpNames[op] + "/float64" + suffix).c_str(),
           [lop, threads](benchmark::State& s) { run<double>(s, lop, threads); })
           ->Unit(benchmark::kMicrosecond)
           ->UseRealTime();  // OpenMP threads do the work: CPU time of the main thread lies
       benchmark::RegisterBenchmark(
-          (std::string("log_bessel_cpu/") + bench::kOpNames[op] + "/float32" + suffix).c_str(),
+          (std::string("log_bessel_cpu/") + kLogBesselOpNames[op] + "/float32" + suffix).c_str(),
           [lop, threads](benchmark::State& s) { run<float>(s, lop, threads); })
           ->Unit(benchmark::kMicrosecond)
           ->UseRealTime();

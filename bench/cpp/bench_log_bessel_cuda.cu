@@ -79,17 +79,17 @@ void run_dtype(const Options& o, int l2_bytes, cudaStream_t stream,
       const int s = i % sets;
       const Status st = log_bessel_cuda(lop, dtype, dv[s], dx[s], dout[s], g, stream);
       if (st != Status::ok) {
-        std::fprintf(stderr, "log_bessel_cuda(%s, %s) failed: %s\n", bench::kOpNames[op],
+        std::fprintf(stderr, "log_bessel_cuda(%s, %s) failed: %s\n", kLogBesselOpNames[op],
                      dtype_name, status_message(st));
         std::exit(1);
       }
     };
     const bench::CudaTiming t = bench::time_launches(stream, o.warmup, o.repeats, launch);
     const double items_per_s = static_cast<double>(o.n) / (t.median_ms * 1e-3);
-    std::printf("%-12s %-8s %12.4f %12.4f %14.4g\n", bench::kOpNames[op], dtype_name,
+    std::printf("%-12s %-8s %12.4f %12.4f %14.4g\n", kLogBesselOpNames[op], dtype_name,
                 t.median_ms, t.min_ms, items_per_s);
     rows.push_back(bench::JsonObject()
-                       .str("op", bench::kOpNames[op])
+                       .str("op", kLogBesselOpNames[op])
                        .str("dtype", dtype_name)
                        .num("median_ms", t.median_ms)
                        .num("min_ms", t.min_ms)

@@ -31,6 +31,12 @@ enum class LogBesselOp : int {
 };
 constexpr int kNumLogBesselOps = 12;
 
+// The ops' names, indexed by LogBesselOp: the bindings export them (LOG_BESSEL_OPS), the
+// benchmarks label rows with them. One list, next to the enum it names.
+constexpr const char* kLogBesselOpNames[kNumLogBesselOps] = {
+    "log_iv",     "log_kv",     "log_ive",    "log_kve",     "iv_ratio",     "dlog_iv_dx",
+    "dlog_kv_dx", "dlog_iv_dv", "dlog_kv_dv", "iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2"};
+
 // CPU: OpenMP over elements with num_threads threads (<= 0: OpenMP's default).
 Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x, void* out,
                       const BinaryBroadcast& geometry, int num_threads);

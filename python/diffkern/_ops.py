@@ -213,8 +213,8 @@ def promote_inputs(fn: str, names: Sequence[str], values: Sequence[object],
             if t.dim() == 0 and t.device.type == "cpu":
                 t = t.to(target)
             else:
-                raise ValueError(f"{fn}: {name}: expected device {target} (the other inputs' "
-                                 f"device), got {t.device}")
+                raise ValueError(f"{fn}: {name}: expected the same device as the other inputs "
+                                 f"({target}), got {t.device}")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{fn}: {name}: expected a cpu or cuda tensor, got device "
                              f"{t.device}")

@@ -223,6 +223,8 @@ _log_bessel.register_vmap(_vmap)
 # The core handles up to this many (broadcast) dimensions; more are flattened first.
 _MAX_DIMS = 8
 _f32, _f64 = torch.float32, torch.float64
+_NATIVE = (_f32, _f64)
+_SCALARS = (float, int)
 _empty_like = torch.empty_like
 _is_compiling = torch.compiler.is_compiling
 _fast = _C.log_bessel_fast
@@ -236,6 +238,12 @@ def _apply(public: str, op: str, v: ArrayLike, x: ArrayLike):
     (bit-identical results, a fraction of the per-call cost), else the registered op.
     The public functions try the C++ fast path (plain same-shape tensors) first; this one
     covers broadcasting tensors, then everything else."""
+    # A Python number beside a float32/float64 tensor is a weak scalar (torch's rule): it
+    # takes the tensor's dtype, and the call stays on the fast path (e.g. vMF's order).
+    if type(x) is _Tensor and type(v) in _SCALARS and x.dtype in _NATIVE:
+        v = torch.full((), v, dtype=x.dtype, device=x.device)
+    elif type(v) is _Tensor and type(x) in _SCALARS and v.dtype in _NATIVE:
+        x = torch.full((), x, dtype=v.dtype, device=v.device)
     if type(v) is _Tensor and type(x) is _Tensor:
         dtype = v.dtype
         if dtype is x.dtype and (dtype is _f64 or dtype is _f32) and skips_dispatcher(v, x):
@@ -260,6 +268,8 @@ def _broadcast_output(v: torch.Tensor, x: torch.Tensor):
     handle them (no broadcast, too many dimensions, different devices)."""
     if v.device != x.device:
         return None
+    if v.dim() == 0 or x.dim() == 0:  # a scalar beside a tensor: the tensor's shape
+        return _empty_like(x if v.dim() == 0 else v, memory_format=_contiguous)
     try:
         shape = torch.broadcast_shapes(v.shape, x.shape)
     except RuntimeError:
