@@ -21,7 +21,8 @@ constexpr const char* kFn = "log_bessel";
 // Indexed by LogBesselOp; used in error messages.
 constexpr const char* kOpNames[kNumLogBesselOps] = {
     "log_iv", "log_kv", "log_ive", "log_kve", "iv_ratio",
-    "dlog_iv_dx", "dlog_kv_dx", "dlog_iv_dv", "dlog_kv_dv", "iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2"};
+    "dlog_iv_dx", "dlog_kv_dx", "dlog_iv_dv", "dlog_kv_dv", "iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2",
+    "iv_ratio_dx2"};
 
 void require_valid_op(int op) {
   if (op < 0 || op >= kNumLogBesselOps) {
