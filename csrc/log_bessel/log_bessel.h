@@ -28,14 +28,16 @@ enum class LogBesselOp : int {
   iv_ratio_dx = 9,     // d/dx (I_{v+1}(x) / I_v(x))
   d2log_iv_dx2 = 10,   // d2/dx2 log I_v(x)
   d2log_kv_dx2 = 11,   // d2/dx2 log K_v(x)
+  iv_ratio_dx2 = 12,   // d2/dx2 (I_{v+1}(x) / I_v(x))
 };
-constexpr int kNumLogBesselOps = 12;
+constexpr int kNumLogBesselOps = 13;
 
 // The ops' names, indexed by LogBesselOp: the bindings export them (LOG_BESSEL_OPS), the
 // benchmarks label rows with them. One list, next to the enum it names.
 constexpr const char* kLogBesselOpNames[kNumLogBesselOps] = {
     "log_iv",     "log_kv",     "log_ive",    "log_kve",     "iv_ratio",     "dlog_iv_dx",
-    "dlog_kv_dx", "dlog_iv_dv", "dlog_kv_dv", "iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2"};
+    "dlog_kv_dx", "dlog_iv_dv", "dlog_kv_dv", "iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2",
+    "iv_ratio_dx2"};
 
 // CPU: OpenMP over elements with num_threads threads (<= 0: OpenMP's default).
 Status log_bessel_cpu(LogBesselOp op, DType dtype, const void* v, const void* x, void* out,

@@ -76,6 +76,7 @@ void run_classified(LogBesselOp op, const T* v, const T* x, T* out, int64_t begi
     DK_CASE(log_iv) DK_CASE(log_kv) DK_CASE(log_ive) DK_CASE(log_kve) DK_CASE(iv_ratio)
     DK_CASE(dlog_iv_dx) DK_CASE(dlog_kv_dx) DK_CASE(dlog_iv_dv) DK_CASE(dlog_kv_dv)
     DK_CASE(iv_ratio_dx) DK_CASE(d2log_iv_dx2) DK_CASE(d2log_kv_dx2)
+    DK_CASE(iv_ratio_dx2)
 #undef DK_CASE
   }
 }

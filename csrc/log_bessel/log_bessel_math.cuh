@@ -17,9 +17,10 @@
 // and so does v = +-inf with x = inf (the limit depends on the path: SciPy's iv, kv
 // give NaN there too).
 //
-// Second derivatives in x (d/dx of the ratio, d2/dx2 of the logs) come from each branch's
-// own sums, never from the Bessel equation's 1 + v^2/x^2 - D/x - D^2, which cancels for
-// small x (~v^2/x^2 against D^2), for large x (~1 against D^2) and is NaN below x ~ 1e-154.
+// Second derivatives in x (d/dx and d2/dx2 of the ratio, d2/dx2 of the logs) come from
+// each branch's own sums (d2/dx2 of the ratio: detail/ratio_dx2.cuh), never from the
+// Bessel equation's 1 + v^2/x^2 - D/x - D^2, which cancels for small x (~v^2/x^2 against
+// D^2), for large x (~1 against D^2) and is NaN below x ~ 1e-154.
 // They are computed in double also for float inputs (they serve autograd's double
 // backward, where the small-order K branches would lose ~x^2 ulps of float).
 #pragma once
@@ -29,6 +30,7 @@
 #include "log_bessel/detail/debye.cuh"
 #include "log_bessel/detail/hankel.cuh"
 #include "log_bessel/detail/numeric.cuh"
+#include "log_bessel/detail/ratio_dx2.cuh"
 #include "log_bessel/detail/result.cuh"
 #include "log_bessel/detail/series.cuh"
 #include "log_bessel/detail/shifted_order.cuh"
@@ -157,7 +159,7 @@ DK_HOST_DEVICE_LARGE T dlog_iv_dv_negative_integer(T n, T x) {
 
 constexpr bool is_second_derivative_op(LogBesselOp op) {
   return op == LogBesselOp::iv_ratio_dx || op == LogBesselOp::d2log_iv_dx2 ||
-         op == LogBesselOp::d2log_kv_dx2;
+         op == LogBesselOp::d2log_kv_dx2 || op == LogBesselOp::iv_ratio_dx2;
 }
 
 // The second-derivative ops (in double for every T). The CUDA kernels run them in a kernel
@@ -174,6 +176,10 @@ DK_HOST_DEVICE_LARGE double evaluate_second(LogBesselOp op, double v, double x) 
                      : log_iv(v, x, want).ratio_dx;
     case LogBesselOp::d2log_iv_dx2: return log_iv(neg_int ? -v : v, x, want).d2log_dx2;
     case LogBesselOp::d2log_kv_dx2: return log_kv(v, x, want).d2log_dx2;
+    case LogBesselOp::iv_ratio_dx2:
+      // d2/dx2 (2n/x + I_{n+1} / I_n) = 4n/x^3 + ...: -4v/x^3 at v = -n (+inf at x = 0);
+      // other negative v give NaN there.
+      return neg_int ? iv_ratio_dx2(-v, x) - 4.0 * v / x / x / x : iv_ratio_dx2(v, x);
     default: break;
   }
   return quiet_nan<double>();
@@ -205,6 +211,7 @@ DK_HOST_DEVICE T evaluate(LogBesselOp op, T v, T x) {
     case LogBesselOp::iv_ratio_dx:
     case LogBesselOp::d2log_iv_dx2:
     case LogBesselOp::d2log_kv_dx2:
+    case LogBesselOp::iv_ratio_dx2:
 #if !defined(__CUDA_ARCH__)
       return T(evaluate_second(op, double(v), double(x)));
 #else

@@ -28,13 +28,14 @@ underflows, for orders and arguments from the smallest subnormal to the largest 
 (no intermediate squares ``v`` or ``x`` or forms ``v x``).
 
 Gradients: in ``x`` for every function, to any order. The first and second
-x-derivatives of the logs and the first of ``bessel_iv_ratio`` are computed from each
-branch's own sums (within ~1e-11 relative of mpmath from ``x = 1e-300`` to ``1e10``, with
-the exact limits at ``x = 0``, e.g. ``d/dx bessel_iv_ratio(v, 0) = 1/(2(v+1))``); higher
-orders follow from the Bessel differential equation, which cancels for small and large
-``x`` (the second x-derivative of ``bessel_iv_ratio`` loses all digits below
-``x ~ 1e-6``). In ``v``: first order for ``log_iv``, ``log_ive``,
-``log_kv``, ``log_kve``. The derivative in ``v`` of ``bessel_iv_ratio`` and second
+x-derivatives of the logs and of ``bessel_iv_ratio`` are computed from each branch's own
+sums (within ~1e-11 relative of mpmath from ``x = 1e-300`` to ``1e10``, with the exact
+limits at ``x = 0``, e.g. ``d/dx bessel_iv_ratio(v, 0) = 1/(2(v+1))``,
+``d2/dx2 bessel_iv_ratio(v, 0) = 0``); third and higher orders follow from the Bessel
+differential equation, which cancels for small and large ``x`` (e.g. the third
+x-derivative of ``bessel_iv_ratio`` loses ~2 log10(1/x) digits for small ``x``, all of them
+below ``x ~ 1e-7``, and ~log10(x) digits for large ``x``). In ``v``: first order for
+``log_iv``, ``log_ive``, ``log_kv``, ``log_kve``. The derivative in ``v`` of ``bessel_iv_ratio`` and second
 derivatives involving ``v`` are not implemented: they raise ``NotImplementedError`` when
 the backward pass would use them (``v`` requiring grad alone is fine: with
 ``torch.autograd.grad(out, x)`` only the x-gradient is computed).
@@ -102,17 +103,21 @@ _PUBLIC = {
     "iv_ratio_dx": "the x-derivative of bessel_iv_ratio",
     "d2log_iv_dx2": "the second x-derivative of log_iv/log_ive",
     "d2log_kv_dx2": "the second x-derivative of log_kv/log_kve",
+    "iv_ratio_dx2": "the second x-derivative of bessel_iv_ratio",
 }
 
 # d/dx of each op, as another op (each computed from its branch's own sums: the forms
 # that follow from the Bessel equation, e.g. R' = 1 - (2v+1) R/x - R^2 for the ratio,
-# cancel for small and large x), plus the constant the scaled forms add.
+# cancel for small and large x), plus the constant the scaled forms add. The second
+# x-derivatives of the logs and the first two of the ratio are ops of their own; the
+# derivatives of those (third order and up) follow from the Bessel equation.
 _DX_OP = {
     "log_iv": ("dlog_iv_dx", 0.0), "log_ive": ("dlog_iv_dx", -1.0),
     "log_kv": ("dlog_kv_dx", 0.0), "log_kve": ("dlog_kv_dx", 1.0),
-    "iv_ratio": ("iv_ratio_dx", 0.0),
+    "iv_ratio": ("iv_ratio_dx", 0.0), "iv_ratio_dx": ("iv_ratio_dx2", 0.0),
     "dlog_iv_dx": ("d2log_iv_dx2", 0.0), "dlog_kv_dx": ("d2log_kv_dx2", 0.0),
 }
+_BESSEL_EQUATION_DX = ("iv_ratio_dx2", "d2log_iv_dx2", "d2log_kv_dx2")
 _DV_OP = {"log_iv": "dlog_iv_dv", "log_ive": "dlog_iv_dv",
           "log_kv": "dlog_kv_dv", "log_kve": "dlog_kv_dv"}
 
@@ -122,13 +127,15 @@ def _dlog_dx(v: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _third_order(name: str, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """d/dx of the second-derivative ops (third derivatives), by differentiating the
-    Bessel equation once more; each factor is again an op, so any order follows."""
-    if name == "iv_ratio_dx":
-        # R' = 1 - (2v+1) R/x - R^2  =>  R'' = (2v+1) (R/x - R') / x - 2 R R'
+    """d/dx of the ops in _BESSEL_EQUATION_DX (third derivatives), by differentiating the
+    Bessel equation; each factor is again an op, so any order follows."""
+    if name == "iv_ratio_dx2":
+        # R' = 1 - (2v+1) R/x - R^2, differentiated twice:
+        # R''' = -(2v+1) (R''/x - 2 (R' - R/x)/x^2) - 2 (R'^2 + R R'')
         r = _log_bessel(v, x, _OPS["iv_ratio"])
         dr = _log_bessel(v, x, _OPS["iv_ratio_dx"])
-        return (2 * v + 1) * (r / x - dr) / x - 2 * r * dr
+        ddr = _log_bessel(v, x, _OPS["iv_ratio_dx2"])
+        return -(2 * v + 1) * (ddr - 2 * (dr - r / x) / x) / x - 2 * (dr * dr + r * ddr)
     # D' = 1 + v^2/x^2 - D/x - D^2  =>  D'' = -2 v^2/x^3 + (D/x - D')/x - 2 D D'
     first = "dlog_iv_dx" if name == "d2log_iv_dx2" else "dlog_kv_dx"
     d = _log_bessel(v, x, _OPS[first])
@@ -174,7 +181,7 @@ def _backward(ctx, grad):
             dx_name, shift = _DX_OP[name]
             d = _log_bessel(v, x, _OPS[dx_name])
             grad_x = grad * (d + shift if shift else d)
-        elif name in ("iv_ratio_dx", "d2log_iv_dx2", "d2log_kv_dx2"):
+        elif name in _BESSEL_EQUATION_DX:
             grad_x = grad * _third_order(name, v, x)
         else:  # d/dv ops
             raise _not_implemented(name, "its derivative in x (a mixed second derivative "
