@@ -460,3 +460,183 @@ def test_side_stream(cuda_device):
     r = dk.bessel_iv_ratio(torch.full((1000,), 4.0, dtype=F64, device=cuda_device),
                            torch.logspace(-3, 5, 1000, dtype=F64, device=cuda_device))
     contract.check_side_stream(lambda r: concentration_from_mean_resultant_length(r, 10), r)
+
+
+# ------------------------------------------------- extreme concentrations (issue 9 #1)
+
+_HANG_SCRIPT = r"""
+import math, torch
+from diffkern.distributions import VonMisesFisher as V
+e = lambda p, dt: torch.eye(p, dtype=dt)[0]
+f64, f32 = torch.float64, torch.float32
+cases = [(3, f32, 1e19, True), (3, f32, 3e38, True), (3, f64, 1e154, True),
+         (2, f64, 1e300, True), (5, f64, torch.finfo(f64).max, True), (3, f64, math.inf, True),
+         (1000, f32, 1e30, True), (3, f64, math.nan, False), (3, f64, -2.0, False),
+         (2, f64, 0.0, False)]
+for p, dt, k, va in cases:
+    x = V(e(p, dt), torch.tensor(k, dtype=dt), validate_args=va).sample((3,))
+    print(p, dt, k, bool(torch.isfinite(x).all()), flush=True)
+# one bad element in a batch: its own row NaN, the others untouched
+k = torch.tensor([1.0, math.nan, 1e300, math.inf], dtype=f64)
+x = V(torch.eye(3, dtype=f64)[0].expand(4, 3), k, validate_args=False).sample((5,))
+print("batch", torch.isfinite(x).all(-1).all(0).tolist(), flush=True)
+"""
+
+
+def test_sampler_never_hangs_on_extreme_concentration():
+    # In a subprocess with a deadline: a regression shows as a failure, not a hung suite.
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _HANG_SCRIPT], capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"VonMisesFisher.sample hung; finished lines:\n{e.stdout}")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    finite = [ln.rsplit(" ", 1)[1] for ln in lines[:-1]]
+    assert finite == ["True"] * 7 + ["False", "False", "True"], out.stdout
+    assert lines[-1] == "batch [True, False, True, True]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("p", [2, 3, 5, 50])
+def test_sampler_moments_across_regimes(p, dtype):
+    """kappa (1 - w) has mean kappa (1 - A_p) and variance kappa^2 A_p' on both sides of
+    the huge-kappa switch (Wood below, Gamma(a)/kappa above) and far beyond it. loc is a
+    coordinate axis, so tangent components far below eps stay measurable."""
+    from diffkern.distributions import _dratio, _huge_kappa_threshold, _kappa_one_minus_ratio
+
+    torch.manual_seed(p)
+    th = _huge_kappa_threshold(p, dtype)
+    n = 20000
+    for k in (0.5 * th, 2 * th, 1e6, 0.01 * torch.finfo(dtype).max):
+        mu = torch.zeros(p, dtype=dtype)
+        mu[-1] = 1
+        x = VonMisesFisher(mu, torch.tensor(k, dtype=dtype)).sample((n,)).double()
+        assert ((x.norm(dim=-1) - 1).abs() <= 4 * torch.finfo(dtype).eps).all()
+        s = 0.5 * ((x - mu.double()) ** 2).sum(-1) * k   # kappa (1 - w), no cancellation
+        kt = torch.tensor(k, dtype=F64)
+        mean = _kappa_one_minus_ratio(p, kt).item()
+        var = _dratio(p, kt).item() * k * k if k < 1e100 else (p - 1) / 2
+        assert abs(s.mean().item() - mean) <= 5 * math.sqrt(var / n), (k, s.mean(), mean)
+        assert abs(s.var().item() / var - 1) < 0.1, (k, s.var(), var)
+
+
+def test_infinite_concentration_is_the_point_mass():
+    mu = _unit(2, 4, seed=3)
+    d = VonMisesFisher(mu, torch.tensor([math.inf, 2.0], dtype=F64), validate_args=True)
+    x = d.sample((6,))
+    assert torch.equal(x[:, 0], mu[0].expand(6, 4)) and torch.isfinite(x).all()
+    lp = d.log_prob(torch.stack([mu[0], mu[1]]))
+    assert lp[0] == math.inf and torch.isfinite(lp[1])
+    assert d.log_prob(mu[1].expand(2, 4))[0] == -math.inf
+    assert d.entropy()[0] == -math.inf and torch.isfinite(d.entropy()[1])
+    assert torch.equal(d.mean[0], mu[0]) and (d.variance[0] == 0).all()
+
+
+def test_nan_and_zero_concentration():
+    mu = _unit(3, seed=4)
+    with pytest.raises(ValueError, match="concentration"):
+        VonMisesFisher(mu, math.nan, validate_args=True)
+    d = VonMisesFisher(mu.expand(3, 3), torch.tensor([math.nan, -1.0, 3.0], dtype=F64),
+                       validate_args=False)
+    x = d.sample((4,))
+    assert torch.isnan(x[:, :2]).all() and torch.isfinite(x[:, 2]).all()
+    assert torch.isnan(d.log_prob(mu)[:2]).all() and torch.isfinite(d.log_prob(mu)[2])
+    # kappa = 0 (unvalidated) is the uniform distribution: the limits, not NaN
+    for p in (2, 3, 7):
+        u = VonMisesFisher(_unit(p, seed=p), 0.0, validate_args=False)
+        log_area = math.log(2) + (p / 2) * math.log(math.pi) - math.lgamma(p / 2)
+        assert abs(u.log_prob(_unit(p, seed=9)).item() + log_area) < 1e-14
+        assert abs(u.entropy().item() - log_area) < 1e-14
+        assert torch.allclose(u.variance, torch.full((p,), 1 / p, dtype=F64), rtol=1e-15)
+        x = u.sample((20000,))
+        assert (x.mean(0).abs() <= 5 * math.sqrt(1 / p / 20000)).all()
+
+
+def _entropy_mp(p, k):
+    """Entropy and A' from mpmath with the working precision raised for the size of k."""
+    with mp.workdps(60 + 2 * int(math.log10(max(k, 10)))):
+        nu, K = mp.mpf(p) / 2 - 1, mp.mpf(k)
+        i0, i1 = mp.besseli(nu, K), mp.besseli(nu + 1, K)
+        a = i1 / i0
+        log_c = nu * mp.log(K) - mp.mpf(p) / 2 * mp.log(2 * mp.pi) - mp.log(i0)
+        return float(-log_c - K * a), float(1 - a * a - (p - 1) * a / K)
+
+
+@pytest.mark.parametrize("p", [2, 3, 10, 200])
+def test_entropy_and_variance_at_large_concentration_vs_mpmath(p):
+    # 1 - A_p computed directly loses log10(2 kappa/(p-1)) digits; the series keeps them.
+    for k in (60.0 * p, 1e4 * p, 1e9, 1e14):
+        d = VonMisesFisher(_unit(p, seed=1), torch.tensor(k, dtype=F64))
+        h, dadk = _entropy_mp(p, k)
+        assert abs(d.entropy().item() - h) <= 1e-13 * max(1, abs(h)), (k, d.entropy(), h)
+        e1 = torch.zeros(p, dtype=F64)
+        e1[0] = 1
+        var_w = VonMisesFisher(e1, torch.tensor(k, dtype=F64)).variance[0].item()
+        assert abs(var_w - dadk) <= 1e-9 * dadk, (k, var_w, dadk)
+
+
+def test_huge_concentration_regime_gradients():
+    mu = _unit(3, seed=2).requires_grad_()
+    k = torch.tensor([5.0, 1e20], dtype=F64, requires_grad=True)
+    x, lr = VonMisesFisher(mu, k).rsample_with_correction((16,))
+    (gk,) = torch.autograd.grad(lr.sum(), k, retain_graph=True)
+    assert torch.isfinite(gk).all() and gk[1] == 0  # exact reparameterization there
+    gm, gk2 = torch.autograd.grad((x @ torch.tensor([1.0, 2, 3], dtype=F64)).sum(), (mu, k))
+    assert torch.isfinite(gm).all() and torch.isfinite(gk2).all()
+
+
+def test_rejection_loop_is_capped(monkeypatch):
+    import diffkern.distributions as dist
+
+    monkeypatch.setattr(dist, "_MAX_ROUNDS", 0)
+    with pytest.raises(RuntimeError, match="VonMisesFisher.sample"):
+        VonMisesFisher(_unit(3), 1.0).sample()
+    VonMisesFisher(_unit(3), math.inf).sample()  # no Wood element: nothing to cap
+
+
+def test_wood_acceptance_is_finite_and_above_half():
+    from diffkern.distributions import _huge_kappa_threshold, _wood_constants
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, F64):
+        for p in (2, 3, 30, 10 ** 6):
+            th = _huge_kappa_threshold(p, dtype)
+            for k in (0.0, 1e-30, 1e-3, 1.0, 1e3, 0.9 * th):
+                kk = torch.full((4000,), k, dtype=dtype)
+                b, omb, x0, omx0 = _wood_constants(kk, p)
+                assert all(torch.isfinite(t).all() for t in (b, omb, x0, omx0))
+                g = torch._standard_gamma(torch.full((8000,), (p - 1) / 2, dtype=dtype))
+                z, oz = g[:4000] / (g[:4000] + g[4000:]), g[4000:] / (g[:4000] + g[4000:])
+                omw = 2 * b * z / (oz + b * z)
+                y = kk * (omw - omx0) / (p - 1)
+                t = (p - 1) * (torch.log1p(y) - y)
+                # log acceptance <= 0 up to rounding
+                assert torch.isfinite(t).all() and (t <= 1e-5).all()
+                assert t.exp().mean() > 0.6, (dtype, p, k)
+
+
+def test_meta_device_and_half_precision():
+    with pytest.raises(ValueError, match="VonMisesFisher: loc: .*meta"):
+        VonMisesFisher(torch.tensor([1.0, 0, 0], device="meta"), 2.0)
+    with pytest.raises(ValueError, match="VonMisesFisher: concentration: .*meta"):
+        VonMisesFisher(torch.tensor([1.0, 0, 0]), torch.tensor(2.0, device="meta"))
+    with pytest.raises(ValueError, match="fit_von_mises_fisher: x: .*meta"):
+        fit_von_mises_fisher(torch.ones(5, 3, device="meta"))
+    x = _unit(2, 400, 3, seed=5)
+    mu64, k64 = fit_von_mises_fisher(x)
+    for dt in (torch.float16, torch.bfloat16):
+        mu, k = fit_von_mises_fisher(x.to(dt))
+        assert mu.dtype == k.dtype == dt
+        assert torch.allclose(k.double(), k64, rtol=0.05)
+        d = VonMisesFisher(mu, k)
+        s = d.sample((3,))
+        assert s.dtype == dt and torch.isfinite(s).all()
+        for t in (d.log_prob(s), d.entropy(), d.mean, d.variance):
+            assert t.dtype == dt and torch.isfinite(t).all()
+    # more half rows than float16 can count: the sums run in float32
+    big = _unit(70000, 3, seed=6).to(torch.float16)
+    assert torch.isfinite(fit_von_mises_fisher(big)[1])

@@ -13,6 +13,16 @@ Everything is computed through :func:`diffkern.log_ive` (``log I_nu(k) - k``) an
 resultant length), so nothing overflows for ``p`` up to 32768 and beyond and ``kappa``
 from 1e-6 to 1e7 and beyond.
 
+Domain: ``kappa`` in ``(0, inf]`` (what ``validate_args`` accepts). ``kappa = inf`` is the
+limit of the family, the point mass at ``loc``: samples equal ``loc``, ``log_prob`` is
+``+inf`` at ``loc`` and ``-inf`` elsewhere, the entropy ``-inf``, the variance 0. With
+``validate_args=False``, ``kappa = 0`` is the other limit, the uniform distribution on the
+sphere, and a NaN or negative ``kappa`` gives NaN for its own elements (samples,
+densities) and leaves the others alone.
+Tensors must hold data on the CPU or a CUDA GPU (meta tensors are refused with a
+``ValueError``); float16/bfloat16 parameters are computed in float32 and returned in
+their own dtype, as the log-Bessel ops do.
+
 Contents:
 
 * :class:`VonMisesFisher` -- a ``torch.distributions.Distribution`` (``log_prob``,
@@ -25,6 +35,7 @@ Contents:
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from numbers import Number
@@ -81,16 +92,20 @@ class VonMisesFisher(Distribution):
 
     Args:
         loc: mean direction :math:`\mu`, shape ``(..., p)`` with ``p >= 2``, unit norm along
-            the last dimension (checked when ``validate_args``). float32 or float64.
-        concentration: :math:`\kappa > 0`, shape broadcastable with ``loc.shape[:-1]``
-            (checked when ``validate_args``). A Python number is allowed.
+            the last dimension (checked when ``validate_args``). float32 or float64
+            (float16/bfloat16: computed in float32, results in their dtype).
+        concentration: :math:`\kappa \in (0, \infty]`, shape broadcastable with
+            ``loc.shape[:-1]`` (checked when ``validate_args``; inf is the point-mass
+            limit, and 0 the uniform one when not validating: see the module
+            docstring). A Python number is allowed.
         validate_args: as in ``torch.distributions`` (default: on unless Python runs with
             ``-O``; note that the first ``torch.compile`` in a process turns torch's
             default off for every distribution, so pass ``True`` to be sure). Structural checks (``p >= 2``, shapes, dtypes, devices) always run;
             value checks (unit norm, ``kappa > 0``, samples on the sphere) only when on.
 
     ``batch_shape = broadcast(loc.shape[:-1], concentration.shape)``,
-    ``event_shape = (p,)``. Works on CPU and CUDA; float32 and float64.
+    ``event_shape = (p,)``. Works on CPU and CUDA (other devices, meta included, raise
+    ``ValueError``); float32 and float64 natively.
 
     Gradients: ``log_prob``, ``entropy``, ``mean``, ``variance`` are differentiable in
     ``loc`` and ``concentration`` (the latter through the log-Bessel ops). For ``rsample``
@@ -114,16 +129,23 @@ class VonMisesFisher(Distribution):
         if p < 2:
             raise ValueError(f"VonMisesFisher: loc: expected the last dimension p >= 2 (the "
                              f"sphere S^(p-1) in R^p), got p = {p} (shape {tuple(loc.shape)})")
-        if not loc.is_floating_point():
-            raise TypeError(f"VonMisesFisher: loc: expected a floating dtype, got {loc.dtype}")
+        _check_device("VonMisesFisher", "loc", loc)
+        if not loc.is_floating_point() or loc.dtype.itemsize == 1:
+            raise TypeError(f"VonMisesFisher: loc: expected float16, bfloat16, float32 or "
+                            f"float64, got {loc.dtype}")
         if isinstance(concentration, Number) and not isinstance(concentration, bool):
             concentration = torch.tensor(float(concentration), dtype=loc.dtype,
                                          device=loc.device)
         if not isinstance(concentration, torch.Tensor):
             raise TypeError(f"VonMisesFisher: concentration: expected a torch.Tensor or a real "
                             f"number, got {type(concentration).__name__}")
+        if concentration.is_complex() or concentration.dtype is torch.bool or (
+                concentration.is_floating_point() and concentration.dtype.itemsize == 1):
+            raise TypeError(f"VonMisesFisher: concentration: expected a real floating or integer "
+                            f"tensor, got dtype {concentration.dtype}")
         if not concentration.is_floating_point():
             concentration = concentration.to(loc.dtype)
+        _check_device("VonMisesFisher", "concentration", concentration)
         if concentration.device != loc.device:
             raise ValueError(f"VonMisesFisher: loc and concentration must be on one device, got "
                              f"loc on {loc.device} and concentration on {concentration.device}")
@@ -138,6 +160,7 @@ class VonMisesFisher(Distribution):
         self.loc = loc.to(dtype).expand(batch_shape + (p,))
         self.concentration = concentration.to(dtype).expand(batch_shape)
         self._p = p
+        self._cdtype = _compute_dtype(dtype)
         super().__init__(batch_shape, torch.Size((p,)), validate_args=validate_args)
 
     # ---- torch.distributions plumbing
@@ -148,6 +171,7 @@ class VonMisesFisher(Distribution):
         new.loc = self.loc.expand(batch_shape + (self._p,))
         new.concentration = self.concentration.expand(batch_shape)
         new._p = self._p
+        new._cdtype = self._cdtype
         super(VonMisesFisher, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -156,12 +180,17 @@ class VonMisesFisher(Distribution):
     def _nu(self) -> float:
         return self._p / 2 - 1
 
+    def _params(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loc, concentration) in the compute dtype (float32 for float16/bfloat16)."""
+        return self.loc.to(self._cdtype), self.concentration.to(self._cdtype)
+
     # ---- moments
 
     @property
     def mean(self) -> torch.Tensor:
         r""":math:`E[x] = A_p(\kappa)\,\mu`, shape ``batch + (p,)``."""
-        return self._mean_resultant_length().unsqueeze(-1) * self.loc
+        mu, k = self._params()
+        return (bessel_iv_ratio(self._nu, k).unsqueeze(-1) * mu).to(self.loc.dtype)
 
     @property
     def mode(self) -> torch.Tensor:
@@ -175,45 +204,51 @@ class VonMisesFisher(Distribution):
         :math:`\mathrm{Cov}[x] = \frac{A}{\kappa} I + (A' - \frac{A}{\kappa})\mu\mu^\top`, so
         :math:`\mathrm{Var}[x_i] = \frac{A}{\kappa}(1-\mu_i^2) + A'\mu_i^2` with
         :math:`A' = 1 - A^2 - (p-1)A/\kappa` (the variance of :math:`\mu^\top x`).
+        Limits: :math:`1/p` at :math:`\kappa = 0`, 0 at :math:`\kappa = \infty`.
         """
-        k = self.concentration
-        a = self._mean_resultant_length()
-        a_over_k = (a / k).unsqueeze(-1)
-        dadk = self._dmean_resultant_length(a).unsqueeze(-1)
-        mu2 = self.loc * self.loc
-        return a_over_k * (1 - mu2) + dadk * mu2
-
-    def _mean_resultant_length(self) -> torch.Tensor:
-        return bessel_iv_ratio(self._nu, self.concentration)
-
-    def _dmean_resultant_length(self, a: torch.Tensor) -> torch.Tensor:
-        k = self.concentration
-        # (1 - A)(1 + A) rather than 1 - A^2: 1 - A is exact, so only A's own error remains.
-        return ((1 - a) * (1 + a) - (self._p - 1) * a / k).clamp_min(0)
+        mu, k = self._params()
+        p = self._p
+        zero = k == 0
+        ks = torch.where(zero, torch.ones_like(k), k)
+        a_over_k = torch.where(zero, torch.full_like(k, 1 / p), bessel_iv_ratio(self._nu, ks) / ks)
+        dadk = torch.where(zero, torch.full_like(k, 1 / p), _dratio(p, ks))
+        mu2 = mu * mu
+        out = a_over_k.unsqueeze(-1) * (1 - mu2) + dadk.unsqueeze(-1) * mu2
+        return out.to(self.loc.dtype)
 
     # ---- densities
 
-    def _log_normalizer_minus_kappa(self) -> torch.Tensor:
+    def _log_normalizer_minus_kappa(self, k: torch.Tensor) -> torch.Tensor:
         # log C_p(k) + k = nu log k - (p/2) log 2pi - log_ive(nu, k)
-        k = self.concentration
-        return self._nu * torch.log(k) - (self._p / 2) * _LOG_2PI - log_ive(self._nu, k)
+        nu = self._nu
+        return _log_prefactor(nu, k) + nu * math.log(2) - (self._p / 2) * _LOG_2PI
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r"""Log density, shape ``broadcast(value.shape[:-1], batch_shape)``.
 
         :math:`\log C_p(\kappa) + \kappa(\mu^\top x - 1) + \kappa`, with
         :math:`\mu^\top x - 1 = -\tfrac12\lVert x - \mu\rVert^2` for unit vectors (no
-        cancellation when x is close to mu and kappa is huge).
+        cancellation when x is close to mu and kappa is huge). At ``kappa = inf``:
+        ``+inf`` where ``value == loc`` exactly, ``-inf`` elsewhere.
         """
         if self._validate_args:
             self._validate_sample(value)
-        dist2 = (value - self.loc).pow(2).sum(-1)
-        return self._log_normalizer_minus_kappa() - 0.5 * self.concentration * dist2
+        mu, k = self._params()
+        dist2 = (value.to(self._cdtype) - mu).pow(2).sum(-1)
+        point = k == math.inf
+        ks = torch.where(point, torch.zeros_like(k), k)
+        out = self._log_normalizer_minus_kappa(ks) - 0.5 * ks * dist2
+        out = torch.where(point, torch.where(dist2 == 0, math.inf, -math.inf), out)
+        return out.to(torch.promote_types(self.loc.dtype, value.dtype)
+                      if value.is_floating_point() else self.loc.dtype)
 
     def entropy(self) -> torch.Tensor:
-        r""":math:`-\log C_p(\kappa) - \kappa A_p(\kappa)`, shape ``batch_shape``."""
-        k = self.concentration
-        return k * (1 - self._mean_resultant_length()) - self._log_normalizer_minus_kappa()
+        r""":math:`-\log C_p(\kappa) - \kappa A_p(\kappa)`, shape ``batch_shape``
+        (``-inf`` at ``kappa = inf``). :math:`\kappa(1 - A_p)` comes from its large-kappa
+        series where ``1 - A_p`` would lose digits."""
+        _, k = self._params()
+        out = _kappa_one_minus_ratio(self._p, k) - self._log_normalizer_minus_kappa(k)
+        return torch.where(k == math.inf, -math.inf, out).to(self.loc.dtype)
 
     # ---- sampling
 
@@ -229,9 +264,18 @@ class VonMisesFisher(Distribution):
         sampler with a transformed Beta((p-1)/2, (p-1)/2) proposal
         :math:`w = h(z, \kappa) = \frac{1-(1+b)z}{1-(1-b)z}`,
         :math:`b = \frac{p-1}{2\kappa + \sqrt{4\kappa^2+(p-1)^2}}`; the tangent part is
-        uniform on the sphere orthogonal to :math:`e_1`; a Householder reflection maps
-        :math:`\pm e_1` to :math:`\mu` (the sign that keeps the reflection well
-        conditioned).
+        uniform on the sphere orthogonal to :math:`\mu` (a standard normal vector projected
+        off :math:`\mu` and normalized), :math:`x = w\mu + \sqrt{1-w^2}\,t`, so components
+        of size below eps (huge kappa) keep their relative precision. Every round of the rejection loop accepts with probability above
+        1/2 for every (p, kappa); the loop is capped at 200 rounds (reaching the cap,
+        probability below 2^-200 per element, raises ``RuntimeError``).
+
+        Huge kappa (above ``max(|a-1|(a+1)/eps, 40(a+1))``, ``a = (p-1)/2``; e.g. 3.4e15
+        for p = 2 and 80 for p = 3 in float64): :math:`1 - w = g/\kappa` with
+        :math:`g \sim \mathrm{Gamma}(a, 1)`, the large-kappa law of :math:`1 - w`, whose
+        density differs from the exact one by a factor :math:`(1-(1-w)/2)^{a-1}` that is
+        within rounding of 1 there; no rejection, no overflow, ``kappa = inf`` gives
+        ``loc``. This part is an exact reparameterization in kappa too.
 
         Gradient estimator: the accepted Beta draw ``z`` and the tangent direction are the
         noise; gradients flow through ``h(z, kappa)`` and through the reflection. In ``loc``
@@ -268,44 +312,57 @@ class VonMisesFisher(Distribution):
         differentiable in ``concentration``. For a per-sample objective ``f = f(x)``, the
         surrogate ``f + f.detach() * (log_ratio - log_ratio.detach())`` has the value of
         ``f`` and, in expectation, the exact gradient :math:`g_{rep} + g_{cor}` of
-        :math:`E[f(x)]` (Naesseth et al., 2017).
+        :math:`E[f(x)]` (Naesseth et al., 2017). In the huge-kappa regime (see
+        :meth:`rsample`) the reparameterization is exact, and ``log_ratio`` is the
+        Gamma(a, 1) log density of the noise, constant in kappa.
         """
         return self._rsample(sample_shape, want_log_ratio=True)
 
     def _rsample(self, sample_shape, want_log_ratio: bool):
         shape = self._extended_shape(sample_shape)  # sample + batch + (p,)
         p = self._p
-        kappa = self.concentration.expand(shape[:-1])
-        z, omz = _wood_accepted_beta(kappa.detach(), p)  # the noise: accepted Beta draws
-        b, _, _, _ = _wood_constants(kappa, p)
+        mu, kappa = self._params()
+        kappa = kappa.expand(shape[:-1])
+        z, omz, g, huge, bad = _sampler_noise(kappa.detach(), p)
+        one = torch.ones_like(kappa)
+        # Each regime on its own safe copy of kappa: where() would otherwise route the
+        # other regime's inf/NaN derivatives into the gradient.
+        k_w = torch.where(huge | bad, one, kappa)
+        k_g = torch.where(huge, kappa, one)
+        b = _wood_b(k_w, p)
         bz = b * z
         den = omz + bz                       # 1 - (1 - b) z
-        omw = 2 * bz / den                   # 1 - w, exact even when w -> 1
-        opw = 2 * omz / den                  # 1 + w
-        w = (omz - bz) / den
+        omw_g = (g / k_g).clamp_max(2)       # Gamma(a)/kappa: the huge-kappa law of 1 - w
+        omw = torch.where(huge, omw_g, 2 * bz / den)   # 1 - w, exact even when w -> 1
+        opw = torch.where(huge, 2 - omw_g, 2 * omz / den)  # 1 + w
+        w = torch.where(omw <= 1, 1 - omw, opw - 1)
         rho = torch.sqrt(omw * opw)          # sqrt(1 - w^2)
 
-        v = torch.randn(shape[:-1] + (p - 1,), dtype=self.loc.dtype, device=self.loc.device)
-        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(
-            torch.finfo(v.dtype).tiny)
-
-        # Householder reflection mapping s*e1 to mu, with s = -sign(mu_1) so that
-        # ||u||^2 = 2(1 + |mu_1|) >= 2.
-        mu = self.loc
-        s = torch.where(mu[..., :1] >= 0, -1.0, 1.0).to(mu.dtype)
-        u = torch.cat([s - mu[..., :1], -mu[..., 1:]], dim=-1)
-        xp = torch.cat([(s * w.unsqueeze(-1)), rho.unsqueeze(-1) * v], dim=-1)
-        coef = 2 * (u * xp).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True)
-        x = xp - coef * u
+        # x = w mu + rho t with t uniform on the unit sphere orthogonal to mu (a Gaussian
+        # projected off mu, twice, so t.mu is at rounding level even when v is nearly
+        # parallel to mu). Unlike a reflection of (w, rho v), this keeps the tangent
+        # components to full relative precision when rho is below eps (huge kappa).
+        mu = mu / torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
+        v = torch.randn(shape, dtype=mu.dtype, device=mu.device)
+        t = v - (v * mu).sum(-1, keepdim=True) * mu
+        t = t - (t * mu).sum(-1, keepdim=True) * mu  # twice is enough (Kahan/Parlett)
+        t = t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(
+            torch.finfo(t.dtype).tiny)
+        x = w.unsqueeze(-1) * mu + rho.unsqueeze(-1) * t
+        x = torch.where(bad.unsqueeze(-1), math.nan, x).to(self.loc.dtype)
 
         log_ratio = None
         if want_log_ratio:
             nu = self._nu
-            k = kappa
-            log_q = (-k * omw + (nu - 0.5) * torch.log(omw * opw) + nu * torch.log(k / 2)
-                     - _HALF_LOG_PI - math.lgamma(nu + 0.5) - log_ive(nu, k))
+            k = k_w
+            log_q = (-k * omw + (nu - 0.5) * torch.log(omw * opw) + _log_prefactor(nu, k)
+                     - _HALF_LOG_PI - math.lgamma(nu + 0.5))
             log_dh = torch.log(2 * b) - 2 * torch.log(den)
-            log_ratio = log_q + log_dh  # log q(h) - log r(h) + const, r(h) = s(z)/|dh/dz|
+            a = (p - 1) / 2
+            log_gamma = (a - 1) * torch.log(g) - g - math.lgamma(a)
+            # log q(h) - log r(h) + const, r(h) = s(z)/|dh/dz|
+            log_ratio = torch.where(huge, log_gamma, log_q + log_dh)
+            log_ratio = torch.where(bad, math.nan, log_ratio).to(self.loc.dtype)
         return x, log_ratio
 
     def __repr__(self) -> str:
@@ -313,66 +370,208 @@ class VonMisesFisher(Distribution):
                 f"dtype: {self.loc.dtype})")
 
 
-def _wood_constants(kappa: torch.Tensor, p: int):
-    r"""b, 1 - b, x0 = (1-b)/(1+b) and 1 - x0 of Wood's sampler, without cancellation.
+# ------------------------------------------------------------------------- helpers
 
-    With :math:`s = \sqrt{4\kappa^2 + (p-1)^2}` and :math:`D = 2\kappa + s + p - 1`:
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _check_device(fn: str, name: str, t: torch.Tensor) -> None:
+    # The log-Bessel ops, the sampler's data-dependent loop and the solver need real data.
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: {name}: expected a cpu or cuda tensor, got device {t.device} "
+                         f"(meta and other devices are not supported)")
+
+
+def _log_prefactor(nu: float, k: torch.Tensor) -> torch.Tensor:
+    """``nu log(k/2) - log_ive(nu, k)`` with its limits: ``lgamma(nu+1) + k`` at k = 0 (the
+    first-order term keeps the k-derivative right there) and ``+inf`` at k = inf."""
+    zero, inf = k == 0, k == math.inf
+    ks = torch.where(zero | inf, torch.ones_like(k), k)
+    val = nu * torch.log(ks / 2) - log_ive(nu, ks)
+    val = torch.where(zero, k + math.lgamma(nu + 1), val)
+    return torch.where(inf, math.inf, val)
+
+
+@functools.lru_cache(maxsize=256)
+def _ratio_series(p: int, terms: int = 9) -> Tuple[float, ...]:
+    r"""Scaled coefficients d_n of the large-kappa series
+    :math:`1 - A_p(\kappa) = \sum_{n \ge 1} d_n u^n`, :math:`u = c_1/\kappa`,
+    :math:`c_1 = (p-1)/2`.
+
+    From the Riccati equation :math:`A' = 1 - A^2 - (p-1)A/\kappa`: :math:`y = 1 - A`
+    obeys :math:`y' = -2y + y^2 + 2c_1(1-y)/\kappa`; with :math:`y = \sum c_n \kappa^{-n}`,
+    :math:`c_{n+1} = (\sum_{i=1}^{n} c_i c_{n+1-i} + (n - 2c_1) c_n)/2`. Scaled by
+    :math:`c_1^n` (so a Horner sum in u stays in range for any p), this is
+    :math:`d_{n+1} = (\sum d_i d_{n+1-i} + (n/c_1 - 2) d_n)/2`, :math:`d_1 = 1`.
+    The series is asymptotic; 9 terms reach double rounding for kappa >= 64 p
+    (checked against mpmath for p from 2 to 1000).
+    """
+    c1 = (p - 1) / 2
+    d = [0.0, 1.0]
+    for n in range(1, terms):
+        d.append((sum(d[i] * d[n + 1 - i] for i in range(1, n + 1)) + (n / c1 - 2) * d[n]) / 2)
+    return tuple(d[1:])
+
+
+def _series_cut(p: int, dtype: torch.dtype) -> float:
+    # Where the 9-term series is at the dtype's rounding level (float32: from 16 p).
+    return (64.0 if dtype == torch.float64 else 16.0) * p
+
+
+def _kappa_one_minus_ratio(p: int, k: torch.Tensor) -> torch.Tensor:
+    r""":math:`\kappa(1 - A_p(\kappa))` to full relative precision: directly below the
+    series cut, from the series above it (``1 - A`` computed directly loses
+    :math:`\log_{10}(2\kappa/(p-1))` digits); :math:`(p-1)/2` at kappa = inf."""
+    cut = _series_cut(p, k.dtype)
+    big = k >= cut
+    k_small = torch.where(big, torch.ones_like(k), k)
+    k_big = torch.where(big, k, torch.full_like(k, cut))
+    direct = k_small * (1 - bessel_iv_ratio(p / 2 - 1, k_small))
+    c1 = (p - 1) / 2
+    u = c1 / k_big
+    acc = torch.zeros_like(k_big)
+    for d in reversed(_ratio_series(p)):
+        acc = acc * u + d
+    return torch.where(big, c1 * acc, direct)
+
+
+def _dratio(p: int, k: torch.Tensor) -> torch.Tensor:
+    r""":math:`A_p'(\kappa) = 1 - A^2 - (p-1)A/\kappa` (the variance of :math:`\mu^\top x`),
+    for kappa > 0; from the derivative of the series above the series cut (directly the
+    two terms cancel to :math:`\approx (p-1)/(2\kappa^2)`), 0 at kappa = inf."""
+    cut = _series_cut(p, k.dtype)
+    big = k >= cut
+    k_small = torch.where(big, torch.ones_like(k), k)
+    k_big = torch.where(big, k, torch.full_like(k, cut))
+    a = bessel_iv_ratio(p / 2 - 1, k_small)
+    # (1 - A)(1 + A) rather than 1 - A^2: 1 - A is exact, so only A's own error remains.
+    direct = ((1 - a) * (1 + a) - (p - 1) * a / k_small).clamp_min(0)
+    c1 = (p - 1) / 2
+    u = c1 / k_big
+    acc = torch.zeros_like(k_big)
+    d = _ratio_series(p)
+    for n in range(len(d), 0, -1):   # -dy/dk = (u / k) sum n d_n u^(n-1)
+        acc = acc * u + n * d[n - 1]
+    return torch.where(big, (u / k_big) * acc, direct)
+
+
+def _wood_b(kappa: torch.Tensor, p: int) -> torch.Tensor:
+    """Wood's b = (p-1) / (2 kappa + sqrt(4 kappa^2 + (p-1)^2)), overflow-free (hypot)."""
+    m1 = p - 1
+    return m1 / (2 * kappa + torch.hypot(2 * kappa, torch.full_like(kappa, m1)))
+
+
+def _wood_constants(kappa: torch.Tensor, p: int):
+    r"""b, 1 - b, x0 = (1-b)/(1+b) and 1 - x0 of Wood's sampler, without cancellation or
+    overflow (for kappa below max/8, far above the huge-kappa threshold).
+
+    With :math:`s = \sqrt{4\kappa^2 + (p-1)^2}` (hypot) and :math:`D = 2\kappa + s + p - 1`:
     :math:`b = (p-1)/(2\kappa+s)`,
-    :math:`1-b = (2\kappa + 4\kappa^2/(s+p-1))/(2\kappa+s)`,
-    :math:`x_0 = (2\kappa + 4\kappa^2/(s+p-1))/D`, :math:`1-x_0 = 2(p-1)/D`.
+    :math:`1-b = 2\kappa(1 + 2\kappa/(s+p-1))/(2\kappa+s)`,
+    :math:`x_0 = 2\kappa(1 + 2\kappa/(s+p-1))/D`, :math:`1-x_0 = 2(p-1)/D`.
     """
     m1 = p - 1
-    s = torch.sqrt(4 * kappa * kappa + m1 * m1)
-    t = 2 * kappa + 4 * kappa * kappa / (s + m1)
+    s = torch.hypot(2 * kappa, torch.full_like(kappa, m1))
+    t = 2 * kappa * (1 + 2 * kappa / (s + m1))
     b = m1 / (2 * kappa + s)
     omb = t / (2 * kappa + s)
     dd = 2 * kappa + s + m1
     return b, omb, t / dd, 2 * m1 / dd
 
 
-def _wood_accepted_beta(kappa: torch.Tensor, p: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Accepted proposals (z, 1 - z) of Wood's rejection step, same shape as ``kappa``.
+def _huge_kappa_threshold(p: int, dtype: torch.dtype) -> float:
+    """From here on 1 - w ~ Gamma(a)/kappa (a = (p-1)/2) is exact to rounding: the exact
+    density of t = 1 - w is that Gamma's times (1 - t/2)^(a-1), whose log varies by about
+    |a-1| sqrt(a)/kappa over the bulk (below eps here), and t > 2 has probability below
+    e^-70. Capped at max/16 so Wood's constants never overflow below it."""
+    a = (p - 1) / 2
+    fi = torch.finfo(dtype)
+    return min(max(abs(a - 1) * (a + 1) / fi.eps, 40 * (a + 1)), fi.max / 16)
+
+
+_MAX_ROUNDS = 200
+
+
+def _sampler_noise(kappa: torch.Tensor, p: int):
+    """The sampler's noise for (detached) kappa of any shape: ``(z, 1 - z, g, huge, bad)``.
+
+    ``huge``: kappa at or above the huge-kappa threshold (inf included): those use the
+    Gamma(a, 1) draw ``g``. ``bad``: NaN or negative kappa: NaN samples. The others get
+    Wood's accepted Beta draw (z, 1 - z). Entries a regime does not use hold harmless
+    finite values (z = 1 - z = 1/2, g = 1) so no inf/NaN reaches a gradient.
+    """
+    a = (p - 1) / 2
+    bad = ~(kappa >= 0)
+    huge = (kappa >= _huge_kappa_threshold(p, kappa.dtype)) & ~bad
+    wood = ~(huge | bad)
+    g = torch._standard_gamma(torch.full_like(kappa, a)) if kappa.numel() else \
+        torch.ones_like(kappa)
+    g = torch.where(huge, g, torch.ones_like(g))
+    z, omz = _wood_accepted_beta(kappa, p, wood)
+    return z, omz, g, huge, bad
+
+
+def _wood_accepted_beta(kappa: torch.Tensor, p: int, active: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Accepted proposals (z, 1 - z) of Wood's rejection step, same shape as ``kappa``,
+    for the ``active`` elements (default: all; the others get 1/2, 1/2).
 
     Batched: every round draws one proposal for each element still pending (two Gamma
     draws give z and 1 - z, both to full relative precision), tests all of them at once,
-    and keeps going with the rejected ones until none is left. Wood's acceptance rate is
-    bounded away from 0 for all kappa and p (about 0.6 or more), so the number of rounds
-    grows like log(numel).
+    and keeps going with the rejected ones. The log acceptance is
+    :math:`(p-1)(\\log(1+y) - y) \\le 0`, :math:`y = \\kappa((1-w) - (1-x_0))/(p-1)`
+    (Wood's test, simplified with :math:`(1-x_0^2)/x_0 = (p-1)/\\kappa`): no
+    cancellation between terms of size p, and a NaN can only come from a NaN kappa (kept
+    out by the caller). Each round accepts with probability above 1/2 for every (p,
+    kappa >= 0), so rounds grow like log2(numel); after ``_MAX_ROUNDS`` rounds (never for
+    valid input: probability below numel * 2^-200) it raises ``RuntimeError`` rather
+    than loop on.
     """
     shape = kappa.shape
     kf = kappa.reshape(-1)
     n = kf.numel()
-    z = torch.empty_like(kf)
-    omz = torch.empty_like(kf)
+    z = torch.full_like(kf, 0.5)
+    omz = torch.full_like(kf, 0.5)
     if n == 0:
         return z.reshape(shape), omz.reshape(shape)
     alpha = (p - 1) / 2
     m1 = p - 1
-    idx = torch.arange(n, device=kf.device)
-    k = kf
-    b, _, x0, omx0 = _wood_constants(k, p)
-    log_1mx0sq = torch.log(omx0 * (1 + x0))
-    conc = torch.full((n,), alpha, dtype=kf.dtype, device=kf.device)
-    while True:
+    if active is None:
+        idx = torch.arange(n, device=kf.device)
+    else:
+        idx = active.reshape(-1).nonzero().squeeze(-1)
+    k = kf[idx]
+    b, _, _, omx0 = _wood_constants(k, p)
+    conc = torch.full((2 * idx.numel(),), alpha, dtype=kf.dtype, device=kf.device)
+    for _ in range(_MAX_ROUNDS):
         m = idx.numel()
-        g = torch._standard_gamma(conc[: 2 * m] if 2 * m <= n else conc.new_full((2 * m,), alpha))
+        if m == 0:
+            break
+        g = torch._standard_gamma(conc[: 2 * m])
         g1, g2 = g[:m], g[m:]
         tot = g1 + g2
         zz, oz = g1 / tot, g2 / tot
         bz = b * zz
-        den = oz + bz
-        omw = 2 * bz / den
-        # log acceptance: k (w - x0) + (p - 1) log((1 - x0 w) / (1 - x0^2))
-        t = k * (omx0 - omw) + m1 * (torch.log(omx0 + x0 * omw) - log_1mx0sq)
+        omw = 2 * bz / (oz + bz)
+        y = k * (omw - omx0) / m1
+        t = m1 * (torch.log1p(y) - y)
         u = torch.rand(m, dtype=kf.dtype, device=kf.device)
-        acc = (t >= torch.log(u)) & torch.isfinite(t) & (tot > 0)
+        acc = (t >= torch.log(u)) & (tot > 0)
         z[idx[acc]] = zz[acc]
         omz[idx[acc]] = oz[acc]
         rej = ~acc
-        if not bool(rej.any()):
-            break
-        idx, k, b, x0, omx0, log_1mx0sq = (a[rej] for a in (idx, k, b, x0, omx0, log_1mx0sq))
-    return z.reshape(shape), omz.reshape(shape)
+        idx, k, b, omx0 = (a[rej] for a in (idx, k, b, omx0))
+    if idx.numel() == 0:
+        return z.reshape(shape), omz.reshape(shape)
+    raise RuntimeError(
+        f"VonMisesFisher.sample: Wood's rejection sampler left {idx.numel()} element(s) "
+        f"unaccepted after {_MAX_ROUNDS} rounds (p = {p}, first kappa = {k[0].item()!r}); "
+        f"each round accepts with probability > 1/2 for valid kappa, so this is a bug: "
+        f"please report it with these values")
 
 
 # ------------------------------------------------------------ concentration from R-bar
@@ -486,8 +685,9 @@ def concentration_from_mean_resultant_length(
     kappa = 1e7), and the solver reaches it.
 
     Args:
-        rbar: mean resultant length(s) in [0, 1), any shape, float32 or float64 (other
-            dtypes are promoted to torch's default float dtype), CPU or CUDA.
+        rbar: mean resultant length(s) in [0, 1), any shape, float32 or float64
+            (float16/bfloat16: solved in float32, returned in their dtype; integers: torch's
+            default float dtype), CPU or CUDA.
         p: the dimension (``>= 2``): a number, or a tensor broadcastable with ``rbar``.
         tol: relative tolerance on kappa; default ``16 * eps(dtype)``.
         max_iter: cap on the evaluations of A_p per element in tolerance mode.
@@ -502,8 +702,10 @@ def concentration_from_mean_resultant_length(
     """
     if not isinstance(rbar, torch.Tensor):
         rbar = torch.as_tensor(rbar, dtype=torch.get_default_dtype())
+    _check_device("concentration_from_mean_resultant_length", "rbar", rbar)
     if not rbar.is_floating_point():
         rbar = rbar.to(torch.get_default_dtype())
+    out_dtype = rbar.dtype
     if rbar.dtype not in (torch.float32, torch.float64):
         rbar = rbar.float()
     if isinstance(p, torch.Tensor):
@@ -529,7 +731,8 @@ def concentration_from_mean_resultant_length(
         tol = 16 * torch.finfo(rbar.dtype).eps
     r = rbar.expand(shape).contiguous()
     pp = pt.expand(shape).contiguous()
-    return _ConcentrationFromRbar.apply(r, pp, float(tol), int(max_iter), iterations)
+    kappa = _ConcentrationFromRbar.apply(r, pp, float(tol), int(max_iter), iterations)
+    return kappa.to(out_dtype)
 
 
 def fit_von_mises_fisher(x: torch.Tensor, weights: Optional[torch.Tensor] = None, *,
@@ -544,7 +747,8 @@ def fit_von_mises_fisher(x: torch.Tensor, weights: Optional[torch.Tensor] = None
 
     Args:
         x: unit vectors, shape ``(..., n, p)`` (samples along ``dim``, the event along the
-            last dimension), float32/float64. Rows are not re-normalized.
+            last dimension), float32/float64 (float16/bfloat16: computed in float32, both
+            results returned in the input's dtype). Rows are not re-normalized.
         weights: optional non-negative weights, broadcastable to ``x.shape[:-1]``.
         dim: the sample dimension (default -2); must not be the last one.
         tol, max_iter, iterations: passed to the concentration solver.
@@ -561,8 +765,14 @@ def fit_von_mises_fisher(x: torch.Tensor, weights: Optional[torch.Tensor] = None
     if x.dim() < 2:
         raise ValueError(f"fit_von_mises_fisher: x: expected shape (..., n, p), got "
                          f"{tuple(x.shape)}")
+    _check_device("fit_von_mises_fisher", "x", x)
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
+    if x.dtype.itemsize == 1:
+        raise TypeError(f"fit_von_mises_fisher: x: expected float16, bfloat16, float32 or "
+                        f"float64, got {x.dtype}")
+    out_dtype = x.dtype
+    x = x.to(_compute_dtype(x.dtype))  # sums of many half-precision rows would overflow
     d = dim % x.dim()
     if d == x.dim() - 1:
         raise ValueError("fit_von_mises_fisher: dim: the sample dimension must not be the last "
@@ -588,4 +798,4 @@ def fit_von_mises_fisher(x: torch.Tensor, weights: Optional[torch.Tensor] = None
     rbar = norm / total
     kappa = concentration_from_mean_resultant_length(rbar, p, tol=tol, max_iter=max_iter,
                                                      iterations=iterations)
-    return mu, kappa
+    return mu.to(out_dtype), kappa.to(out_dtype)
