@@ -29,6 +29,10 @@ DK_HOST_DEVICE double exp_as(double x) {
   }
 }
 
+// NaN propagates (a NaN term makes the value NaN): a NaN potential or cost must show up as a
+// NaN marginal error, not vanish from the sum (`x > mx` is false for NaN, so the plain
+// running form dropped it, and a row whose terms were all NaN or -inf came out -inf: zero
+// mass, a finite error of exactly the missing weight).
 struct LogSumExp {
   double mx = -INFINITY;
   double sum = 0.0;
@@ -38,12 +42,15 @@ struct LogSumExp {
     if (x > mx) {  // also the first finite x: exp(-inf) = 0 clears the empty sum
       sum = sum * exp_as<T>(mx - x) + 1.0;
       mx = x;
-    } else if (x > -INFINITY) {  // -inf (a zero-mass partner) adds nothing
-      sum += exp_as<T>(x - mx);
+    } else if (x != -INFINITY) {  // -inf (a zero-mass partner) adds nothing; NaN poisons
+      sum += x == x ? exp_as<T>(x - mx) : x;
     }
   }
   DK_HOST_DEVICE void merge(double o_mx, double o_sum) {
-    if (o_mx == -INFINITY) return;
+    if (o_mx == -INFINITY) {
+      if (o_sum != o_sum) sum = o_sum;  // an all-NaN part
+      return;
+    }
     if (o_mx <= mx) {
       sum += o_sum * exp(o_mx - mx);
     } else {
@@ -51,7 +58,10 @@ struct LogSumExp {
       mx = o_mx;
     }
   }
-  DK_HOST_DEVICE double value() const { return mx == -INFINITY ? -INFINITY : mx + log(sum); }
+  // -inf for an empty (or all -inf) sum; NaN when a NaN term came in.
+  DK_HOST_DEVICE double value() const {
+    return sum != sum ? sum : (mx == -INFINITY ? -INFINITY : mx + log(sum));
+  }
 };
 
 enum class SweepMode : int {
