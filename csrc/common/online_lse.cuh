@@ -21,6 +21,8 @@ DK_HOST_DEVICE double exp_as(double x) {
   }
 }
 
+// NaN propagates: a NaN term makes the value NaN (`x > mx` is false for NaN, so a plain
+// running form would drop it, and a set of only NaN and -inf terms would come out -inf).
 struct OnlineLogSumExp {
   double mx = -INFINITY;
   double sum = 0.0;
@@ -31,13 +33,16 @@ struct OnlineLogSumExp {
     if (x > mx) {  // also the first finite x: exp(-inf) = 0 clears the empty sum
       sum = sum * exp_as<T>(mx - x) + 1.0;
       mx = x;
-    } else if (x > -INFINITY) {
-      sum += exp_as<T>(x - mx);
+    } else if (x != -INFINITY) {  // NaN poisons the sum
+      sum += x == x ? exp_as<T>(x - mx) : x;
     }
   }
   // Adds another partial result (its running maximum and scaled sum).
   DK_HOST_DEVICE void merge(double o_mx, double o_sum) {
-    if (o_mx == -INFINITY) return;
+    if (o_mx == -INFINITY) {
+      if (o_sum != o_sum) sum = o_sum;  // a part of only NaN terms
+      return;
+    }
     if (o_mx <= mx) {
       sum += o_sum * exp(o_mx - mx);
     } else {
@@ -46,8 +51,10 @@ struct OnlineLogSumExp {
     }
   }
   DK_HOST_DEVICE void merge(const OnlineLogSumExp& o) { merge(o.mx, o.sum); }
-  // log(sum of exp(x)); -inf for an empty (or all -inf) set.
-  DK_HOST_DEVICE double value() const { return mx == -INFINITY ? -INFINITY : mx + log(sum); }
+  // log(sum of exp(x)); -inf for an empty (or all -inf) set; NaN when a NaN came in.
+  DK_HOST_DEVICE double value() const {
+    return sum != sum ? sum : (mx == -INFINITY ? -INFINITY : mx + log(sum));
+  }
 };
 
 }  // namespace diffkern

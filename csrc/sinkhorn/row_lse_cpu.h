@@ -57,8 +57,13 @@ double row_lse(const T* row, const double* other, double own, int64_t K, double 
     buf[k] = x;
     mx = x > mx ? x : mx;
   }
-  if (mx == -INFINITY) return -INFINITY;
-  double s = 0;
+  if (mx == -INFINITY) {
+    // Every term -inf (zero mass), or NaN (which `x > mx` skipped): NaN must come out.
+    for (int64_t k = 0; k < K; ++k)
+      if (buf[k] != buf[k]) return buf[k];
+    return -INFINITY;
+  }
+  double s = 0;  // a NaN term after a finite maximum makes s NaN by itself
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < K; ++k) s += exp_nonpositive(buf[k] - mx);
   return mx + std::log(s);

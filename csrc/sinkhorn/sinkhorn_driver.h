@@ -44,6 +44,7 @@ class Driver {
     const BatchScalars& s = w_.s;
     bk_.for_batch(ResetBatch{s, st_.iterations, st_.newton_steps});
     bk_.reduce(n_, ArrayTerm{p_.a, n_}, SetSum{s.mass, s.active});
+    bk_.reduce(m_, ArrayTerm{p_.b, m_}, SetFloor{s.floor, s.b_scale, s.mass});
     // Rows exact from the start: f = T(g) (g is the warm start, or zeros).
     row_update(st_.g, st_.f, s.active);
     if (o_.method == SinkhornMethod::sinkhorn) {
@@ -68,7 +69,8 @@ class Driver {
   std::vector<double> host_report_;
   std::vector<int> host_flags_;
   int64_t max_active_iterations_ = 0;  // tolerance mode: most iterations of a live element
-  bool any_fallback_ = false;          // tolerance mode: a live element must fall back
+  bool any_fallback_ = false;          // tolerance mode: a live element is in its Sinkhorn phase
+  bool any_newton_ = false;            // tolerance mode: a live element is due a Newton step
   int64_t unconverged_ = -1;           // after the last check; -1: never checked (fixed mode)
 
   void row_update(const double* g, double* f, const int* mask) {
@@ -99,6 +101,8 @@ class Driver {
     double worst = 0;
     max_active_iterations_ = 0;
     any_fallback_ = false;
+    any_newton_ = false;
+    int64_t above_tol = 0;
     for (int64_t b = 0; b < B_; ++b) {
       const double* row = host_report_.data() + b * kReportFields;
       const double err = row[kReportErr];
@@ -106,11 +110,14 @@ class Driver {
         n_active += 1;
         max_active_iterations_ =
             std::max(max_active_iterations_, static_cast<int64_t>(row[kReportIterations]));
-        any_fallback_ = any_fallback_ || row[kReportFallback] != 0;
+        const bool fb = row[kReportFallback] != 0;
+        any_fallback_ = any_fallback_ || fb;
+        any_newton_ = any_newton_ || !fb;
       }
+      if (!(err <= o_.tol)) above_tol += 1;  // NaN counts
       worst = std::isnan(err) ? err : std::max(worst, err);
     }
-    unconverged_ = n_active;
+    unconverged_ = above_tol;
     if (o_.verbose > 0) {
       std::fprintf(stderr, "[diffkern.ot] %-9s iteration %6lld  max marginal error %.3e  active %lld/%lld\n",
                    phase, static_cast<long long>(iteration), worst,
@@ -140,11 +147,13 @@ class Driver {
   void run_sns() {
     const int* active = w_.s.active;
     const bool fixed = o_.fixed_iterations;
-    // A warm start may already be converged; it also needs no eps-scaling (which would
-    // throw away what it knows) and only a short warm-up.
-    if (o_.warm_start) {
+    // The start may already be converged (a warm start; or a constant cost, or a huge eps,
+    // where Sinkhorn returns at its first check and a warm-up would double the time). A warm
+    // start also needs no eps-scaling (which would throw away what it knows) and only a
+    // short warm-up.
+    if (!fixed) {
       measure(active);
-      if (!fixed && check(0, "start") == 0) return;
+      if (check(0, "start") == 0) return;
     }
     const int64_t want = o_.warm_start ? std::min<int64_t>(2, o_.newton_warmup) : o_.newton_warmup;
     int64_t it = std::min(std::max<int64_t>(0, want), o_.max_iter);
@@ -158,32 +167,47 @@ class Driver {
     const BatchScalars& s = w_.s;
     // The row side of the sparsification threshold depends on a only: once per solve.
     bk_.for_each(n_, RowThresholds{p_.a, w_.log_a_n, w_.inv_a, n_, std::log(double(m_))});
-    while (it < o_.max_iter) {
-      bk_.for_each(nm_, SaveState{s, st_.f, st_.g, w_.f_prev, w_.g_prev, n_, m_});
-      newton_step();
-      measure(active);
-      bk_.for_batch(RevertIfWorse{s, st_.iterations, st_.newton_steps});
-      bk_.for_each(nm_, CopyPairWhere{s.reverted, w_.f_prev, w_.g_prev, st_.f, st_.g, n_, m_});
-      it += 1;
-      // Elements whose step was rejected or undone take Sinkhorn steps instead, then are
-      // measured again. Fixed mode: one, every round, so a round is exactly one iteration.
-      // Tolerance mode: check_every of them, issued only when the check says some element
-      // needs them (usually none does, and the launches are the cost on small problems).
-      if (fixed) {
-        sinkhorn_iterations(1, s.fallback);
-        measure(s.fallback);
-        continue;
+    // A round: a Newton step for the elements out of their Sinkhorn phase (JudgeNewton), then
+    // Sinkhorn iterations for the elements in it. Fixed mode: one iteration per element per
+    // round (the Newton step, or one Sinkhorn iteration where it failed or the element is in
+    // its phase). Tolerance mode: check_every Sinkhorn iterations, issued only when the check
+    // says some element needs them, and the Newton launches only when some element is due
+    // one (launches are the cost on small problems).
+    bool newton_due = true;
+    // Bound on rounds: each advances some live element by >= 1 iteration (see the proof in
+    // the comments below), so this never binds; it is there so the loop provably ends.
+    const int64_t max_rounds = 2 * o_.max_iter + 2;
+    for (int64_t round = 0; it < o_.max_iter && round < max_rounds; ++round) {
+      bk_.for_batch(SelectRound{s});
+      if (fixed || newton_due) {
+        bk_.for_each(nm_, SaveState{s, st_.f, st_.g, w_.f_prev, w_.g_prev, n_, m_});
+        newton_step();
+        measure(s.newton);
+        bk_.for_batch(JudgeNewton{s, st_.iterations, st_.newton_steps});
+        bk_.for_each(nm_, CopyPairWhere{s.reverted, w_.f_prev, w_.g_prev, st_.f, st_.g, n_, m_});
+        it += 1;  // the max over live elements grows by at most 1
+        if (fixed) {
+          sinkhorn_iterations(1, s.fallback);
+          bk_.for_batch(CountSinkhornPhase{s, 1});
+          measure(s.fallback);
+          continue;
+        }
+        if (check(it, "newton") == 0) return;
+        it = std::max(it, max_active_iterations_);
       }
-      if (check(it, "newton") == 0) return;
-      // Count what the elements really did, so that none exceeds max_iter.
-      it = std::max(it, max_active_iterations_);
+      // Nobody in a Sinkhorn phase: the next round is a Newton round (some element is live
+      // and, not being in its phase, is due one).
+      newton_due = true;
       if (!any_fallback_) continue;
       const int64_t k = std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
       if (k <= 0) break;
       sinkhorn_iterations(k, s.fallback);
+      bk_.for_batch(CountSinkhornPhase{s, k});
       measure(s.fallback);
       if (check(it + k, "fallback") == 0) return;
-      it = std::max(it, max_active_iterations_);
+      // Without a Newton round next, every live element was in this chunk: it advanced by k.
+      newton_due = any_newton_;
+      it = newton_due ? std::max(it, max_active_iterations_) : std::max(it + k, max_active_iterations_);
     }
   }
 
@@ -213,31 +237,39 @@ class Driver {
     return false;
   }
 
+  // CG iterations per Newton step: in exact arithmetic CG ends within m iterations (the
+  // Schur complement is m x m); twice that, plus a margin for rounding, is plenty, and on
+  // small problems it keeps a step on a singular sparsified system from issuing all
+  // cg_max_iter iterations.
+  int64_t cg_cap() const { return std::min<int64_t>(o_.cg_max_iter, 2 * m_ + 10); }
+
   void newton_step() {
     const BatchScalars& s = w_.s;
     const Workspace& w = w_;
-    const int* active = s.active;
+    const int* stepping = s.newton;
     const bool fixed = o_.fixed_iterations;
     // Stopping CG or the line search once no element needs them changes no result (finished
     // elements are masked anyway); it needs a host read, which fixed mode forbids only
     // where it would synchronize with a device.
     const bool may_peek = !fixed || Backend::kHostReadsAreFree;
     bk_.for_batch(StartNewton{s, s.mass});
-    // Phi at the current point, and its rounding scale.
-    bk_.reduce(n_, PotentialTerm{st_.f, p_.a, n_}, SetAddPhi{s.phi, s.phi_scale, false, active});
-    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_}, SetAddPhi{s.phi, s.phi_scale, true, active});
+    // Phi at the current point, and its rounding scale; what one Sinkhorn iteration would
+    // gain here (the safeguard's yardstick).
+    bk_.reduce(n_, PotentialTerm{st_.f, p_.a, n_}, SetAddPhi{s.phi, s.phi_scale, false, stepping});
+    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_}, SetAddPhi{s.phi, s.phi_scale, true, stepping});
+    bk_.reduce(m_, KlTerm{p_.b, w.c, m_, p_.eps}, SetSum{s.sk_gain, stepping});
 
     // Sparse plan, by rows and by columns, with one symmetric keep rule. Row r's entries sit
     // at [r*K, r*K + cnt_r) of a buffer with room for the dense matrix: a CSR matrix whose
     // row pointers are implicit, so it is built in one pass without a prefix sum.
     bk_.for_each(m_, ColThresholds{w.c, w.log_c_m, m_, std::log(double(n_))});
     bk_.sparsify(cost_, n_, m_, st_.f, st_.g, w.log_a_n, w.log_c_m, s.log_delta, w.row_cnt,
-                 w.row_idx, w.row_val, active);
+                 w.row_idx, w.row_val, stepping);
     bk_.sparsify(cost_t_, m_, n_, st_.g, st_.f, w.log_c_m, w.log_a_n, s.log_delta, w.col_cnt,
-                 w.col_idx, w.col_val, active);
+                 w.col_idx, w.col_val, stepping);
     // diag_j = c_j - sum_i P_s,ij^2 / a_i
-    bk_.spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.inv_a, true, w.diag, active);
-    bk_.reduce(m_, StartCgVectors{p_.b, w.c, w.diag, w.precond, w.x, w.r, w.z, w.p, active, m_,
+    bk_.spmv(w.col_cnt, w.col_idx, w.col_val, m_, n_, w.inv_a, true, w.diag, stepping);
+    bk_.reduce(m_, StartCgVectors{p_.b, w.c, s.b_scale, w.diag, w.precond, w.x, w.r, w.z, w.p, stepping, m_,
                                   p_.eps},
                StartCg{s});
 
@@ -250,9 +282,10 @@ class Driver {
     // one block per batch element for small problems (any mode), else one cooperative
     // grid-wide kernel (tolerance mode only; fixed mode keeps plain launches for capture).
     int cur = 0;
-    int64_t cg_issued = o_.cg_max_iter;
-    const bool fused = bk_.cg_fused(s, w, o_.cg_max_iter, fixed);
-    for (int64_t k = 0; !fused && k < o_.cg_max_iter; ++k) {
+    const int64_t cg_max = cg_cap();
+    int64_t cg_issued = cg_max;
+    const bool fused = bk_.cg_fused(s, w, cg_max, fixed);
+    for (int64_t k = 0; !fused && k < cg_max; ++k) {
       bk_.schur_product(w, w.p, s.cg_active);
       bk_.cg_step(s, w, m_, cur);
       cur = 1 - cur;
@@ -264,9 +297,14 @@ class Driver {
     if (o_.verbose > 1 && !fused) std::fprintf(stderr, "[diffkern.ot] newton    CG iterations issued: %lld\n",
                                      static_cast<long long>(cg_issued));
 
-    // Backtracking line search on Phi along x: t = 1, 1/4, 1/16, 1/64.
-    bk_.reduce(m_, SlopeTerm{p_.b, w.c, w.x, m_}, SetSum{s.slope, active});
-    for (int trial = 0; trial < 4; ++trial) {
+    // Backtracking line search on Phi along the clipped x: t = 1, 1/4, 1/16, 1/64 and, in
+    // tolerance mode, down to 4^-7 (a clipped step of a group that must move by ~eps needs
+    // them; issued only when an element is still searching, so well-posed problems, which
+    // accept within four, never pay for them). Fixed mode keeps four: its launch sequence is
+    // fixed, so every trial would be issued in every round.
+    bk_.reduce(m_, SlopeTerm{p_.b, w.c, w.x, m_, kMaxMove * p_.eps}, SetSum{s.slope, stepping});
+    const int trials = fixed ? 4 : 8;
+    for (int trial = 0; trial < trials; ++trial) {
       bk_.reduce(m_, TrialPoint{s, st_.g, w.x, p_.b, w.g_trial, m_},
                  SetSum{s.phi_trial, s.searching});
       row_update(w.g_trial, w.f_trial, s.searching);

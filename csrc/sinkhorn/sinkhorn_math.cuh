@@ -18,7 +18,8 @@ DK_HOST_DEVICE double log_plan(double own, double other, double cost, double inv
 // Entries below exp(-80) are never kept: their float value would be denormal or zero.
 constexpr double kMinLogKept = -80.0;
 
-// The running log-sum-exp of the sweeps is the shared one (common/online_lse.cuh).
+// The running log-sum-exp of the sweeps is the shared one (common/online_lse.cuh); it
+// propagates NaN, so a NaN potential or cost shows up as a NaN marginal error.
 using LogSumExp = OnlineLogSumExp;
 
 enum class SweepMode : int {

@@ -44,12 +44,22 @@ struct SetSum {
   }
 };
 
+struct SetFloor {  // the sum of b arrives; mass holds the sum of a
+  double* floor;
+  double* b_scale;
+  const double* mass;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    floor[b] = fabs(mass[b] - sum);
+    b_scale[b] = mass[b] / sum;
+  }
+};
+
 struct StartCg {  // rz0 = r.z; CG runs while rz > tol2 * rz0
   BatchScalars s;
   DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
     s.rz[0][b] = sum;
     s.rz0[b] = sum;
-    s.cg_active[b] = s.active[b] && sum > 0;
+    s.cg_active[b] = s.newton[b] && sum > 0;
   }
 };
 
@@ -65,7 +75,8 @@ struct LineSearchTest {
     const double wanted = s.phi[b] + 1e-4 * s.step[b] * s.slope[b];
     if (phi_t >= wanted - slack) {
       s.searching[b] = 0;
-      s.fallback[b] = 0;
+      s.rejected[b] = 0;
+      s.gain[b] = phi_t - s.phi[b];
       s.by_slack[b] = !(phi_t - s.phi[b] > slack);  // gain not above rounding: unproven
     } else {
       s.step[b] *= 0.25;
@@ -73,17 +84,37 @@ struct LineSearchTest {
   }
 };
 
+// The Newton safeguard. A Newton round fails when the line search accepts no trial, when the
+// accepted step cannot be trusted (its gain is within rounding, or the error it leaves is not
+// finite) and does not lower the error (it is undone), or when it helps less than Sinkhorn
+// would (the error does not halve and the gain in Phi is below kGainRatio times eps KL(b||c),
+// the least one Sinkhorn iteration gains). After a failure the element runs `backoff`
+// Sinkhorn iterations before its next Newton step, and the next failure doubles that, up to
+// kBackoffMax; a successful round resets it. Why: where the sparsified Hessian has lost the
+// coupling the step needs (near-permutation plans at small eps: every row's mass sits in one
+// column, and the kept Schur complement is zero), Newton steps are null or tiny, and an
+// element that kept taking them never converged; with the back-off it is Sinkhorn with one
+// Newton attempt per doubling block, so it converges whenever Sinkhorn does, at a bounded
+// extra cost (one Newton round per kBackoffMax Sinkhorn iterations at worst).
+constexpr int kBackoffStart = 10;
+constexpr int kBackoffMax = 640;
+constexpr double kGainRatio = 3.0;  // a Newton round costs about three Sinkhorn iterations
+
 struct ResetBatch {
   BatchScalars s;
   int64_t* iterations;
   int64_t* newton_steps;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.active[b] = 1;
+    s.newton[b] = 0;
     s.fallback[b] = 0;
     s.searching[b] = 0;
+    s.rejected[b] = 0;
     s.cg_active[b] = 0;
     s.reverted[b] = 0;
     s.by_slack[b] = 0;
+    s.sk_left[b] = 0;
+    s.backoff[b] = kBackoffStart;
     iterations[b] = 0;
     newton_steps[b] = 0;
   }
@@ -98,20 +129,46 @@ struct CountIterations {
   }
 };
 
-// Tolerance-mode check: deactivate converged elements, then pack what the host reads
+// Tolerance-mode check: deactivate finished elements, then pack what the host reads
 // (error, active, iterations, fallback) into one report row, so a check is one copy.
+// Finished: the error is at most tol, or at most kFloorRatio times the floor |sum a - sum b|
+// that no plan can beat (a tol below it is unreachable; the caller reports it), or NaN (NaN
+// inputs never recover; the NaN error is reported).
+constexpr double kFloorRatio = 2.0;
 struct UpdateActive {
   BatchScalars s;
   const int64_t* iterations;
   double tol;
   DK_HOST_DEVICE void operator()(int64_t b) const {
-    if (s.active[b] && !(s.err[b] > tol)) s.active[b] = 0;  // NaN err stays active (reported)
-    if (!s.active[b]) s.fallback[b] = 0;  // finished elements take no fallback iterations
+    const double err = s.err[b];
+    if (s.active[b] && (!(err > fmax(tol, kFloorRatio * s.floor[b])) || err != err))
+      s.active[b] = 0;
+    s.fallback[b] = s.active[b] && s.sk_left[b] > 0;  // finished elements take none
     double* row = s.report + b * kReportFields;
-    row[kReportErr] = s.err[b];
+    row[kReportErr] = err;
     row[kReportActive] = s.active[b];
     row[kReportIterations] = static_cast<double>(iterations[b]);
     row[kReportFallback] = s.fallback[b];
+  }
+};
+
+// Start of a round: Newton step for the elements out of their Sinkhorn phase, Sinkhorn
+// iterations for the others.
+struct SelectRound {
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.newton[b] = s.active[b] && s.sk_left[b] == 0;
+    s.fallback[b] = s.active[b] && s.sk_left[b] > 0;
+  }
+};
+
+// After k Sinkhorn iterations of the elements in their Sinkhorn phase.
+struct CountSinkhornPhase {
+  BatchScalars s;
+  int64_t k;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    if (!s.fallback[b]) return;
+    s.sk_left[b] = s.sk_left[b] > k ? static_cast<int>(s.sk_left[b] - k) : 0;
   }
 };
 
@@ -125,30 +182,43 @@ struct StartNewton {  // sparsification tolerance, CG tolerance, line-search sta
     const double eta = fmin(0.1, fmax(rel, 1e-10));
     s.cg_tol2[b] = eta * eta;
     s.step[b] = 1.0;
-    s.searching[b] = s.active[b];
-    s.fallback[b] = s.active[b];  // cleared when a step is accepted
+    s.searching[b] = s.newton[b];
+    s.rejected[b] = s.newton[b];  // cleared when a step is accepted
     s.by_slack[b] = 0;
+    s.gain[b] = 0;
   }
 };
 
-// A step whose gain in Phi is not above the rounding slack (no measurable gain in
-// Phi) must lower the marginal error, or it is undone and the element falls back to
-// Sinkhorn. Near the solution the semi-dual is flat to rounding (a step that moves the error
-// from 1e-16 to 1e-9 changes Phi by ~1e-17), so the Armijo test cannot judge such a step;
-// steps with a real gain are kept even when the error grows (the damped phase needs them).
-struct RevertIfWorse {
+// Judges the Newton round (see kBackoffStart): undoes untrusted steps that did not lower
+// the error, and starts a Sinkhorn phase after a failed round.
+struct JudgeNewton {
   BatchScalars s;
   int64_t* iterations;
   int64_t* newton_steps;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.reverted[b] = 0;
-    if (!s.active[b] || s.fallback[b] || !s.by_slack[b]) return;
-    if (!(s.err[b] <= s.err_prev[b])) {
+    if (!s.newton[b]) return;
+    const double err = s.err[b], prev = s.err_prev[b];
+    bool failed = s.rejected[b] != 0;
+    if (!failed && (s.by_slack[b] || !(fabs(err) < INFINITY)) && !(err < prev)) {
       s.reverted[b] = 1;
-      s.fallback[b] = 1;
-      s.err[b] = s.err_prev[b];
+      s.err[b] = prev;
       iterations[b] -= 1;
       newton_steps[b] -= 1;
+      failed = true;
+    } else if (!failed) {
+      const bool halved = err <= 0.5 * prev;
+      const bool gained = !s.by_slack[b] && s.gain[b] >= kGainRatio * s.sk_gain[b];
+      failed = !(halved || gained);
+    }
+    // This round's Sinkhorn iteration (fixed mode) only where the step did nothing; a kept
+    // step was this round's iteration, and its Sinkhorn phase starts next round.
+    s.fallback[b] = s.rejected[b] || s.reverted[b];
+    if (failed) {
+      s.sk_left[b] = s.backoff[b];
+      s.backoff[b] = s.backoff[b] < kBackoffMax ? 2 * s.backoff[b] : kBackoffMax;
+    } else {
+      s.backoff[b] = kBackoffStart;
     }
   }
 };
@@ -185,7 +255,7 @@ struct FinishNewton {
   int64_t* newton_steps;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.searching[b] = 0;
-    if (s.active[b] && !s.fallback[b]) {
+    if (s.newton[b] && !s.rejected[b]) {
       iterations[b] += 1;
       newton_steps[b] += 1;
     }
@@ -236,9 +306,13 @@ struct ColThresholds {
 };
 
 // diag_j = c_j - sum_i P_s,ij^2 / a_i arrives in `diag` as the sparse sum; finish the
-// preconditioner and start CG: x = 0, r = eps (b - c), z = M r, p = z; the term is r.z.
+// preconditioner and start CG: x = 0, r = eps (b' - c), z = M r, p = z; the term is r.z.
+// b' = b sum a / sum b: the Schur complement is singular along the constants (a shift of g
+// moves no mass), so the right-hand side must sum to zero; with sum a != sum b (allowed to a
+// relative 1e-6) eps (b - c) does not, and its constant part, amplified by the sparsified
+// system's near-null direction, made Newton steps oscillate around the floor |sum a - sum b|.
 struct StartCgVectors {
-  const double *b_w, *c;
+  const double *b_w, *c, *b_scale;
   double *diag, *precond, *x, *r, *z, *p;
   const int* mask;
   int64_t m;
@@ -252,19 +326,48 @@ struct StartCgVectors {
     const double dd = d > 1e-12 * c[k] ? d : c[k];
     precond[k] = (b_w[k] > 0 && c[k] > 0) ? 1.0 / dd : 0.0;
     x[k] = 0;
-    r[k] = (b_w[k] > 0) ? eps * (b_w[k] - c[k]) : 0.0;
+    r[k] = (b_w[k] > 0) ? eps * (b_w[k] * b_scale[b] - c[k]) : 0.0;
     z[k] = precond[k] * r[k];
     p[k] = z[k];
     return r[k] * z[k];
   }
 };
 
-struct SlopeTerm {  // (b - c) . x
-  const double *b_w, *c, *x;
+// eps KL(b || c) = eps sum_j (b_j log(b_j / c_j) - b_j + c_j): the gain in Phi of a column
+// update, so one Sinkhorn iteration gains at least this much (the row update adds more).
+struct KlTerm {
+  const double *b_w, *c;
   int64_t m;
+  double eps;
   DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
     const int64_t k = b * m + j;
-    return (b_w[k] > 0) ? (b_w[k] - c[k]) * x[k] : 0.0;
+    const double bj = b_w[k], cj = c[k];
+    return bj > 0 ? eps * (bj * log(bj / cj) - bj + cj) : eps * cj;
+  }
+};
+
+// The Newton direction is first clipped to |x_j| <= kMaxMove * eps, then the term is
+// (b - c) . x. Why: where groups of rows and columns are coupled only through entries far
+// below the sparsification threshold (degenerate costs at small eps), the sparsified
+// Schur complement is nearly singular and CG returns a shift of whole groups by 1e7-1e14
+// eps, which every line-search trial overshoots. Clipped, the step moves those groups by
+// up to kMaxMove * eps (a Sinkhorn update of a starved column moves it by eps log(b/c),
+// hundreds of eps at small eps), and the line search's trials go down to kMaxMove / 4^7 eps:
+// a block Sinkhorn update where Newton cannot see the block.
+// Steps on well-posed problems move by at most ~10 eps (measured on the benchmark
+// problems), so the clip leaves them alone.
+constexpr double kMaxMove = 200.0;
+struct SlopeTerm {
+  const double *b_w, *c;
+  double* x;
+  int64_t m;
+  double cap;  // kMaxMove * eps
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
+    const int64_t k = b * m + j;
+    const double v = x[k];
+    const double xc = v > cap ? cap : (v < -cap ? -cap : v);  // NaN stays NaN (rejected)
+    x[k] = xc;
+    return (b_w[k] > 0) ? (b_w[k] - c[k]) * xc : 0.0;
   }
 };
 
@@ -289,7 +392,7 @@ struct AcceptTrials {
   double *f, *g;
   int64_t n, m;
   DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
-    if (!s.active[b] || s.fallback[b]) return;
+    if (!s.newton[b] || s.rejected[b]) return;
     if (k < n) f[b * n + k] = f_trial[b * n + k];
     if (k < m) g[b * m + k] = g_trial[b * m + k];
   }

@@ -25,12 +25,20 @@ struct BatchScalars {
   double* cg_tol2;    // CG: squared relative tolerance
   double* mass;       // sum of a
   double* err_prev;   // err before the current Newton step
+  double* floor;      // |sum a - sum b|: no plan has a smaller L1 marginal error
+  double* b_scale;    // sum a / sum b: Newton aims at b scaled to the plan's mass
+  double* gain;       // Phi gain of the accepted Newton step
+  double* sk_gain;    // eps KL(b || c) before the step: what one Sinkhorn iteration gains at least
   int* active;        // 1 while the element still iterates
+  int* newton;        // 1: the element takes a Newton step this round
   int* searching;     // line search: 1 while no step has been accepted
+  int* rejected;      // 1: the line search accepted no trial of this round's Newton step
   int* cg_active;     // CG: 1 while the residual is above tolerance
-  int* fallback;      // 1: the Newton step was rejected, run Sinkhorn iterations instead
-  int* reverted;      // 1: the accepted Newton step raised the error and was undone
+  int* fallback;      // 1: Sinkhorn phase (sk_left > 0): Sinkhorn iterations, no Newton step
+  int* reverted;      // 1: the accepted Newton step did not lower the error and was undone
   int* by_slack;      // 1: the accepted step's gain in Phi is not above rounding
+  int* sk_left;       // Sinkhorn iterations to run before the next Newton step
+  int* backoff;       // length of the Sinkhorn phase after the next failed Newton step
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
   double* report;     // (B, kReportFields): what a tolerance-mode check reads, one copy
 };
@@ -77,10 +85,12 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
   Workspace& ws = w ? *w : tmp;
   BatchScalars& s = ws.s;
   for (double** d : {&s.err, &s.phi, &s.phi_scale, &s.phi_trial, &s.slope, &s.step, &s.log_delta,
-                     &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass, &s.err_prev})
+                     &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass, &s.err_prev,
+                     &s.floor, &s.b_scale, &s.gain, &s.sk_gain})
     take(*d, B);
-  for (int** i : {&s.active, &s.searching, &s.cg_active, &s.fallback, &s.reverted,
-                    &s.by_slack}) take(*i, B);
+  for (int** i : {&s.active, &s.newton, &s.searching, &s.rejected, &s.cg_active, &s.fallback,
+                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff})
+    take(*i, B);
   take(s.cg_live, 2);
   take(s.report, B * kReportFields);
   take(ws.c, B * m);

@@ -23,6 +23,7 @@ Gradients (no unrolling, no stored iterates):
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -157,11 +158,49 @@ def _implicit_adjoint(cost, f, g, eps, u, w):
         scale = (c.sum(1, keepdim=True) / n_live**2)[:, :, None]
         S = S + scale * ones[:, :, None] * ones[:, None, :]
         S = S + torch.diag_embed((~live).double())
-        lam_g = torch.linalg.solve(S, rhs)
+        lam_g = _solve_psd(S, rhs)
     else:
         lam_g = _dense_schur_cg(plan, c, inv_r, rhs, live)
     lam_f = inv_r * (eps * u - torch.einsum("bnm,bm->bn", plan, lam_g))
     return lam_f, lam_g, plan
+
+
+# Backward: above this condition estimate (from the Cholesky factor's diagonal, a lower
+# bound) a direct solve's error (~cond * 1e-16, relative) is no longer small, and the
+# symmetric eigendecomposition with a cut-off takes over.
+_COND_DIRECT_MAX = 1e8
+_PINV_RCOND = 1e-13
+
+
+def _solve_psd(S, rhs):
+    """S x = rhs for symmetric positive (semi-)definite S (B, m, m), batched. Cholesky where
+    S is well conditioned; where it fails or S is nearly singular (tiny eps with a
+    near-permutation plan: the Schur complement couples groups of rows and columns only
+    through exponentially small entries; or a plan that is not converged, with columns of
+    almost no mass), the minimum-norm solution with eigenvalues below _PINV_RCOND times the
+    largest dropped. The dropped directions shift whole groups' potentials against each other;
+    they move the plan only through the entries that couple the groups, which are as small as
+    the dropped eigenvalues, so the gradient loses at most that much."""
+    L, info = torch.linalg.cholesky_ex(S)
+    d = torch.diagonal(L, dim1=-2, dim2=-1)
+    dmin = d.abs().amin(-1)
+    dmax = d.abs().amax(-1)
+    good = (info == 0) & torch.isfinite(d).all(-1) & (dmax**2 <= _COND_DIRECT_MAX * dmin**2)
+    x = torch.cholesky_solve(rhs[..., None], torch.where(good[:, None, None], L,
+                                                         torch.eye(S.shape[-1], dtype=S.dtype,
+                                                                   device=S.device)))[..., 0]
+    if bool(good.all()):
+        return x
+    bad = ~good
+    Sb = S[bad]
+    Sb = torch.where(torch.isfinite(Sb), Sb, torch.zeros_like(Sb))
+    w, V = torch.linalg.eigh(Sb)
+    cut = _PINV_RCOND * w.abs().amax(-1, keepdim=True)
+    inv_w = torch.where(w > cut, 1.0 / w, torch.zeros_like(w))
+    xb = V @ (inv_w[..., None] * (V.transpose(-2, -1) @ rhs[bad][..., None]))
+    x = x.clone()
+    x[bad] = xb[..., 0]
+    return x
 
 
 def _dense_schur_cg(plan, c, inv_r, rhs, live, rtol=1e-12, max_iter=5000):
@@ -260,22 +299,69 @@ class SinkhornResult:
 
 
 # --------------------------------------------------------------------------- checking
+_FN = "diffkern.ot.sinkhorn"
+
+
+def _real_scalar(value, name):
+    """A real scalar of any kind (Python, NumPy scalar or array, tensor; one element) as a
+    float; bool and complex are refused."""
+    v = value
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{_FN}: {name}: expected a scalar, got shape {tuple(v.shape)}")
+        if v.dtype.is_complex or v.dtype == torch.bool:
+            raise TypeError(f"{_FN}: {name}: expected a real number, got dtype {v.dtype}")
+        if v.device.type == "meta":
+            raise ValueError(f"{_FN}: {name}: expected a number, got a tensor on the meta device")
+        return float(v.item())
+    if type(v).__module__ == "numpy" and hasattr(v, "dtype") and hasattr(v, "item"):
+        if getattr(v, "size", 1) != 1:
+            raise ValueError(f"{_FN}: {name}: expected a scalar, got shape {tuple(v.shape)}")
+        if v.dtype.kind not in "fiu":
+            raise TypeError(f"{_FN}: {name}: expected a real number, got dtype {v.dtype}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{_FN}: {name}: expected a real number, got {type(value).__name__}")
+    return float(v)
+
+
+def _int_scalar(value, name, minimum):
+    v = _real_scalar(value, name)
+    if not (math.isfinite(v) and v == int(v)):
+        raise ValueError(f"{_FN}: {name}: expected an integer, got {value!r}")
+    if v < minimum:
+        raise ValueError(f"{_FN}: {name}: expected >= {minimum}, got {int(v)}")
+    return int(v)
+
+
+def _check_tensor_kind(t, name, like=None):
+    """Layout and device of an optional tensor argument, before anything reads it."""
+    if not isinstance(t, torch.Tensor):
+        return
+    if t.layout != torch.strided:
+        raise TypeError(f"{_FN}: {name}: expected a dense (strided) tensor, got layout "
+                        f"{t.layout}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{_FN}: {name}: expected device {like.device} (the device of cost), "
+                         f"got {t.device}")
+
+
 def _as_weights(w, name, length, batch, like):
     """Shape/dtype/device checks only (no data read); values are checked in _check_values."""
     if w is None:
         return None
+    _check_tensor_kind(w, name, like)
     if not isinstance(w, torch.Tensor):
         w = torch.as_tensor(w, device=like.device)
+        if w.dtype == torch.float32 or not (w.dtype.is_floating_point or w.dtype.is_complex):
+            w = w.to(torch.float64)  # lists and NumPy: float64, as NumPy would
     if not w.dtype.is_floating_point:
-        raise TypeError(f"sinkhorn: {name}: expected a floating-point tensor, got {w.dtype}")
-    if w.device != like.device:
-        raise ValueError(f"sinkhorn: {name}: expected device {like.device} (the device of cost), "
-                         f"got {w.device}")
+        raise TypeError(f"{_FN}: {name}: expected a floating-point tensor, got {w.dtype}")
     if w.dim() == 1 and w.shape[0] == length:
         w = w.expand(batch, length)
     elif not (w.dim() == 2 and tuple(w.shape) == (batch, length)):
         want = f"({length},) or ({batch}, {length})" if batch > 1 else f"({length},)"
-        raise ValueError(f"sinkhorn: {name}: expected shape {want} to match cost, "
+        raise ValueError(f"{_FN}: {name}: expected shape {want} to match cost, "
                          f"got {tuple(w.shape)}")
     return w
 
@@ -284,7 +370,7 @@ def _check_values(C, a, b):
     """Every value check in one device round trip (each separate .item() on CUDA is a sync)."""
     if a is None and b is None:  # uniform weights: only the cost can be bad
         if not bool(torch.isfinite(C.detach()).all()):
-            raise ValueError("sinkhorn: cost: contains NaN or inf")
+            raise ValueError(f"{_FN}: cost: contains NaN or inf")
         return
     flags = [~torch.isfinite(C.detach()).all()]
     names = ["cost: contains NaN or inf"]
@@ -309,28 +395,92 @@ def _check_values(C, a, b):
     values = torch.stack([f.double() for f in flags] + [rel.double()]).tolist()
     for bad, msg in zip(values[:-1], names):
         if bad:
-            raise ValueError(f"sinkhorn: {msg}")
+            raise ValueError(f"{_FN}: {msg}")
     if values[-1] > _MASS_RTOL:  # NaN-safe: NaN weights were reported above
-        raise ValueError(f"sinkhorn: b: expected the same total mass as a (relative 1e-6), "
+        raise ValueError(f"{_FN}: b: expected the same total mass as a (relative 1e-6), "
                          f"got sums differing by a relative {values[-1]:.3g}")
 
 
 def _check_cost(cost):
     if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"sinkhorn: cost: expected a torch.Tensor, got {type(cost).__name__}")
+        raise TypeError(f"{_FN}: cost: expected a torch.Tensor, got {type(cost).__name__}")
+    if cost.layout != torch.strided:
+        raise TypeError(f"{_FN}: cost: expected a dense (strided) tensor, got layout "
+                        f"{cost.layout}")
     if cost.dim() not in (2, 3):
-        raise ValueError(f"sinkhorn: cost: expected shape (n, m) or (B, n, m), "
+        raise ValueError(f"{_FN}: cost: expected shape (n, m) or (B, n, m), "
                          f"got {tuple(cost.shape)}")
+    if cost.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{_FN}: cost: expected dtype float32 or float64 (float16 and "
+                        f"bfloat16 are computed in float32), got {cost.dtype}")
+    if cost.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{_FN}: cost: expected a cpu or cuda tensor, got {cost.device}")
     if cost.dtype in (torch.float16, torch.bfloat16):
         cost = cost.float()
-    if cost.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"sinkhorn: cost: expected dtype float32 or float64, got {cost.dtype}")
-    if cost.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"sinkhorn: cost: expected a cpu or cuda tensor, got {cost.device}")
     if any(s == 0 for s in cost.shape):
-        raise ValueError(f"sinkhorn: cost: expected non-empty dimensions, "
+        raise ValueError(f"{_FN}: cost: expected non-empty dimensions, "
                          f"got {tuple(cost.shape)}")
     return cost
+
+
+def _initial_g(g_init, B, m, batched, C, b64, check):
+    """The warm start for g, float64 (B, m): re-centred, since the dual is invariant under
+    (f + k, g - k) and a large shift k would cost |k| * 1e-16 / eps of plan accuracy (a start
+    g_init = 1e6 never reached tol 1e-10); -inf at zero-weight columns, where the solution
+    has it anyway. With `check` (tolerance mode) NaN, +inf and -inf at a column with weight
+    are refused; in fixed mode nothing is read on the host and a NaN start gives NaN
+    results (marginal_error NaN, converged False)."""
+    _check_tensor_kind(g_init, "g_init", C)
+    g0 = torch.as_tensor(g_init, device=C.device)
+    if not (g0.dtype.is_floating_point or g0.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{_FN}: g_init: expected a real floating-point tensor, got {g0.dtype}")
+    if g0.dim() == 1 and g0.shape[0] == m:
+        g0 = g0.expand(B, m)
+    if tuple(g0.shape) != (B, m):
+        raise ValueError(f"{_FN}: g_init: expected shape {(B, m) if batched else (m,)}, "
+                         f"got {tuple(g0.shape)}")
+    g0 = g0.detach().to(torch.float64)
+    live = b64 > 0
+    if check:
+        bad = torch.stack([torch.isnan(g0).any(), (g0 == math.inf).any(),
+                           ((g0 == -math.inf) & live).any()]).tolist()
+        for flag, what in zip(bad, ("contains NaN", "contains +inf",
+                                    "contains -inf at a column of positive weight b_j (-inf "
+                                    "is the potential of zero-weight columns only)")):
+            if flag:
+                raise ValueError(f"{_FN}: g_init: {what}")
+    # The shift: the b-weighted mean over finite entries at live columns (a NaN start stays
+    # NaN where it is NaN; an all-infinite start is shifted by nothing).
+    use = live & torch.isfinite(g0)
+    w = torch.where(use, b64, torch.zeros_like(b64))
+    shift = (torch.where(use, g0, torch.zeros_like(g0)) * w).sum(1, keepdim=True) / w.sum(
+        1, keepdim=True).clamp_min(1e-300)
+    return torch.where(live, g0 - shift, torch.full_like(g0, -math.inf)).contiguous()
+
+
+def _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B):
+    """One warning that says why each unconverged problem stopped and what would help."""
+    bad = ~converged
+    nan = torch.isnan(err)
+    floor = (a64.sum(1) - b64.sum(1)).abs()
+    at_floor = bad & ~nan & (err <= 2 * floor)  # the solver's own stop (kFloorRatio)
+    capped = bad & ~nan & ~at_floor
+    n_nan, n_floor, n_cap = (int(t.sum()) for t in (nan, at_floor, capped))
+    parts = []
+    if n_cap:
+        hint = "raise max_iter or eps" + (", or use method='sns'" if method == "sinkhorn" else "")
+        parts.append(f"{n_cap} of {B} problem(s) still have an L1 marginal error above "
+                     f"tol={tol:g} after max_iter={max_iter} iterations (worst "
+                     f"{err[capped].max().item():.3g}); {hint}")
+    if n_floor:
+        parts.append(f"{n_floor} of {B} problem(s) stopped at the L1 error floor "
+                     f"{floor[at_floor].max().item():.3g} set by the mass mismatch "
+                     f"|sum(a) - sum(b)| (no plan has a smaller error), which is above "
+                     f"tol={tol:g}; give a and b equal sums or raise tol")
+    if n_nan:
+        parts.append(f"{n_nan} of {B} problem(s) have a NaN marginal error (NaN or inf in the "
+                     f"inputs)")
+    warnings.warn(f"{_FN} did not converge: " + "; ".join(parts), UserWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------- public
@@ -389,47 +539,39 @@ def sinkhorn(
         TypeError: non-float cost or weights.
     """
     cost = _check_cost(cost)
-    if method not in _METHODS:
-        raise ValueError(f"sinkhorn: method: expected one of {sorted(_METHODS)}, got {method!r}")
-    if isinstance(eps, torch.Tensor):
-        eps = float(eps)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"sinkhorn: eps: expected a finite number > 0, got {eps!r}")
+    if not (isinstance(method, str) and method in _METHODS):
+        raise ValueError(f"{_FN}: method: expected one of {sorted(_METHODS)}, got {method!r}")
+    eps = _real_scalar(eps, "eps")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{_FN}: eps: expected a finite number > 0, got {eps!r}")
+    tol = _real_scalar(tol, "tol")
     if not (tol >= 0):
-        raise ValueError(f"sinkhorn: tol: expected >= 0, got {tol!r}")
-    if max_iter is None:
-        max_iter = 10000
-    if int(max_iter) < 0:
-        raise ValueError(f"sinkhorn: max_iter: expected >= 0, got {max_iter}")
-    if int(check_every) < 1:
-        raise ValueError(f"sinkhorn: check_every: expected >= 1, got {check_every}")
+        raise ValueError(f"{_FN}: tol: expected >= 0, got {tol!r}")
+    max_iter = 10000 if max_iter is None else _int_scalar(max_iter, "max_iter", 0)
+    check_every = _int_scalar(check_every, "check_every", 1)
+    newton_warmup = _int_scalar(newton_warmup, "newton_warmup", 0)
     batched = cost.dim() == 3
     C = cost if batched else cost.unsqueeze(0)
     B, n, m = C.shape
     fixed = bool(fixed_iterations)
     a_ = _as_weights(a, "a", n, B, C)
     b_ = _as_weights(b, "b", m, B, C)
+    _check_tensor_kind(f_init, "f_init", C)
     if not fixed:
         _check_values(C, a_, b_)
     if a_ is None:
         a_ = torch.full((B, n), 1.0 / n, dtype=torch.float64, device=C.device)
     if b_ is None:
         b_ = torch.full((B, m), 1.0 / m, dtype=torch.float64, device=C.device)
-    if g_init is not None:
-        g0 = torch.as_tensor(g_init, device=C.device)
-        if g0.dim() == 1 and g0.shape[0] == m:
-            g0 = g0.expand(B, m)
-        if tuple(g0.shape) != (B, m):
-            raise ValueError(f"sinkhorn: g_init: expected shape {(B, m) if batched else (m,)}, "
-                             f"got {tuple(g0.shape)}")
-        g0 = torch.nan_to_num(g0.detach().double(), neginf=0.0)  # zero-mass columns restart
-    else:
-        g0 = torch.zeros(B, m, dtype=torch.float64, device=C.device)
     if f_init is not None:
         f0 = torch.as_tensor(f_init)
         if tuple(f0.shape) not in ((n,), (B, n)):
-            raise ValueError(f"sinkhorn: f_init: expected shape {(B, n) if batched else (n,)}, "
+            raise ValueError(f"{_FN}: f_init: expected shape {(B, n) if batched else (n,)}, "
                              f"got {tuple(f0.shape)}")
+    if g_init is not None:
+        g0 = _initial_g(g_init, B, m, batched, C, b_.to(torch.float64), not fixed)
+    else:
+        g0 = torch.zeros(B, m, dtype=torch.float64, device=C.device)
 
     a64 = a_.to(torch.float64)
     b64 = b_.to(torch.float64)
@@ -439,8 +581,7 @@ def sinkhorn(
         # Nothing for the dispatcher to do (no autograd, not compiling, no functorch): call
         # the solve directly. Same results; on small CUDA problems the op's dispatch and the
         # extra synchronization for the convergence test are a fifth of the wall clock.
-        f, g, err, iters, newton, unconverged = _run(C, a64, b64, g0, *settings,
-                                                     g_owned=g_init is None)
+        f, g, err, iters, newton, unconverged = _run(C, a64, b64, g0, *settings, g_owned=True)
     else:
         f, g, err, iters, newton = _solve(C, a64, b64, g0, *settings)
         unconverged = None
@@ -448,11 +589,7 @@ def sinkhorn(
     if not fixed:
         bad = int((~converged).sum()) if unconverged is None else unconverged
         if bad:
-            warnings.warn(
-                f"diffkern.ot.sinkhorn did not converge: {bad} of {B} problem(s) still have an "
-                f"L1 marginal error above tol={tol:g} after max_iter={max_iter} iterations "
-                f"(worst {err.max().item():.3g}); raise max_iter or eps, or use method='sns'",
-                UserWarning, stacklevel=2)
+            _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B)
     squeeze = (lambda t: t) if batched else (lambda t: t[0])
     return SinkhornResult(
         f=squeeze(f).to(cost.dtype), g=squeeze(g).to(cost.dtype), iterations=squeeze(iters),

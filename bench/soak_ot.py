@@ -1,0 +1,406 @@
+"""OT sweep / soak: SNS against method="sinkhorn" on many random small problems.
+
+    python bench/soak_ot.py [--problems N] [--device cpu|cuda] [--dtypes float64,float32]
+                            [--seed S] [--time-budget SECONDS] [--timeout SECONDS]
+                            [--tol TOL] [--max-iter N] [--threads T] [--out DIR]
+                            [--json PATH] [--replay FILE.pt]
+
+Each problem (deterministic in (seed, index)): n, m in [1, 64] (a fifth of them in [1, 3]),
+eps = 10^U(-4, 0) * max|C|, a cost of one of several kinds (uniform, point clouds, integer
+ties, constant, duplicated rows/columns, entries spanning many decades, near-permutation
+with a clear diagonal, scaled by 10^U(-6, 6)) and marginals of one of several kinds
+(uniform, Dirichlet, with zero entries, skewed over many decades, a mass mismatch within
+the accepted relative 1e-6). Every problem runs in float64, and in float32 too with
+--device cuda (or --dtypes).
+
+For each problem and dtype, both methods solve with the same tol and max_iter. Convergence
+is checked independently of the solver's own report: the plan the result returns
+(`res.plan`) is taken to float64, its row and column sums are compared with a and b, and
+the L1 error must be <= tol (+ the float32 rounding of the plan's entries for float32, and
+at most twice the mass mismatch |sum a - sum b| that no plan can beat; such problems count
+as converged only when the solver reports converged=False honestly and the error is at
+that floor). The solver's reported marginal_error and converged flag must agree with that
+check ("dishonest" otherwise).
+
+Each problem runs in a worker process under a wall-clock guard (--timeout): a solve that
+does not return is a hang; the worker is restarted. Every failure (SNS not converged where
+Sinkhorn converged, SNS not converged at all, an exception, a hang, a dishonest report) is
+saved to --out as <kind>-<index>-<dtype>.pt (cost, a, b, eps, tol, max_iter) and .json
+(what happened, how to replay: --replay FILE.pt).
+
+Timing: the public dk.ot.sinkhorn call, wall clock, the two methods alternating, the best of
+up to 3 calls each (fewer when a pair of calls takes > 0.3 s; a pair whose ratio is above
+1.5 is timed again, up to 8 more rounds, since other processes share the cores), SNS /
+Sinkhorn ratio on the problems Sinkhorn converged on.
+The report: converged %, hangs, crashes, dishonest reports, and the slowdown distribution
+(quantiles, worst cases). Target: 100% converged, ratio never > 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+
+COST_KINDS = ("uniform", "points", "integer", "constant", "duplicated", "decades",
+              "permutation", "scaled")
+WEIGHT_KINDS = ("uniform", "dirichlet", "zeros", "skewed", "mismatch")
+
+
+# --------------------------------------------------------------------------- problems
+def make_problem(seed: int, index: int):
+    """(cost float64 (n, m), a (n,), b (m,), eps, info dict), deterministic in (seed, index)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng([seed, index])
+    if rng.random() < 0.2:
+        n, m = (int(v) for v in rng.integers(1, 4, 2))
+    else:
+        n, m = (int(v) for v in rng.integers(1, 65, 2))
+    kind = COST_KINDS[rng.integers(len(COST_KINDS))]
+    if kind == "uniform":
+        C = rng.random((n, m))
+    elif kind == "points":
+        d = int(rng.integers(1, 4))
+        x, y = rng.random((n, d)), rng.random((m, d))
+        C = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    elif kind == "integer":
+        C = rng.integers(0, 4, (n, m)).astype(np.float64)
+    elif kind == "constant":
+        C = np.full((n, m), float(rng.choice([0.0, 1.0, 3.7])))
+    elif kind == "duplicated":
+        base = rng.random((max(1, n // 2), max(1, m // 2)))
+        C = base[rng.integers(0, base.shape[0], n)][:, rng.integers(0, base.shape[1], m)]
+    elif kind == "decades":
+        C = 10.0 ** rng.uniform(-8, 8, (n, m))
+    elif kind == "permutation":
+        C = 1.0 + 0.01 * rng.random((n, m))
+        k = min(n, m)
+        C[rng.permutation(n)[:k], rng.permutation(m)[:k]] = 0.01 * rng.random(k)
+    else:  # scaled
+        C = rng.random((n, m)) * 10.0 ** rng.uniform(-6, 6)
+    wkind = WEIGHT_KINDS[rng.integers(len(WEIGHT_KINDS))]
+
+    def weights(length):
+        if wkind == "uniform":
+            return np.full(length, 1.0 / length)
+        if wkind == "dirichlet":
+            w = rng.dirichlet(np.full(length, 0.5))
+            return np.maximum(w, 1e-300)
+        if wkind == "zeros":
+            w = rng.random(length)
+            if length > 1:
+                w[rng.random(length) < 0.3] = 0.0
+            if w.sum() == 0:
+                w[0] = 1.0
+            return w / w.sum()
+        w = 10.0 ** rng.uniform(-8, 0, length)  # skewed (and the base of mismatch)
+        return w / w.sum()
+
+    a, b = weights(n), weights(m)
+    if wkind == "mismatch":
+        b = b * (1.0 + float(rng.uniform(-9e-7, 9e-7)))
+    cmax = float(np.abs(C).max())
+    eps = 10.0 ** rng.uniform(-4, 0) * (cmax if cmax > 0 else 1.0)
+    info = dict(index=index, n=n, m=m, cost_kind=kind, weight_kind=wkind, eps=eps,
+                eps_rel=eps / (cmax if cmax > 0 else 1.0))
+    t = lambda v: torch.from_numpy(np.ascontiguousarray(v))  # noqa: E731
+    return t(C), t(a), t(b), eps, info
+
+
+# ------------------------------------------------------------------------------ worker
+def independent_error(res, a, b):
+    """L1 marginal error of the returned plan, recomputed here in float64."""
+    P = res.plan.double()
+    return float((P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum())
+
+
+def timed_pair(dk, C, a, b, eps, tol, max_iter, device, rounds=3, budget=0.3):
+    """{method: (result, best wall time)}: the two methods alternate (the machine's load
+    moves), up to `rounds` rounds while a round takes under `budget` s; the best time of
+    each."""
+    import torch
+    import warnings
+
+    best = {"sinkhorn": math.inf, "sns": math.inf}
+    res = {}
+    for rep in range(rounds):
+        round_time = 0.0
+        for method in ("sinkhorn", "sns"):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res[method] = dk.ot.sinkhorn(C, a, b, eps=eps, method=method, tol=tol,
+                                                 max_iter=max_iter)
+            except Exception as e:  # noqa: BLE001 - a crash is a result here
+                res[method] = e
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            best[method] = min(best[method], dt)
+            round_time += dt
+        if round_time > budget:
+            break
+    return {k: (res[k], best[k]) for k in res}
+
+
+def run_one(dk, problem, dtype_name, device, tol, max_iter):
+    import torch
+
+    C64, a, b, eps, info = problem
+    dtype = getattr(torch, dtype_name)
+    C = C64.to(device=device, dtype=dtype)
+    a_d, b_d = a.to(device), b.to(device)
+    out = dict(info, dtype=dtype_name)
+    floor = abs(float(a.sum()) - float(b.sum()))
+    # float32: the plan's entries are rounded to float32 (relative 2^-24 each).
+    slack = 2 * 2.0**-24 * float(a.sum()) if dtype == torch.float32 else 0.0
+    allowed = max(tol, 2 * floor) + slack
+    pair = timed_pair(dk, C, a_d, b_d, eps, tol, max_iter, device)
+    if not any(isinstance(r, Exception) for r, _ in pair.values()) and (
+            pair["sns"][1] > 1.5 * pair["sinkhorn"][1]):
+        # A slow-looking pair is timed again (other processes share the cores): the best of
+        # up to 8 more rounds.
+        again = timed_pair(dk, C, a_d, b_d, eps, tol, max_iter, device, rounds=8, budget=1.0)
+        pair = {k: (pair[k][0], min(pair[k][1], again[k][1])) for k in pair}
+    for method in ("sinkhorn", "sns"):
+        res, dt = pair[method]
+        if isinstance(res, Exception):
+            out[method] = dict(error=f"{type(res).__name__}: {res}")
+            continue
+        err = independent_error(res, a, b)
+        reported = float(res.marginal_error)
+        ok = err <= allowed  # NaN: not ok
+        # Honest: the reported error is the plan's (to rounding), converged == (err <= tol).
+        agree = (math.isfinite(err) and abs(reported - err) <= 1e-9 + 1e-3 * err + slack) or (
+            math.isnan(err) and math.isnan(reported))
+        honest = agree and bool(res.converged) == (reported <= tol)
+        if bool(res.converged) and not err <= tol + slack:
+            honest = False
+        out[method] = dict(time=dt, err=err, reported=reported, converged=ok,
+                           flag=bool(res.converged), honest=honest,
+                           iterations=int(res.iterations), newton=int(res.newton_steps))
+    return out
+
+
+def worker_main(conn, seed, device_name, threads):
+    import torch
+
+    import diffkern as dk
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        index, dtypes, tol, max_iter = msg
+        problem = make_problem(seed, index)
+        conn.send([run_one(dk, problem, dt, device, tol, max_iter) for dt in dtypes])
+
+
+# ------------------------------------------------------------------------------ driver
+class Worker:
+    def __init__(self, seed, device, threads):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, seed, device, threads),
+                                daemon=True)
+        self.proc.start()
+
+    def ask(self, msg, timeout):
+        self.conn.send(msg)
+        if not self.conn.poll(timeout):
+            return None
+        return self.conn.recv()
+
+    def stop(self, kill=False):
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        self.proc.join(5)
+
+
+def save_failure(out_dir, kind, seed, index, dtype, tol, max_iter, record):
+    import torch
+
+    os.makedirs(out_dir, exist_ok=True)
+    C, a, b, eps, info = make_problem(seed, index)
+    stem = os.path.join(out_dir, f"{kind}-{index}-{dtype}")
+    torch.save(dict(cost=C, a=a, b=b, eps=eps, tol=tol, max_iter=max_iter, dtype=dtype), stem + ".pt")
+    with open(stem + ".json", "w") as fh:
+        json.dump(dict(kind=kind, seed=seed, record=record, info=info,
+                       replay=f"python bench/soak_ot.py --replay {stem}.pt"), fh, indent=1)
+
+
+def classify(rec):
+    """Failure kinds of one record (empty: all good)."""
+    kinds = []
+    sk, sns = rec.get("sinkhorn", {}), rec.get("sns", {})
+    if "error" in sns or "error" in sk:
+        kinds.append("crash")
+    if "error" not in sns:
+        if not sns["converged"]:
+            kinds.append("sns_not_converged" if sk.get("converged") else "both_not_converged")
+        if not sns["honest"]:
+            kinds.append("dishonest")
+    if "error" not in sk and not sk["honest"]:
+        kinds.append("dishonest_sinkhorn")
+    return kinds
+
+
+def quantiles(values, qs=(0.5, 0.9, 0.99, 0.999, 1.0)):
+    if not values:
+        return {}
+    v = sorted(values)
+    return {f"q{q:g}": v[min(len(v) - 1, int(math.ceil(q * len(v))) - 1)] for q in qs}
+
+
+def sweep(args):
+    dtypes = args.dtypes.split(",") if args.dtypes else (
+        ["float64", "float32"] if args.device.startswith("cuda") else ["float64"])
+    worker = Worker(args.seed, args.device, args.threads)
+    records, failures = [], {}
+    hangs = 0
+    t_start = time.time()
+    stopped_by_budget = False
+    for index in range(args.problems):
+        if args.time_budget and time.time() - t_start > args.time_budget:
+            stopped_by_budget = True
+            break
+        reply = worker.ask((index, dtypes, args.tol, args.max_iter), args.timeout)
+        if reply is None:
+            hangs += 1
+            worker.stop(kill=True)
+            for dt in dtypes:
+                save_failure(args.out, "hang", args.seed, index, dt, args.tol, args.max_iter,
+                             dict(timeout=args.timeout))
+            failures.setdefault("hang", []).append(index)
+            worker = Worker(args.seed, args.device, args.threads)
+            continue
+        for rec in reply:
+            records.append(rec)
+            for kind in classify(rec):
+                failures.setdefault(kind, []).append(rec["index"])
+                save_failure(args.out, kind, args.seed, rec["index"], rec["dtype"], args.tol,
+                             args.max_iter, rec)
+        if args.progress and (index + 1) % args.progress == 0:
+            print(f"[soak_ot] {index + 1} problems, {time.time() - t_start:.0f} s, "
+                  f"failures {({k: len(v) for k, v in failures.items()})}", flush=True)
+    worker.stop()
+    return summarize(args, dtypes, records, failures, hangs, time.time() - t_start,
+                     stopped_by_budget)
+
+
+def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget):
+    report = dict(device=args.device, dtypes=dtypes, seed=args.seed, tol=args.tol,
+                  max_iter=args.max_iter, timeout=args.timeout, wall_s=wall,
+                  stopped_by_time_budget=stopped_by_budget, hangs=hangs,
+                  failures={k: len(v) for k, v in failures.items()},
+                  failure_indices={k: v[:50] for k, v in failures.items()}, per_dtype={})
+    for dt in dtypes:
+        recs = [r for r in records if r["dtype"] == dt]
+        ok = [r for r in recs if "error" not in r["sns"] and r["sns"]["converged"]]
+        sk_ok = [r for r in recs if "error" not in r["sinkhorn"] and r["sinkhorn"]["converged"]]
+        both = [r for r in sk_ok if "error" not in r["sns"]]
+        ratios = [r["sns"]["time"] / r["sinkhorn"]["time"] for r in both]
+        worst = sorted(both, key=lambda r: -r["sns"]["time"] / r["sinkhorn"]["time"])[:10]
+        report["per_dtype"][dt] = dict(
+            problems=len(recs),
+            sns_converged=len(ok),
+            sns_converged_pct=100.0 * len(ok) / max(1, len(recs)),
+            sinkhorn_converged=len(sk_ok),
+            sns_converged_where_sinkhorn_did=sum(r["sns"]["converged"] for r in both),
+            slowdown_vs_sinkhorn=quantiles(ratios),
+            slower_than_2x=sum(x > 2 for x in ratios),
+            slower_than_1_5x=sum(x > 1.5 for x in ratios),
+            speedup_median=(sorted(ratios)[len(ratios) // 2] if ratios else None),
+            total_time_sns=sum(r["sns"]["time"] for r in both),
+            total_time_sinkhorn=sum(r["sinkhorn"]["time"] for r in both),
+            worst=[dict(index=r["index"], n=r["n"], m=r["m"], cost=r["cost_kind"],
+                        weights=r["weight_kind"], eps_rel=r["eps_rel"],
+                        ratio=r["sns"]["time"] / r["sinkhorn"]["time"],
+                        sns_ms=1e3 * r["sns"]["time"], sinkhorn_ms=1e3 * r["sinkhorn"]["time"],
+                        sns_it=r["sns"]["iterations"], sns_newton=r["sns"]["newton"],
+                        sinkhorn_it=r["sinkhorn"]["iterations"]) for r in worst])
+    return report
+
+
+def print_report(rep):
+    print(f"OT sweep on {rep['device']}: seed {rep['seed']}, tol {rep['tol']:g}, max_iter "
+          f"{rep['max_iter']}, {rep['wall_s']:.0f} s"
+          + (" (stopped by the time budget)" if rep["stopped_by_time_budget"] else ""))
+    print(f"hangs: {rep['hangs']}   failures: {rep['failures'] or 'none'}")
+    for dt, d in rep["per_dtype"].items():
+        print(f"[{dt}] {d['problems']} problems: SNS converged {d['sns_converged']} "
+              f"({d['sns_converged_pct']:.2f}%); Sinkhorn converged {d['sinkhorn_converged']}, "
+              f"SNS converged on {d['sns_converged_where_sinkhorn_did']} of those")
+        q = d["slowdown_vs_sinkhorn"]
+        if q:
+            print(f"  SNS/Sinkhorn time: median {q['q0.5']:.3f}, q90 {q['q0.9']:.3f}, q99 "
+                  f"{q['q0.99']:.3f}, q99.9 {q['q0.999']:.3f}, worst {q['q1']:.3f}; > 1.5x: "
+                  f"{d['slower_than_1_5x']}, > 2x: {d['slower_than_2x']}; total "
+                  f"{d['total_time_sns']:.2f} s vs {d['total_time_sinkhorn']:.2f} s")
+        for w in d["worst"][:5]:
+            print(f"    #{w['index']} {w['n']}x{w['m']} {w['cost']}/{w['weights']} eps_rel "
+                  f"{w['eps_rel']:.1e}: {w['ratio']:.2f}x ({w['sns_ms']:.2f} ms, {w['sns_it']} it, "
+                  f"{w['sns_newton']} Newton vs {w['sinkhorn_ms']:.2f} ms, {w['sinkhorn_it']} it)")
+
+
+def replay(path):
+    import torch
+
+    import diffkern as dk
+
+    d = torch.load(path)
+    C = d["cost"].to(getattr(torch, d["dtype"]))
+    for method in ("sinkhorn", "sns"):
+        res = dk.ot.sinkhorn(C, d["a"], d["b"], eps=d["eps"], method=method, tol=d["tol"],
+                             max_iter=d["max_iter"])
+        print(method, "reported", float(res.marginal_error), "plan",
+              independent_error(res, d["a"], d["b"]), "iterations", int(res.iterations),
+              "newton", int(res.newton_steps))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--problems", type=int, default=10000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", default=None, help="comma-separated; default float64 (+float32 on cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--max-iter", type=int, default=100000)
+    p.add_argument("--timeout", type=float, default=120.0, help="wall-clock guard per problem")
+    p.add_argument("--time-budget", type=float, default=0.0, help="stop after this many s (0: none)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the worker (0: default)")
+    p.add_argument("--out", default="soak_ot_failures")
+    p.add_argument("--json", default=None)
+    p.add_argument("--progress", type=int, default=500)
+    p.add_argument("--replay", default=None)
+    args = p.parse_args(argv)
+    if args.replay:
+        replay(args.replay)
+        return 0
+    rep = sweep(args)
+    print_report(rep)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rep, fh, indent=1)
+    bad = rep["hangs"] + sum(v for k, v in rep["failures"].items())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
