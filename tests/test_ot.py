@@ -753,3 +753,310 @@ def test_compile_fullgraph_fixed_iterations():
         return res.cost, res.plan
 
     contract.check_compile(f, C, backend="inductor", rtol=0, atol=1e-15)
+
+# ------------------------------------------- reliability (issue 9: items 2, 8, 11, 12, 14)
+
+
+def _plan_error(res, a, b, cost_over_eps=0.0):
+    """The L1 marginal error of the returned plan, recomputed in float64; the reported one
+    must agree to rounding: 1e-12 for the sums, plus the plan entries' own rounding, a
+    relative ~4 ulp of (|f| + |g| + |C|) / eps each (the solver and torch evaluate
+    exp((f + g - C) / eps) in different orders)."""
+    actual = R.marginal_error(res.plan.double(), a.double(), b.double())
+    rep = res.marginal_error
+    atol = 1e-12 + 2 * 4 * 2.0**-52 * 3 * cost_over_eps
+    assert torch.all((rep - actual).abs() <= 1e-6 * actual + atol), (rep.tolist(),
+                                                                     actual.tolist())
+    return actual
+
+
+def _issue_random(seed):
+    """The issue's sweep: n, m in [1, 8], C ~ U[0, 1) (seeds that stalled SNS before)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, m = torch.randint(1, 9, (2,), generator=gen).tolist()
+    return torch.rand(n, m, generator=gen, dtype=F64), None, None
+
+
+def _hard(kind, seed):
+    """Small problems of the classes where SNS stalled or converged slowly: near-permutation
+    plans at tiny eps, degenerate costs (ties, constant, duplicated rows/columns, many
+    decades), n or m = 1, Dirichlet or skewed weights, a mass mismatch within the accepted
+    1e-6. Returns C, a, b (None: uniform), eps."""
+    rng = np.random.default_rng(seed)
+    t = torch.from_numpy
+    if kind == "issue":
+        C = torch.rand(5, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+        return C, None, None, 1e-3
+    if kind == "random":
+        C, a, b = _issue_random(seed)
+        return C, a, b, 1e-3
+    if kind == "column":  # m = 1 (and n = 1 below): the Schur complement is 0 x 0 / singular
+        return t(rng.random((7, 1))), None, None, 1e-4
+    if kind == "row":
+        return t(rng.random((1, 9))), None, None, 1e-4
+    if kind == "constant":
+        return torch.full((6, 5), 2.5, dtype=F64), None, None, 1e-4
+    if kind == "duplicated":
+        base = rng.random((3, 4))
+        C = base[[0, 0, 1, 2, 2, 1]][:, [0, 1, 1, 3, 3, 2, 0]]
+        return t(np.ascontiguousarray(C)), None, None, 1e-3
+    if kind == "decades":
+        C = 10.0 ** rng.uniform(-8, 8, (9, 7))
+        return t(C), None, None, 1e-3 * C.max()
+    if kind == "permutation":  # near-permutation plan, random masses: groups coupled by e^-50
+        n, m = 22, 28
+        C = 1.0 + 0.01 * rng.random((n, m))
+        C[rng.permutation(n), rng.permutation(m)[:n]] = 0.01 * rng.random(n)
+        a, b = rng.dirichlet(np.full(n, 0.5)), rng.dirichlet(np.full(m, 0.5))
+        return t(C), t(np.maximum(a, 1e-300)), t(np.maximum(b, 1e-300)), 2e-4
+    if kind == "ties":  # integer costs: many optimal plans, plateaus in Sinkhorn
+        C = rng.integers(0, 4, (40, 12)).astype(np.float64)
+        a = rng.random(40)
+        a[rng.random(40) < 0.3] = 0.0
+        b = rng.random(12)
+        b[rng.random(12) < 0.3] = 0.0
+        b[0] += 0.1
+        return t(C), t(a / a.sum()), t(b / b.sum()), 3e-3
+    if kind == "mismatch":  # sum(b) = sum(a) (1 - 4e-7): Newton's rhs must be projected
+        C = rng.random((30, 50))
+        b = np.full(50, 1 / 50) * (1 - 4e-7)
+        return t(C), None, t(b), 0.16
+    raise ValueError(kind)
+
+
+HARD = ([("issue", 0)] + [("random", s) for s in (1, 4, 7, 16, 34, 44, 94)]
+        + [(k, s) for k in ("column", "row", "constant", "duplicated", "decades", "permutation",
+                            "ties", "mismatch") for s in (0, 1)])
+
+
+@pytest.mark.parametrize("kind,seed", HARD)
+def test_sns_converges_on_small_hard_problems(kind, seed):
+    """SNS used to take null Newton steps forever on these (the sparsified Hessian had lost
+    the coupling the step needs); it must converge, checked from the returned plan, on every
+    problem and within the same iteration cap as Sinkhorn."""
+    C, a, b, eps = _hard(kind, seed)
+    n, m = C.shape
+    a_ = a if a is not None else torch.full((n,), 1 / n, dtype=F64)
+    b_ = b if b is not None else torch.full((m,), 1 / m, dtype=F64)
+    tol = 1e-6
+    floor = abs(a_.sum().item() - b_.sum().item())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "did not converge" warning either
+        res = dk.ot.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=10_000)
+    err = _plan_error(res, a_, b_, C.abs().max().item() / eps).item()
+    assert err <= max(tol, 2 * floor), (kind, seed, err, int(res.iterations))
+    assert bool(res.converged)
+    assert torch.isfinite(res.plan).all()
+
+
+def test_sns_issue_sweep_all_converge():
+    """The issue's 144 random small problems at eps = 1e-3 (14 failed): all converge."""
+    bad = []
+    for seed in range(144):
+        C, _, _ = _issue_random(seed)
+        res = dk.ot.sinkhorn(C, eps=1e-3, tol=1e-6)
+        n, m = C.shape
+        a, b = torch.full((n,), 1 / n, dtype=F64), torch.full((m,), 1 / m, dtype=F64)
+        if not (bool(res.converged) and R.marginal_error(res.plan, a, b).item() <= 1e-6):
+            bad.append(seed)
+    assert not bad, f"not converged: seeds {bad}"
+
+
+def test_fixed_iterations_rounds_with_failed_newton_steps():
+    """Fixed mode on a problem where Newton steps fail: still exactly max_iter iterations per
+    element, and enough of them converge (SNS's Sinkhorn phases are Sinkhorn iterations)."""
+    C, _, _, eps = _hard("issue", 0)
+    for max_iter in (25, 60, 2000):
+        res = dk.ot.sinkhorn(torch.stack([C, C.flip(0)]), eps=eps, max_iter=max_iter,
+                             fixed_iterations=True)
+        assert (res.iterations == max_iter).all(), res.iterations.tolist()
+    assert res.converged.all(), res.marginal_error.tolist()
+
+
+def _fd_grad_cost(C, eps, h=1e-5, reference=True):
+    """Central finite differences of <C, P(C)>, entry by entry, of a float64 solve: the
+    reference (Sinkhorn, then dense Newton to an L1 marginal error of 1e-13) or dk's SNS
+    (to 1e-13, where it gets there)."""
+    def cost(c):
+        if reference:
+            sol = R.solve(c, eps=eps)
+            assert sol.marginal_error <= 1e-11
+            return sol.cost
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return dk.ot.sinkhorn(c, eps=eps, tol=1e-13).cost
+
+    g = torch.zeros_like(C)
+    for i in range(C.shape[0]):
+        for j in range(C.shape[1]):
+            E = torch.zeros_like(C)
+            E[i, j] = h
+            g[i, j] = (cost(C + E) - cost(C - E)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.02, 1e-3])
+def test_backward_near_singular_matches_finite_differences(eps):
+    """A near-permutation plan: the groups (one row, one column each) are coupled only through
+    entries ~exp(-1/eps), so the adjoint system is singular to double precision (eps = 0.02:
+    smallest eigenvalue ~1e-22 of the largest). The backward used to raise
+    torch._LinAlgError or return garbage there; it must match finite differences."""
+    gen = torch.Generator().manual_seed(7)
+    C = 1.0 - torch.eye(4, dtype=F64) + 0.05 * torch.rand(4, 4, generator=gen, dtype=F64)
+    Cg = C.clone().requires_grad_(True)
+    # What SNS reaches here: below ~1e-10 the Newton system (whose sparse plan is stored in
+    # float32) cannot resolve a Schur complement this close to singular, and Sinkhorn's rate
+    # is 1 - O(exp(-1/eps)): neither method gets further in 10,000 iterations.
+    tol = 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = dk.ot.sinkhorn(Cg, eps=eps, tol=tol)
+    res.cost.backward()
+    ref = _fd_grad_cost(C, eps)
+    assert torch.isfinite(Cg.grad).all()
+    torch.testing.assert_close(Cg.grad, ref, rtol=0, atol=1e-6 * (1 + ref.abs().max().item()))
+
+
+def test_backward_issue_reproducer_and_unconverged_plan():
+    """The issue's reproducer (its backward raised torch._LinAlgError) against finite
+    differences; and a far-from-converged plan (columns with almost no mass: a singular
+    system) must still give a finite gradient, not an exception."""
+    C, _, _, eps = _hard("issue", 0)
+    eps = 0.02  # finite differences need a smooth enough problem; same singular structure
+    Cg = C.clone().requires_grad_(True)
+    dk.ot.sinkhorn(Cg, eps=eps, tol=1e-13).cost.backward()
+    ref = _fd_grad_cost(C, eps, reference=False)
+    torch.testing.assert_close(Cg.grad, ref, rtol=0, atol=1e-6 * (1 + ref.abs().max().item()))
+    Cg.grad = None
+    res = dk.ot.sinkhorn(Cg, eps=1e-3, max_iter=21, fixed_iterations=True)
+    assert not bool(res.converged)
+    res.cost.backward()
+    assert torch.isfinite(Cg.grad).all()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -float("inf")])
+def test_g_init_non_finite_is_refused_or_nan(value):
+    """Tolerance mode: a clear error naming g_init. Fixed mode (no host checks): NaN comes out
+    as a NaN marginal error, never as a finite error next to a NaN plan (it was 1.0)."""
+    C, a, b = _problem(5, 4, seed=40)
+    g0 = torch.zeros(4, dtype=F64)
+    g0[1] = value
+    with pytest.raises(ValueError, match=r"diffkern\.ot\.sinkhorn: g_init"):
+        dk.ot.sinkhorn(C, a, b, eps=0.1, g_init=g0)
+    res = dk.ot.sinkhorn(C, a, b, eps=0.1, g_init=g0, max_iter=30, fixed_iterations=True)
+    plan = res.plan
+    if torch.isnan(plan).any() or not torch.isfinite(res.marginal_error):
+        assert torch.isnan(res.marginal_error).all() and not res.converged.any()
+    else:  # -inf at one column is repaired by the first column update
+        _plan_error(res, a, b)
+
+
+def test_g_init_minus_inf_at_zero_weight_column_is_a_valid_warm_start():
+    C, a, b = _problem(6, 5, seed=41)
+    b = b.clone()
+    b[2] = 0.0
+    b = b / b.sum()
+    cold = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=1e-10)
+    assert cold.g[2].item() == -float("inf")
+    warm = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=1e-10, g_init=cold.g)
+    assert bool(warm.converged) and warm.iterations.item() <= 3
+    torch.testing.assert_close(warm.plan, cold.plan, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shift", [1e6, -1e9, 1e12])
+def test_g_init_constant_shift_is_removed(method, shift):
+    """(f + k, g - k) is the same solution: a warm start shifted by a large constant must
+    converge like an unshifted one (it never reached tol 1e-10 at k = 1e6: the shift ate
+    the potentials' precision)."""
+    C, a, b = _problem(8, 6, seed=42)
+    cold = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=1e-10, method=method)
+    zero = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=1e-10, method=method,
+                          g_init=torch.zeros(6, dtype=F64))
+    res = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=1e-10, method=method,
+                         g_init=torch.full((6,), shift, dtype=F64))
+    assert bool(res.converged)
+    assert res.iterations.item() <= zero.iterations.item() + 2
+    _plan_error(res, a, b)
+    torch.testing.assert_close(res.plan, cold.plan, rtol=0, atol=1e-9)
+    assert res.f.abs().max().item() < 10 and res.g.abs().max().item() < 10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_cost_fixed_iterations_reports_nan(method):
+    C, a, b = _problem(5, 4, B=2, seed=43)
+    C = C.clone()
+    C[1, 2, 3] = float("nan")
+    res = dk.ot.sinkhorn(C, a, b, eps=0.1, max_iter=30, fixed_iterations=True, method=method)
+    assert torch.isnan(res.marginal_error[1]) and not bool(res.converged[1])
+    assert torch.isfinite(res.marginal_error[0]) and bool(res.converged[0])
+    _plan_error(res[0] if hasattr(res, "__getitem__") else
+                          dk.ot.sinkhorn(C[0], a[0], b[0], eps=0.1, max_iter=30,
+                                         fixed_iterations=True, method=method), a[0], b[0])
+
+
+def test_unconverged_warnings_suggest_the_right_fix():
+    C, _, _, eps = _hard("issue", 0)
+    with pytest.warns(UserWarning, match="did not converge") as rec:
+        dk.ot.sinkhorn(C, eps=eps, max_iter=30)
+    msg = str(rec[0].message)
+    assert "max_iter" in msg and "method='sns'" not in msg, msg
+    with pytest.warns(UserWarning, match="did not converge") as rec:
+        dk.ot.sinkhorn(C, eps=eps, max_iter=30, method="sinkhorn")
+    assert "method='sns'" in str(rec[0].message)
+    # tol below the floor |sum a - sum b| (accepted up to a relative 1e-6): no plan meets it.
+    # The solver stops at the floor instead of running max_iter, and says so.
+    a = torch.full((5,), 0.2, dtype=F64)
+    b = torch.full((4,), 0.25, dtype=F64) * (1 + 5e-7)
+    for method in METHODS:
+        with pytest.warns(UserWarning, match="mass mismatch") as rec:
+            res = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=1e-10, method=method)
+        msg = str(rec[0].message)
+        assert "max_iter" not in msg, msg
+        assert not bool(res.converged)
+        assert res.iterations.item() < 1000
+        assert 5e-7 * (1 - 1e-6) <= res.marginal_error.item() <= 1e-6
+
+
+@pytest.mark.parametrize("eps", [np.float32(0.05), np.float64(0.05), np.array(0.05),
+                                 torch.tensor(0.05), torch.tensor(0.05, dtype=F64),
+                                 torch.tensor([0.05]), 0.05, 1])
+def test_eps_accepts_any_real_scalar(eps):
+    C, a, b = _problem(5, 4, seed=44)
+    res = dk.ot.sinkhorn(C, a, b, eps=eps, tol=1e-10)
+    ref = dk.ot.sinkhorn(C, a, b, eps=float(eps), tol=1e-10)
+    assert res.eps == float(eps) and bool(res.converged)
+    torch.testing.assert_close(res.plan, ref.plan, rtol=0, atol=0)
+    res = dk.ot.sinkhorn(C, a, b, eps=0.05, tol=np.float32(1e-8), max_iter=np.int64(500))
+    assert bool(res.converged)
+
+
+def test_bad_scalars_name_the_argument():
+    C, a, b = _problem(5, 4, seed=45)
+    for bad, exc in ((True, TypeError), (1j, TypeError), ("0.1", TypeError),
+                     (torch.ones(2), ValueError), (np.ones(3), ValueError),
+                     (float("nan"), ValueError), (float("inf"), ValueError)):
+        with pytest.raises(exc, match=r"diffkern\.ot\.sinkhorn: eps"):
+            dk.ot.sinkhorn(C, a, b, eps=bad)
+    with pytest.raises(ValueError, match=r"diffkern\.ot\.sinkhorn: max_iter"):
+        dk.ot.sinkhorn(C, a, b, eps=0.1, max_iter=2.5)
+
+
+def test_bad_layouts_devices_and_dtypes_name_the_argument():
+    C, a, b = _problem(5, 4, seed=46)
+    with pytest.raises(ValueError, match=r"diffkern\.ot\.sinkhorn: g_init.*meta"):
+        dk.ot.sinkhorn(C, a, b, eps=0.1, g_init=torch.zeros(4, device="meta"))
+    with pytest.raises(ValueError, match=r"diffkern\.ot\.sinkhorn: f_init.*meta"):
+        dk.ot.sinkhorn(C, a, b, eps=0.1, f_init=torch.zeros(5, device="meta"))
+    with pytest.raises(TypeError, match=r"diffkern\.ot\.sinkhorn: cost: .*dense"):
+        dk.ot.sinkhorn(C.to_sparse(), eps=0.1)
+    with pytest.raises(TypeError, match=r"diffkern\.ot\.sinkhorn: a: .*dense"):
+        dk.ot.sinkhorn(C, a.to_sparse(), b, eps=0.1)
+    with pytest.raises(TypeError, match=r"diffkern\.ot\.sinkhorn: g_init: .*dense"):
+        dk.ot.sinkhorn(C, a, b, eps=0.1, g_init=torch.zeros(4, dtype=F64).to_sparse())
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        if hasattr(torch, name):
+            with pytest.raises(TypeError, match=r"diffkern\.ot\.sinkhorn: cost: .*float8"):
+                dk.ot.sinkhorn(C.to(getattr(torch, name)), eps=0.1)
+    with pytest.raises(ValueError, match=r"diffkern\.ot\.sinkhorn: cost: .*meta"):
+        dk.ot.sinkhorn(torch.zeros(5, 4, device="meta"), eps=0.1)

@@ -68,7 +68,7 @@ class Driver {
   const T* cost_t_;
   std::vector<double> host_report_;
   std::vector<int> host_flags_;
-  int64_t max_active_iterations_ = 0;  // tolerance mode: most iterations of a live element
+  int64_t min_active_iterations_ = 0;  // tolerance mode: fewest iterations of a live element
   bool any_fallback_ = false;          // tolerance mode: a live element is in its Sinkhorn phase
   bool any_newton_ = false;            // tolerance mode: a live element is due a Newton step
   int64_t unconverged_ = -1;           // after the last check; -1: never checked (fixed mode)
@@ -99,7 +99,7 @@ class Driver {
     bk_.copy_to_host(host_report_.data(), w_.s.report, sizeof(double) * B_ * kReportFields);
     int64_t n_active = 0;
     double worst = 0;
-    max_active_iterations_ = 0;
+    min_active_iterations_ = o_.max_iter;
     any_fallback_ = false;
     any_newton_ = false;
     int64_t above_tol = 0;
@@ -108,11 +108,11 @@ class Driver {
       const double err = row[kReportErr];
       if (row[kReportActive] != 0) {
         n_active += 1;
-        max_active_iterations_ =
-            std::max(max_active_iterations_, static_cast<int64_t>(row[kReportIterations]));
+        const int64_t its = static_cast<int64_t>(row[kReportIterations]);
+        min_active_iterations_ = std::min(min_active_iterations_, its);
         const bool fb = row[kReportFallback] != 0;
         any_fallback_ = any_fallback_ || fb;
-        any_newton_ = any_newton_ || !fb;
+        any_newton_ = any_newton_ || (!fb && its < o_.max_iter);
       }
       if (!(err <= o_.tol)) above_tol += 1;  // NaN counts
       worst = std::isnan(err) ? err : std::max(worst, err);
@@ -172,20 +172,26 @@ class Driver {
     // round (the Newton step, or one Sinkhorn iteration where it failed or the element is in
     // its phase). Tolerance mode: check_every Sinkhorn iterations, issued only when the check
     // says some element needs them, and the Newton launches only when some element is due
-    // one (launches are the cost on small problems).
+    // one (launches are the cost on small problems). Elements of a batch advance at different
+    // rates (a Newton round is one iteration, a chunk check_every), so tolerance mode runs
+    // until the slowest live element reaches max_iter, and holds back any element that would
+    // pass it (SelectRound, LimitChunk).
     bool newton_due = true;
-    // Bound on rounds: each advances some live element by >= 1 iteration (see the proof in
-    // the comments below), so this never binds; it is there so the loop provably ends.
+    int64_t lo = it;  // tolerance mode: fewest iterations of a live element
+    // Bound on rounds: in fixed mode each round is one iteration; in tolerance mode every
+    // element at `lo` advances within two rounds (a Newton round counts even a failed
+    // attempt; a chunk of k <= max_iter - lo fits it), so this never binds; it is there so
+    // the loop provably ends.
     const int64_t max_rounds = 2 * o_.max_iter + 2;
-    for (int64_t round = 0; it < o_.max_iter && round < max_rounds; ++round) {
-      bk_.for_batch(SelectRound{s});
+    for (int64_t round = 0; (fixed ? it : lo) < o_.max_iter && round < max_rounds; ++round) {
+      bk_.for_batch(SelectRound{s, st_.iterations, o_.max_iter});
       if (fixed || newton_due) {
         bk_.for_each(nm_, SaveState{s, st_.f, st_.g, w_.f_prev, w_.g_prev, n_, m_});
         newton_step();
         measure(s.newton);
-        bk_.for_batch(JudgeNewton{s, st_.iterations, st_.newton_steps});
+        bk_.for_batch(JudgeNewton{s, st_.iterations, st_.newton_steps, !fixed});
         bk_.for_each(nm_, CopyPairWhere{s.reverted, w_.f_prev, w_.g_prev, st_.f, st_.g, n_, m_});
-        it += 1;  // the max over live elements grows by at most 1
+        it += 1;
         if (fixed) {
           sinkhorn_iterations(1, s.fallback);
           bk_.for_batch(CountSinkhornPhase{s, 1});
@@ -193,21 +199,21 @@ class Driver {
           continue;
         }
         if (check(it, "newton") == 0) return;
-        it = std::max(it, max_active_iterations_);
+        lo = min_active_iterations_;
       }
       // Nobody in a Sinkhorn phase: the next round is a Newton round (some element is live
       // and, not being in its phase, is due one).
       newton_due = true;
       if (!any_fallback_) continue;
-      const int64_t k = std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - it);
+      const int64_t k = std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - lo);
       if (k <= 0) break;
+      bk_.for_batch(LimitChunk{s, st_.iterations, k, o_.max_iter});
       sinkhorn_iterations(k, s.fallback);
       bk_.for_batch(CountSinkhornPhase{s, k});
       measure(s.fallback);
-      if (check(it + k, "fallback") == 0) return;
-      // Without a Newton round next, every live element was in this chunk: it advanced by k.
+      if (check(lo + k, "fallback") == 0) return;
       newton_due = any_newton_;
-      it = newton_due ? std::max(it, max_active_iterations_) : std::max(it + k, max_active_iterations_);
+      lo = min_active_iterations_;
     }
   }
 
@@ -312,7 +318,7 @@ class Driver {
       if (may_peek && !any_set(s.searching)) break;
     }
     bk_.for_each(nm_, AcceptTrials{s, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
-    bk_.for_batch(FinishNewton{s, st_.iterations, st_.newton_steps});
+    bk_.for_batch(FinishNewton{s, st_.iterations, st_.newton_steps, !fixed});
   }
 };
 

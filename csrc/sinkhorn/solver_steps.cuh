@@ -99,6 +99,7 @@ struct LineSearchTest {
 constexpr int kBackoffStart = 10;
 constexpr int kBackoffMax = 640;
 constexpr double kGainRatio = 3.0;  // a Newton round costs about three Sinkhorn iterations
+constexpr double kDeltaStep = 6.907755278982137;  // log(1000)
 
 struct ResetBatch {
   BatchScalars s;
@@ -115,6 +116,7 @@ struct ResetBatch {
     s.by_slack[b] = 0;
     s.sk_left[b] = 0;
     s.backoff[b] = kBackoffStart;
+    s.delta_shift[b] = 0;
     iterations[b] = 0;
     newton_steps[b] = 0;
   }
@@ -153,12 +155,25 @@ struct UpdateActive {
 };
 
 // Start of a round: Newton step for the elements out of their Sinkhorn phase, Sinkhorn
-// iterations for the others.
+// iterations for the others; an element at max_iter takes nothing.
 struct SelectRound {
   BatchScalars s;
+  const int64_t* iterations;
+  int64_t max_iter;
   DK_HOST_DEVICE void operator()(int64_t b) const {
-    s.newton[b] = s.active[b] && s.sk_left[b] == 0;
+    s.newton[b] = s.active[b] && s.sk_left[b] == 0 && iterations[b] < max_iter;
     s.fallback[b] = s.active[b] && s.sk_left[b] > 0;
+  }
+};
+
+// Tolerance mode, before a chunk of k Sinkhorn iterations: an element that would pass
+// max_iter sits it out (it is ahead of the batch's slowest element, which the chunk fits).
+struct LimitChunk {
+  BatchScalars s;
+  const int64_t* iterations;
+  int64_t k, max_iter;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    if (iterations[b] + k > max_iter) s.fallback[b] = 0;
   }
 };
 
@@ -178,7 +193,7 @@ struct StartNewton {  // sparsification tolerance, CG tolerance, line-search sta
   DK_HOST_DEVICE void operator()(int64_t b) const {
     const double rel = s.err[b] / (mass ? mass[b] : 1.0);
     const double delta = fmin(1e-3, fmax(1e-5, rel));
-    s.log_delta[b] = log(delta);
+    s.log_delta[b] = log(delta) + s.delta_shift[b];
     const double eta = fmin(0.1, fmax(rel, 1e-10));
     s.cg_tol2[b] = eta * eta;
     s.step[b] = 1.0;
@@ -195,6 +210,7 @@ struct JudgeNewton {
   BatchScalars s;
   int64_t* iterations;
   int64_t* newton_steps;
+  int count_attempts;  // as in FinishNewton: an undone step still counts as an iteration
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.reverted[b] = 0;
     if (!s.newton[b]) return;
@@ -203,7 +219,7 @@ struct JudgeNewton {
     if (!failed && (s.by_slack[b] || !(fabs(err) < INFINITY)) && !(err < prev)) {
       s.reverted[b] = 1;
       s.err[b] = prev;
-      iterations[b] -= 1;
+      if (!count_attempts) iterations[b] -= 1;
       newton_steps[b] -= 1;
       failed = true;
     } else if (!failed) {
@@ -215,6 +231,10 @@ struct JudgeNewton {
     // step was this round's iteration, and its Sinkhorn phase starts next round.
     s.fallback[b] = s.rejected[b] || s.reverted[b];
     if (failed) {
+      // The sparsified Hessian may lack what the step needs (near convergence on a
+      // near-permutation plan, the groups are coupled through entries below delta): keep
+      // 1000 times smaller entries from now on, down to all above exp(kMinLogKept).
+      s.delta_shift[b] = fmax(s.delta_shift[b] - kDeltaStep, -1000.0);
       s.sk_left[b] = s.backoff[b];
       s.backoff[b] = s.backoff[b] < kBackoffMax ? 2 * s.backoff[b] : kBackoffMax;
     } else {
@@ -249,16 +269,20 @@ struct CopyPairWhere {
   }
 };
 
+// Counts the round: an accepted step is a Newton step and an iteration. A failed attempt
+// counts as an iteration too in tolerance mode (it costs about as much, and elements of a
+// batch then advance together, so none is cut off far below max_iter by the others); in
+// fixed mode it does not, since the Sinkhorn iteration it is replaced by is the round's one.
 struct FinishNewton {
   BatchScalars s;
   int64_t* iterations;
   int64_t* newton_steps;
+  int count_attempts;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.searching[b] = 0;
-    if (s.newton[b] && !s.rejected[b]) {
-      iterations[b] += 1;
-      newton_steps[b] += 1;
-    }
+    if (!s.newton[b]) return;
+    if (!s.rejected[b]) newton_steps[b] += 1;
+    if (!s.rejected[b] || count_attempts) iterations[b] += 1;
   }
 };
 

@@ -19,6 +19,7 @@ struct BatchScalars {
   double* slope;      // (b - c) . dg: directional derivative along the Newton direction
   double* step;       // current line-search step t
   double* log_delta;  // log of the sparsification mass tolerance
+  double* delta_shift;  // added to log_delta: lowered after each failed Newton round
   double* rz[2];      // CG: r . z, double-buffered by iteration parity
   double* rz0;        // CG: r . z at the start (for the relative stopping rule)
   double* pq;         // CG: p . (S p)
@@ -85,6 +86,7 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
   Workspace& ws = w ? *w : tmp;
   BatchScalars& s = ws.s;
   for (double** d : {&s.err, &s.phi, &s.phi_scale, &s.phi_trial, &s.slope, &s.step, &s.log_delta,
+                     &s.delta_shift,
                      &s.rz[0], &s.rz[1], &s.rz0, &s.pq, &s.cg_tol2, &s.mass, &s.err_prev,
                      &s.floor, &s.b_scale, &s.gain, &s.sk_gain})
     take(*d, B);

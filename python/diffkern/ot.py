@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _C
-from ._ops import current_stream_handle, num_threads, skips_dispatcher
+from ._ops import _is_functorch_wrapped, current_stream_handle, num_threads, skips_dispatcher
 
 __all__ = ["sinkhorn", "SinkhornResult"]
 
@@ -186,20 +186,25 @@ def _solve_psd(S, rhs):
     dmin = d.abs().amin(-1)
     dmax = d.abs().amax(-1)
     good = (info == 0) & torch.isfinite(d).all(-1) & (dmax**2 <= _COND_DIRECT_MAX * dmin**2)
-    x = torch.cholesky_solve(rhs[..., None], torch.where(good[:, None, None], L,
-                                                         torch.eye(S.shape[-1], dtype=S.dtype,
-                                                                   device=S.device)))[..., 0]
-    if bool(good.all()):
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    x = torch.cholesky_solve(rhs[..., None], torch.where(good[:, None, None], L, eye))[..., 0]
+    # Eagerly, the eigendecomposition runs only for the elements that need it; traced
+    # (torch.compile, AOT autograd, functorch) nothing may depend on the data, so it runs
+    # for all and the result is selected.
+    eager = not torch.compiler.is_compiling() and type(S) is torch.Tensor and not (
+        _is_functorch_wrapped(S))
+    if eager and bool(good.all()):
         return x
-    bad = ~good
-    Sb = S[bad]
+    Sb, rb = (S[~good], rhs[~good]) if eager else (S, rhs)
     Sb = torch.where(torch.isfinite(Sb), Sb, torch.zeros_like(Sb))
     w, V = torch.linalg.eigh(Sb)
     cut = _PINV_RCOND * w.abs().amax(-1, keepdim=True)
     inv_w = torch.where(w > cut, 1.0 / w, torch.zeros_like(w))
-    xb = V @ (inv_w[..., None] * (V.transpose(-2, -1) @ rhs[bad][..., None]))
+    xb = (V @ (inv_w[..., None] * (V.transpose(-2, -1) @ rb[..., None])))[..., 0]
+    if not eager:
+        return torch.where(good[:, None], x, xb)
     x = x.clone()
-    x[bad] = xb[..., 0]
+    x[~good] = xb
     return x
 
 
@@ -458,8 +463,10 @@ def _initial_g(g_init, B, m, batched, C, b64, check):
     return torch.where(live, g0 - shift, torch.full_like(g0, -math.inf)).contiguous()
 
 
-def _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B):
-    """One warning that says why each unconverged problem stopped and what would help."""
+def _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B, rounding):
+    """One warning that says why each unconverged problem stopped and what would help.
+    rounding: 2^-52 max|C| / eps, the relative error of exp((f + g - C) / eps) from the
+    rounding of its argument alone (L1 errors a few times that are what it allows)."""
     bad = ~converged
     nan = torch.isnan(err)
     floor = (a64.sum(1) - b64.sum(1)).abs()
@@ -469,6 +476,11 @@ def _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B):
     parts = []
     if n_cap:
         hint = "raise max_iter or eps" + (", or use method='sns'" if method == "sinkhorn" else "")
+        if tol < 1e3 * rounding:
+            hint += (f"; tol may also be below what float64 potentials resolve here (the "
+                     f"plan's entries carry a relative rounding error of about {rounding:.1g} "
+                     f"= 2^-52 max|C| / eps, and SNS's Newton steps stop helping at errors "
+                     f"about 100-1000 times that): raise tol")
         parts.append(f"{n_cap} of {B} problem(s) still have an L1 marginal error above "
                      f"tol={tol:g} after max_iter={max_iter} iterations (worst "
                      f"{err[capped].max().item():.3g}); {hint}")
@@ -510,19 +522,27 @@ def sinkhorn(
             in float32), CPU or CUDA. Potentials are computed in float64 internally.
         a, b: weights (n,)/(m,) (shared by the batch) or (B, n)/(B, m); default uniform.
             Non-negative, zero entries allowed; the sums of a and b must agree to 1e-6.
-        eps: entropic regularization, > 0 (in the units of the cost).
-        method: ``"sns"`` (Sinkhorn, then sparse Newton) or ``"sinkhorn"`` (log domain).
-        tol: stop when the L1 marginal error sum|P1 - a| + sum|P^T 1 - b| <= tol.
+        eps: entropic regularization, > 0 (in the units of the cost): any real scalar
+            (Python, NumPy, a one-element tensor).
+        method: ``"sns"`` (Sinkhorn, then sparse Newton steps where they beat Sinkhorn
+            iterations; Sinkhorn iterations otherwise, so it converges wherever Sinkhorn
+            does) or ``"sinkhorn"`` (log domain).
+        tol: stop when the L1 marginal error sum|P1 - a| + sum|P^T 1 - b| <= tol. No plan
+            does better than |sum(a) - sum(b)|; a problem stops at twice that if tol is
+            below it (reported ``converged=False``, with a warning that says so).
         max_iter: cap on Sinkhorn iterations + Newton steps (default 10000). A run that
             reaches it warns and reports ``converged=False``.
         check_every: Sinkhorn iterations between two marginal-error checks (each check costs
             one extra pass and, on CUDA, one host synchronization).
         f_init, g_init: warm start. The solver iterates on g (f is always g's exact row
-            update), so g_init is what matters; f_init is only shape-checked.
+            update), so g_init is what matters; f_init is only shape-checked. g_init is
+            re-centred (the solution is defined up to (f + k, g - k)); it must be finite
+            except -inf at zero-weight columns (what the solver returns there).
         fixed_iterations: run exactly ``max_iter`` iterations (SNS: ``newton_warmup``
             Sinkhorn iterations, then per round one Newton step, or one Sinkhorn iteration
-            where the step is rejected) with no host synchronization and no input-value
-            checks: CUDA-graph capturable, for training loops.
+            where the step failed) with no host synchronization and no input-value
+            checks: CUDA-graph capturable, for training loops. NaN or inf inputs then give
+            a NaN marginal_error and converged=False.
         newton_warmup: SNS only: Sinkhorn iterations before the first Newton step (the
             first three quarters with eps-scaling: 27, 9, 3 times eps). With ``g_init``: 2
             plain iterations, after a check that returns at once if g_init already meets tol.
@@ -535,8 +555,9 @@ def sinkhorn(
 
     Raises:
         ValueError naming the argument: bad shapes, negative/NaN weights, sums of a and b
-        differing by more than a relative 1e-6, eps <= 0, non-finite cost, unknown method.
-        TypeError: non-float cost or weights.
+        differing by more than a relative 1e-6, eps <= 0, non-finite cost or g_init, a
+        tensor argument on another device than cost, unknown method.
+        TypeError: non-float cost or weights, a sparse tensor, a non-real scalar.
     """
     cost = _check_cost(cost)
     if not (isinstance(method, str) and method in _METHODS):
@@ -589,7 +610,8 @@ def sinkhorn(
     if not fixed:
         bad = int((~converged).sum()) if unconverged is None else unconverged
         if bad:
-            _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B)
+            rounding = 2.0**-52 * C.detach().abs().max().item() / eps
+            _warn_unconverged(err, converged, tol, max_iter, method, a64, b64, B, rounding)
     squeeze = (lambda t: t) if batched else (lambda t: t[0])
     return SinkhornResult(
         f=squeeze(f).to(cost.dtype), g=squeeze(g).to(cost.dtype), iterations=squeeze(iters),
