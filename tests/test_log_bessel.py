@@ -434,6 +434,22 @@ def test_bessel_iv_ratio_third_derivative(device):
                                atol=0)
 
 
+def test_ratio_dx_and_d2log_iv_below_order_20_at_moderate_x(device):
+    # d/dx R and d2/dx2 log I: for v < 20 and 4 < x <= 35 the series' derivative sums
+    # cancel (1.8e-12 and 5.7e-12 relative at x = 34); the shifted-order recurrence serves
+    # there. Against the mpmath grid of test_log_bessel_accuracy (finite references).
+    d = np.load(NPZ_D2)
+    for op in ("iv_ratio_dx", "d2log_iv_dx2"):
+        want = d[op]
+        keep = np.isfinite(want)
+        v, x, want = d["v"][keep], d["x"][keep], want[keep]
+        got = _log_bessel(torch.tensor(v, device=device), torch.tensor(x, device=device),
+                          _OPS[op]).cpu().numpy()
+        err = np.abs(got - want) / np.abs(want)
+        i = int(np.argmax(err))
+        assert err[i] <= 1e-13, f"{op}: {err[i]:.3g} at v={v[i]!r}, x={x[i]!r}"
+
+
 @pytest.mark.cuda
 def test_iv_ratio_dx2_cuda_matches_cpu(ratio_second_ref, cuda_device):
     v, x, _ = ratio_second_ref

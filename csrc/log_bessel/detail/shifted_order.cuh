@@ -8,7 +8,8 @@
 // Then log I_v = log I_mu - log(r_0 r_1 ... r_{n-1}) and I_{v+1}/I_v = r_0.
 // For d/dv each r_k carries its derivative: r_k' = -(2/x + r_{k+1}') r_k^2; for d/dx,
 // r_k' = (2 (v+k+1) / x^2 - r_{k+1}') r_k^2, where r_{k+1}' ~ (2 (v+k+1) + 1) / (2 x^2)
-// is at most about half the first term (x > 35 here): errors do not grow.
+// is at most about half the first term (x > 35 here; from x = 4 on for the second-derivative
+// ops, see log_iv_for_second): errors do not grow.
 #pragma once
 #include <cmath>
 
