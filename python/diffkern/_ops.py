@@ -38,6 +38,10 @@ def num_threads() -> int:
 
 
 _current_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+# Whether one tensor is a functorch wrapper (vmap/grad); for code that must not read data
+# under a transform (e.g. ot.py's backward).
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
+                                lambda t: False)
 
 
 def _stream_of_device(index: int) -> int:
