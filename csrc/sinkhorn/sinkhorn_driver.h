@@ -198,7 +198,7 @@ class Driver {
           measure(s.fallback);
           continue;
         }
-        if (check(it, "newton") == 0) return;
+        if (check(lo + 1, "newton") == 0) return;
         lo = min_active_iterations_;
       }
       // Nobody in a Sinkhorn phase: the next round is a Newton round (some element is live
@@ -262,8 +262,8 @@ class Driver {
     // Phi at the current point, and its rounding scale; what one Sinkhorn iteration would
     // gain here (the safeguard's yardstick).
     bk_.reduce(n_, PotentialTerm{st_.f, p_.a, n_}, SetAddPhi{s.phi, s.phi_scale, false, stepping});
-    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_}, SetAddPhi{s.phi, s.phi_scale, true, stepping});
-    bk_.reduce(m_, KlTerm{p_.b, w.c, m_, p_.eps}, SetSum{s.sk_gain, stepping});
+    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_, s.b_scale}, SetAddPhi{s.phi, s.phi_scale, true, stepping});
+    bk_.reduce(m_, KlTerm{p_.b, w.c, s.b_scale, m_, p_.eps}, SetSum{s.sk_gain, stepping});
 
     // Sparse plan, by rows and by columns, with one symmetric keep rule. Row r's entries sit
     // at [r*K, r*K + cnt_r) of a buffer with room for the dense matrix: a CSR matrix whose
@@ -308,7 +308,7 @@ class Driver {
     // them; issued only when an element is still searching, so well-posed problems, which
     // accept within four, never pay for them). Fixed mode keeps four: its launch sequence is
     // fixed, so every trial would be issued in every round.
-    bk_.reduce(m_, SlopeTerm{p_.b, w.c, w.x, m_, kMaxMove * p_.eps}, SetSum{s.slope, stepping});
+    bk_.reduce(m_, SlopeTerm{p_.b, w.c, s.b_scale, w.x, m_, kMaxMove * p_.eps}, SetSum{s.slope, stepping});
     const int trials = fixed ? 4 : 8;
     for (int trial = 0; trial < trials; ++trial) {
       bk_.reduce(m_, TrialPoint{s, st_.g, w.x, p_.b, w.g_trial, m_},

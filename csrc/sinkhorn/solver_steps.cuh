@@ -297,12 +297,18 @@ struct ArrayTerm {  // the entries of a (B, len) array
   DK_HOST_DEVICE double operator()(int64_t b, int64_t k) const { return x[b * len + k]; }
 };
 
-struct PotentialTerm {  // f_i a_i (0 where a_i = 0): one part of Phi
+// f_i a_i (0 where a_i = 0): one part of Phi; with `scale`, g_j b_j sum(a) / sum(b).
+// Newton's Phi uses b' = b sum(a) / sum(b) (as its right-hand side does): with unequal
+// masses the true Phi grows without bound along constant shifts of g (by k (sum b - sum a)),
+// which the plan does not see, and the safeguard counted that drift as progress (a problem
+// took 10^5 "successful" Newton steps at a fixed error). Phi with b' is shift-invariant.
+struct PotentialTerm {
   const double *f, *a;
   int64_t n;
+  const double* scale = nullptr;
   DK_HOST_DEVICE double operator()(int64_t b, int64_t i) const {
     const int64_t k = b * n + i;
-    return a[k] > 0 ? f[k] * a[k] : 0.0;
+    return a[k] > 0 ? f[k] * a[k] * (scale ? scale[b] : 1.0) : 0.0;
   }
 };
 
@@ -359,13 +365,13 @@ struct StartCgVectors {
 
 // eps KL(b || c) = eps sum_j (b_j log(b_j / c_j) - b_j + c_j): the gain in Phi of a column
 // update, so one Sinkhorn iteration gains at least this much (the row update adds more).
-struct KlTerm {
-  const double *b_w, *c;
+struct KlTerm {  // with b' = b sum(a) / sum(b), as PotentialTerm
+  const double *b_w, *c, *scale;
   int64_t m;
   double eps;
   DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
     const int64_t k = b * m + j;
-    const double bj = b_w[k], cj = c[k];
+    const double bj = b_w[k] * scale[b], cj = c[k];
     return bj > 0 ? eps * (bj * log(bj / cj) - bj + cj) : eps * cj;
   }
 };
@@ -381,8 +387,8 @@ struct KlTerm {
 // Steps on well-posed problems move by at most ~10 eps (measured on the benchmark
 // problems), so the clip leaves them alone.
 constexpr double kMaxMove = 200.0;
-struct SlopeTerm {
-  const double *b_w, *c;
+struct SlopeTerm {  // (b' - c) . x, b' as in PotentialTerm
+  const double *b_w, *c, *scale;
   double* x;
   int64_t m;
   double cap;  // kMaxMove * eps
@@ -391,11 +397,11 @@ struct SlopeTerm {
     const double v = x[k];
     const double xc = v > cap ? cap : (v < -cap ? -cap : v);  // NaN stays NaN (rejected)
     x[k] = xc;
-    return (b_w[k] > 0) ? (b_w[k] - c[k]) * xc : 0.0;
+    return (b_w[k] > 0) ? (b_w[k] * scale[b] - c[k]) * xc : 0.0;
   }
 };
 
-struct TrialPoint {  // g' = g + t x; the term is g'_j b_j
+struct TrialPoint {  // g' = g + t x; the term is g'_j b'_j
   BatchScalars s;
   const double *g, *x, *b_w;
   double* g_trial;
@@ -405,7 +411,7 @@ struct TrialPoint {  // g' = g + t x; the term is g'_j b_j
     if (!s.searching[b]) return 0.0;
     const double gt = g[k] + s.step[b] * x[k];  // -inf stays -inf (x = 0 there)
     g_trial[k] = gt;
-    return b_w[k] > 0 ? gt * b_w[k] : 0.0;
+    return b_w[k] > 0 ? gt * b_w[k] * s.b_scale[b] : 0.0;  // b', as in PotentialTerm
   }
 };
 
