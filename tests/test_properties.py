@@ -83,6 +83,10 @@ LISTS = False
 # RuntimeError: Cannot pack tensors on meta" with a C++ stack trace; a sparse one "Cannot
 # access data pointer of Tensor that doesn't have storage", also with a stack trace.
 PENDING_BAD_ARGS = ("None", "meta tensor", "sparse tensor")
+# A Python float beyond float32's range beside a float32 tensor: special._apply's
+# torch.full raises "RuntimeError: value cannot be converted to type float without
+# overflow" (dk.log_kv(torch.ones(2), 1e150); torch's weak-scalar rule gives inf).
+PY_FLOAT_OVERFLOWS_FLOAT32 = False
 SHAPE_PAIRS = hnp.mutually_broadcastable_shapes(
     num_shapes=2, min_dims=0, max_dims=MAX_DIMS, min_side=0, max_side=3).filter(
     lambda s: _numel(s.result_shape) <= 256 and all(_numel(i) <= 256 for i in s.input_shapes))
@@ -133,6 +137,8 @@ def _pending_math_defects(name, v, x, compute):
         if name == "bessel_iv_ratio":
             # x = -0.0 at a negative integer order: -inf, where x = +0.0 gives +inf
             bad |= (x == 0) & np.signbit(x) & (v < 0)
+            if compute == torch.float32:  # ratio(float32 -1.7e38, 2.5) = inf (1.36e38)
+                bad |= v < -1e37
         return bad
 
 
@@ -257,6 +263,11 @@ def test_log_bessel_contract(name, data):
     v = data.draw(operand(shapes.input_shapes[0]), label="v")
     x = data.draw(operand(shapes.input_shapes[1]), label="x")
     kind, rdtype = _expected_form(v, x)
+    if not PY_FLOAT_OVERFLOWS_FLOAT32:
+        for a, b in ((v, x), (x, v)):
+            assume(not (type(a) is float and isinstance(b, torch.Tensor) and b.dtype in (
+                torch.float32, torch.float16, torch.bfloat16) and math.isfinite(a)
+                and abs(a) > torch.finfo(torch.float32).max))
     compute = torch.float32 if rdtype in (torch.float16, torch.bfloat16) else rdtype
     out = OPS[name](v, x)
 
@@ -428,8 +439,9 @@ def test_vmf_contract(case, n):
                           else dtype).eps + (torch.finfo(dtype).eps if dtype not in (
                               torch.float32, F64) else 0)
     assert ((x.to(F64).norm(dim=-1) - 1).abs() <= tol).all()
-    point = (k == INF).expand(n + batch)
-    assert torch.equal(x[point], loc.expand(n + batch + (p,))[point])
+    point = (k == INF).expand(n + batch)  # the point mass: loc, renormalized
+    assert torch.allclose(x[point].to(F64), loc.expand(n + batch + (p,))[point].to(F64),
+                          rtol=0, atol=tol)
 
     lp = d.log_prob(x)
     assert lp.shape == n + batch and lp.dtype == dtype

@@ -14,7 +14,8 @@ resultant length), so nothing overflows for ``p`` up to 32768 and beyond and ``k
 from 1e-6 to 1e7 and beyond.
 
 Domain: ``kappa`` in ``(0, inf]`` (what ``validate_args`` accepts). ``kappa = inf`` is the
-limit of the family, the point mass at ``loc``: samples equal ``loc``, ``log_prob`` is
+limit of the family, the point mass at ``loc``: samples equal ``loc`` (renormalized to
+unit length, as every sample is), ``log_prob`` is
 ``+inf`` at ``loc`` and ``-inf`` elsewhere, the entropy ``-inf``, the variance 0. With
 ``validate_args=False``, ``kappa = 0`` is the other limit, the uniform distribution on the
 sphere, and a NaN or negative ``kappa`` gives NaN for its own elements (samples,
