@@ -242,15 +242,32 @@ def _magnitude_bound(v, x):
         return x + (av + 1) * (np.abs(np.log(x)) + np.log1p(av) + 2) + 10
 
 
+def _mp_converged(value, dps=30, max_dps=960):
+    """float(value()) once two working precisions (d, 2d) agree to 1e-20 relative, else
+    None: mpmath's besselk at a non-integer order is I_-v - I_v over a sine, and at a fixed
+    precision can lose every digit (log K_233.67(166.17) at 30 digits: 183.0, not 143.59)."""
+    with mp.workdps(dps):
+        prev = value()
+    while dps < max_dps:
+        dps *= 2
+        with mp.workdps(dps):
+            cur = value()
+            if abs(cur - prev) <= 1e-20 * abs(cur):
+                return float(cur)
+        prev = cur
+    return None
+
+
 def _mp_value(name, v, x):
-    with mp.workdps(30):
+    def value():
         if name == "bessel_iv_ratio":
-            return float(mp.besseli(v + 1, x) / mp.besseli(v, x))
+            return mp.besseli(v + 1, x) / mp.besseli(v, x)
         if name in ("log_iv", "log_ive"):
             val = mp.log(mp.besseli(abs(v) if v < 0 else v, x))
-            return float(val - x if name == "log_ive" else val)
+            return val - x if name == "log_ive" else val
         val = mp.log(mp.besselk(v, x))
-        return float(val + x if name == "log_kve" else val)
+        return val + x if name == "log_kve" else val
+    return _mp_converged(value)
 
 
 # ----------------------------------------------------------------- log-Bessel properties
@@ -339,6 +356,8 @@ def test_log_bessel_contract(name, data):
                 mod &= vv >= 0
         for j in np.flatnonzero(mod)[:2]:
             want = _mp_value(name, float(vv.flat[j]), float(xx.flat[j]))
+            if want is None:  # mpmath did not settle: no reference at this point
+                continue
             tol = 1e-14 * (abs(want) if name == "bessel_iv_ratio" else max(1.0, abs(want)))
             assert abs(got.flat[j] - want) <= tol, (name, vv.flat[j], xx.flat[j],
                                                     got.flat[j], want)
