@@ -11,8 +11,28 @@
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Hypothesis profiles for tests/test_properties.py: "ci" (the default) is bounded (the file
+# runs in about a minute on two cores) and derandomized, so a CI failure reproduces
+# exactly; HYPOTHESIS_PROFILE=long explores far more examples with fresh randomness.
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci", max_examples=300, deadline=None, derandomize=True, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.filter_too_much])
+    settings.register_profile(
+        "long", max_examples=3000, deadline=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.filter_too_much])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test extra; only test_properties.py needs it
+    pass
 
 
 def _cuda_usable() -> bool:

@@ -640,3 +640,20 @@ def test_meta_device_and_half_precision():
     # more half rows than float16 can count: the sums run in float32
     big = _unit(70000, 3, seed=6).to(torch.float16)
     assert torch.isfinite(fit_von_mises_fisher(big)[1])
+
+
+def test_subnormal_concentration_and_identical_rows():
+    # nu log(k/2) would take log(0) at k = 5e-324 (k/2 rounds to 0): NaN for p = 2
+    for p in (2, 3, 10):
+        d = VonMisesFisher(_unit(p, seed=p), torch.tensor(5e-324, dtype=F64))
+        log_area = math.log(2) + (p / 2) * math.log(math.pi) - math.lgamma(p / 2)
+        assert abs(d.log_prob(_unit(p, seed=1)).item() + log_area) < 1e-13
+        assert abs(d.entropy().item() - log_area) < 1e-13
+    # identical rows: rbar is 1 up to the rows' rounding (a bit above gave NaN before):
+    # kappa = inf, or as large as the rows' precision can tell
+    for dt in (torch.float16, torch.float32, F64):
+        row = _unit(7, seed=3).to(dt)
+        mu, k = fit_value = fit_von_mises_fisher(row.expand(50, 7))
+        assert k.item() >= 0.1 / torch.finfo(dt).eps and torch.isfinite(mu).all(), fit_value
+    # clearly non-unit rows are still invalid input: NaN, not a silent inf
+    assert torch.isnan(fit_von_mises_fisher((1.1 * _unit(3, seed=4)).expand(5, 3))[1])

@@ -14,7 +14,8 @@ resultant length), so nothing overflows for ``p`` up to 32768 and beyond and ``k
 from 1e-6 to 1e7 and beyond.
 
 Domain: ``kappa`` in ``(0, inf]`` (what ``validate_args`` accepts). ``kappa = inf`` is the
-limit of the family, the point mass at ``loc``: samples equal ``loc``, ``log_prob`` is
+limit of the family, the point mass at ``loc``: samples equal ``loc`` (renormalized to
+unit length, as every sample is), ``log_prob`` is
 ``+inf`` at ``loc`` and ``-inf`` elsewhere, the entropy ``-inf``, the variance 0. With
 ``validate_args=False``, ``kappa = 0`` is the other limit, the uniform distribution on the
 sphere, and a NaN or negative ``kappa`` gives NaN for its own elements (samples,
@@ -387,12 +388,16 @@ def _check_device(fn: str, name: str, t: torch.Tensor) -> None:
 
 
 def _log_prefactor(nu: float, k: torch.Tensor) -> torch.Tensor:
-    """``nu log(k/2) - log_ive(nu, k)`` with its limits: ``lgamma(nu+1) + k`` at k = 0 (the
-    first-order term keeps the k-derivative right there) and ``+inf`` at k = inf."""
-    zero, inf = k == 0, k == math.inf
-    ks = torch.where(zero | inf, torch.ones_like(k), k)
-    val = nu * torch.log(ks / 2) - log_ive(nu, ks)
-    val = torch.where(zero, k + math.lgamma(nu + 1), val)
+    """``nu log(k/2) - log_ive(nu, k)``, with ``+inf`` at k = inf. For small k (0 included)
+    from its series ``lgamma(nu+1) + k - k^2/(4(nu+1)) + O(k^4)``, exact to rounding
+    there: computed directly, two terms of size ``nu log k`` would cancel (an error of
+    ~eps nu |log k|, 7e-13 at p = 10, k = 5e-324)."""
+    small = (k >= 0) & (k < 0.5 * torch.finfo(k.dtype).eps ** 0.25 * math.sqrt(nu + 1))
+    inf = k == math.inf
+    ks = torch.where(small | inf, torch.ones_like(k), k)
+    val = nu * (torch.log(ks) - math.log(2)) - log_ive(nu, ks)
+    series = math.lgamma(nu + 1) + k - k * k / (4 * (nu + 1))
+    val = torch.where(small, series, val)
     return torch.where(inf, math.inf, val)
 
 
@@ -756,7 +761,8 @@ def fit_von_mises_fisher(x: torch.Tensor, weights: Optional[torch.Tensor] = None
     Returns:
         ``(mu, kappa)`` with shapes ``x.shape`` minus ``dim`` (ending in ``p``) and that
         minus the last dimension. Independent fits are batched over the other dimensions.
-        A zero resultant gives mu = NaN and kappa = 0. Differentiable in ``x`` and
+        A zero resultant gives mu = NaN and kappa = 0; identical rows (mean resultant
+        length 1 within the rows' rounding, sqrt(eps) of x's dtype) give kappa = inf. Differentiable in ``x`` and
         ``weights``.
     """
     if not isinstance(x, torch.Tensor):
@@ -796,6 +802,10 @@ def fit_von_mises_fisher(x: torch.Tensor, weights: Optional[torch.Tensor] = None
     norm = torch.linalg.vector_norm(s, dim=-1)
     mu = s / norm.unsqueeze(-1)
     rbar = norm / total
+    # Identical rows give rbar = 1 up to the rows' own rounding (their norms are 1 only
+    # within the sphere constraint's sqrt(eps)): that is kappa = inf, not an invalid rbar.
+    tol = math.sqrt(torch.finfo(out_dtype).eps)
+    rbar = torch.where((rbar > 1) & (rbar <= 1 + tol), torch.ones_like(rbar), rbar)
     kappa = concentration_from_mean_resultant_length(rbar, p, tol=tol, max_iter=max_iter,
                                                      iterations=iterations)
     return mu.to(out_dtype), kappa.to(out_dtype)
