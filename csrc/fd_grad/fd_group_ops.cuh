@@ -52,11 +52,35 @@ DK_HOST_DEVICE int64_t advance_row(const int64_t* desc, int64_t num_rows, int64_
   return r;
 }
 
+// Whole groups at an address aligned to the group's size move as one 8- or 16-byte access
+// on the GPU (torch's allocations are aligned; a view with an odd offset takes the
+// element-wise path). Bits: the same either way.
+template <class T>
+struct Group4 {
+  T v[4];
+};
+template <class T>
+DK_HOST_DEVICE bool vector_ok(const T* p, int count) {
+#if defined(__CUDA_ARCH__)
+  return count == 4 && (reinterpret_cast<uintptr_t>(p) % sizeof(Group4<T>)) == 0;
+#else
+  (void)p;
+  (void)count;
+  return false;
+#endif
+}
+
 // The (up to) 4 elements of group j of a tensor of n elements, as float.
 template <class T>
 DK_HOST_DEVICE int load_group(const T* data, int64_t n, int64_t j, float (&x)[4]) {
   const int64_t base = 4 * j;
   const int count = n - base >= 4 ? 4 : static_cast<int>(n - base);
+  if (vector_ok(data + base, count)) {
+    struct alignas(sizeof(Group4<T>)) A { Group4<T> g; };
+    const Group4<T> g = reinterpret_cast<const A*>(data + base)->g;
+    for (int l = 0; l < 4; ++l) x[l] = to_compute(g.v[l]);
+    return 4;
+  }
   for (int l = 0; l < count; ++l) x[l] = to_compute(data[base + l]);
   return count;
 }
@@ -64,6 +88,13 @@ DK_HOST_DEVICE int load_group(const T* data, int64_t n, int64_t j, float (&x)[4]
 template <class T>
 DK_HOST_DEVICE void store_group(T* data, int64_t j, int count, const float (&x)[4]) {
   const int64_t base = 4 * j;
+  if (vector_ok(data + base, count)) {
+    struct alignas(sizeof(Group4<T>)) A { Group4<T> g; };
+    A a;
+    for (int l = 0; l < 4; ++l) a.g.v[l] = from_compute<T>(x[l]);
+    *reinterpret_cast<A*>(data + base) = a;
+    return;
+  }
   for (int l = 0; l < count; ++l) data[base + l] = from_compute<T>(x[l]);
 }
 
