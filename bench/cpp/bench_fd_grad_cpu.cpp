@@ -79,10 +79,14 @@ int main(int argc, char** argv) {
 #endif
   const std::pair<DType, const char*> dtypes[] = {
       {DType::float32, "float32"}, {DType::float16, "float16"}, {DType::bfloat16, "bfloat16"}};
-  for (const auto& [dtype, name] : dtypes) {
+  for (const auto& entry : dtypes) {
+    const DType dtype = entry.first;  // (lambdas may not capture structured bindings in C++17)
+    const char* name = entry.second;
     for (int threads : {1, all_threads}) {
-      for (auto [dist, dname] : {std::pair{fd::Distribution::gaussian, "gaussian"},
-                                 std::pair{fd::Distribution::rademacher, "rademacher"}}) {
+      for (const auto& d : {std::pair{fd::Distribution::gaussian, "gaussian"},
+                            std::pair{fd::Distribution::rademacher, "rademacher"}}) {
+        const fd::Distribution dist = d.first;
+        const char* dname = d.second;
         benchmark::RegisterBenchmark(
             (std::string("perturb/") + name + "/" + dname + "/threads:" + std::to_string(threads)).c_str(),
             [=](benchmark::State& s) { perturb(s, dtype, dist, threads); })

@@ -120,8 +120,10 @@ int main(int argc, char** argv) {
                        .num("min_ms", t.min_ms).num("bytes_per_s", rate).num("fraction_of_copy", of_copy));
   };
   report("memcpy_d2d", copy);
-  for (auto [dist, name] : {std::pair{fd::Distribution::gaussian, "perturb_gaussian"},
+  for (const auto& entry : {std::pair{fd::Distribution::gaussian, "perturb_gaussian"},
                             std::pair{fd::Distribution::rademacher, "perturb_rademacher"}}) {
+    const fd::Distribution dist = entry.first;  // (a lambda may not capture a structured binding)
+    const char* name = entry.second;
     const bench::CudaTiming t = bench::time_launches(stream, o.warmup, o.repeats, [&](int i) {
       const Status s = fd_perturb_cuda(desc_dev, n_tensors, total_groups, 1234, static_cast<uint32_t>(i),
                                        1e-3f, dist, nullptr, stream);
