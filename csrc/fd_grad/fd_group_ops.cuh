@@ -1,0 +1,170 @@
+// What the CPU and CUDA kernels of fd_grad.h do to one group of 4 elements (one Philox
+// call), written once for both: locating a group's tensor, loading and storing its
+// elements in any storage dtype, and the perturb / update / sum-of-squares arithmetic.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/half_types.h"
+#include "common/host_device.h"
+#include "fd_grad/directions.cuh"
+#include "fd_grad/fd_grad.h"
+
+namespace diffkern {
+namespace fd {
+
+// The fields of one descriptor row (see fd_grad.h).
+struct Row {
+  void* data;
+  int64_t numel;
+  int dtype;
+  uint32_t id;
+  int64_t first_group;
+};
+
+DK_HOST_DEVICE Row read_row(const int64_t* desc, int64_t r) {
+  const int64_t* p = desc + r * kFdDescriptorColumns;
+  return Row{reinterpret_cast<void*>(static_cast<uintptr_t>(p[0])), p[1], static_cast<int>(p[2]),
+             static_cast<uint32_t>(p[3]), p[4]};
+}
+
+DK_HOST_DEVICE int64_t first_group(const int64_t* desc, int64_t r) {
+  return desc[r * kFdDescriptorColumns + 4];
+}
+
+// The last row whose first group is <= g (rows of zero elements are skipped past, since the
+// next row starts at the same group): binary search over the prefix column.
+DK_HOST_DEVICE int64_t find_row(const int64_t* desc, int64_t num_rows, int64_t g) {
+  int64_t lo = 0, hi = num_rows;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (first_group(desc, mid) <= g) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// From row r (whose first group is <= g), forward to g's row: a block's groups are
+// consecutive, so this is zero or a few steps from the block's first row.
+DK_HOST_DEVICE int64_t advance_row(const int64_t* desc, int64_t num_rows, int64_t r, int64_t g) {
+  while (r + 1 < num_rows && first_group(desc, r + 1) <= g) ++r;
+  return r;
+}
+
+// Whole groups at an address aligned to the group's size move as one 8- or 16-byte access
+// on the GPU (torch's allocations are aligned; a view with an odd offset takes the
+// element-wise path). Bits: the same either way.
+template <class T>
+struct Group4 {
+  T v[4];
+};
+template <class T>
+DK_HOST_DEVICE bool vector_ok(const T* p, int count) {
+#if defined(__CUDA_ARCH__)
+  return count == 4 && (reinterpret_cast<uintptr_t>(p) % sizeof(Group4<T>)) == 0;
+#else
+  (void)p;
+  (void)count;
+  return false;
+#endif
+}
+
+// The (up to) 4 elements of group j of a tensor of n elements, as float.
+template <class T>
+DK_HOST_DEVICE int load_group(const T* data, int64_t n, int64_t j, float (&x)[4]) {
+  const int64_t base = 4 * j;
+  const int count = n - base >= 4 ? 4 : static_cast<int>(n - base);
+  if (vector_ok(data + base, count)) {
+    struct alignas(sizeof(Group4<T>)) A { Group4<T> g; };
+    const Group4<T> g = reinterpret_cast<const A*>(data + base)->g;
+    for (int l = 0; l < 4; ++l) x[l] = to_compute(g.v[l]);
+    return 4;
+  }
+  for (int l = 0; l < count; ++l) x[l] = to_compute(data[base + l]);
+  return count;
+}
+
+template <class T>
+DK_HOST_DEVICE void store_group(T* data, int64_t j, int count, const float (&x)[4]) {
+  const int64_t base = 4 * j;
+  if (vector_ok(data + base, count)) {
+    struct alignas(sizeof(Group4<T>)) A { Group4<T> g; };
+    A a;
+    for (int l = 0; l < 4; ++l) a.g.v[l] = from_compute<T>(x[l]);
+    *reinterpret_cast<A*>(data + base) = a;
+    return;
+  }
+  for (int l = 0; l < count; ++l) data[base + l] = from_compute<T>(x[l]);
+}
+
+// 1 / sqrt(norm_sq) as float, or 1 without a norm.
+DK_HOST_DEVICE float inverse_norm(const double* norm_sq) {
+  if (norm_sq == nullptr) return 1.0f;
+  return static_cast<float>(1.0 / sqrt(*norm_sq));
+}
+
+// Storage dtype dispatch inside a kernel (the bindings allow exactly these three).
+template <class F>
+DK_HOST_DEVICE void with_storage(int dtype, void* data, F&& f) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::float32: f(static_cast<float*>(data)); break;
+    case DType::float16: f(static_cast<Float16*>(data)); break;
+    case DType::bfloat16: f(static_cast<BFloat16*>(data)); break;
+    default: break;  // refused by the bindings
+  }
+}
+
+// theta + scale * z, each product and sum rounded once in float32.
+template <class T>
+DK_HOST_DEVICE void perturb_group(const Row& row, int64_t j, uint64_t seed, uint32_t k,
+                                  float scale, Distribution dist) {
+  T* data = static_cast<T*>(row.data);
+  float x[4];
+  const int count = load_group(data, row.numel, j, x);
+  const Float4 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j));
+  for (int l = 0; l < count; ++l) x[l] = add_rn(x[l], mul_rn(scale, z.v[l]));
+  store_group(data, j, count, x);
+}
+
+// theta - lr * (sum_j c_j z_j + wd * theta), terms accumulated in order; c_j includes the
+// term's inverse norm (scaled_coeff).
+template <class T>
+DK_HOST_DEVICE void update_group(const Row& row, int64_t j, const FdTerm* terms,
+                                 const float* scaled_coeff, int num_terms, float lr, float wd,
+                                 Distribution dist) {
+  T* data = static_cast<T*>(row.data);
+  float x[4];
+  const int count = load_group(data, row.numel, j, x);
+  float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int m = 0; m < num_terms; ++m) {
+    const Float4 z = group_directions(dist, terms[m].seed, terms[m].k, row.id,
+                                      static_cast<uint64_t>(j));
+    for (int l = 0; l < 4; ++l) g[l] = add_rn(g[l], mul_rn(scaled_coeff[m], z.v[l]));
+  }
+  for (int l = 0; l < count; ++l) {
+    const float grad = add_rn(g[l], mul_rn(wd, x[l]));
+    x[l] = sub_rn(x[l], mul_rn(lr, grad));
+  }
+  store_group(data, j, count, x);
+}
+
+// Sum of z^2 over the valid elements of group j (double, lane order).
+DK_HOST_DEVICE double sum_sq_group(const Row& row, int64_t j, uint64_t seed, uint32_t k,
+                                   Distribution dist) {
+  const Float4 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j));
+  const int64_t rest = row.numel - 4 * j;
+  const int count = rest >= 4 ? 4 : static_cast<int>(rest);
+  double s = 0.0;
+  for (int l = 0; l < count; ++l) s += static_cast<double>(z.v[l]) * z.v[l];
+  return s;
+}
+
+// Range p of sum_sq's fixed partition of [0, total) into kFdSumSqPartials parts.
+DK_HOST_DEVICE int64_t partition_begin(int64_t total, int64_t p) {
+  const int64_t q = total / kFdSumSqPartials, r = total % kFdSumSqPartials;
+  return p * q + (p < r ? p : r);
+}
+
+}  // namespace fd
+}  // namespace diffkern

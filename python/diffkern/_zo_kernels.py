@@ -1,0 +1,269 @@
+"""Private wrappers of the fused finite-difference kernels (csrc/fd_grad/), for dk.zo.
+
+Plain functions, not custom ops: they change parameters in place (under ``torch.no_grad``)
+or return a new tensor, launch on the current CUDA stream of the parameters' device and use
+``torch.get_num_threads()`` CPU threads.
+
+Directions. ``z(seed, k, t, i)`` is the value of element ``i`` (flat, row-major) of the tensor
+with id ``t`` in direction ``k``: a pure function of those four numbers (exact definition in
+csrc/fd_grad/directions.cuh), so it does not depend on the order of the list, on which other
+tensors are in it, on chunking or on the device. A tensor's id is its index in ``params``
+unless ``tensor_ids`` gives them (pass the global ids when working on part of a list).
+
+Distributions: ``"gaussian"`` (N(0, 1) by Box-Muller), ``"rademacher"`` (+-1) and
+``"sphere"``: the Gaussian direction of the whole list divided by its norm (unit norm over
+all tensors of the call; the norm comes from :func:`sum_sq` and stays on the device).
+
+Storage: float32, float16, bfloat16 parameters (any mix), contiguous, on one device; the
+math is float32 and each result is rounded once to the storage dtype.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C
+from ._ops import current_stream_handle, num_threads
+
+_MODULE = "diffkern._zo_kernels"
+_DIST_CODES = dict(_C.FD_DISTRIBUTIONS)
+DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
+_DTYPE_CODES = {torch.float32: _C.FD_DTYPE_CODES["float32"],
+                torch.float16: _C.FD_DTYPE_CODES["float16"],
+                torch.bfloat16: _C.FD_DTYPE_CODES["bfloat16"]}
+MAX_UPDATE_TERMS = _C.FD_MAX_UPDATE_TERMS
+_PARTIALS = _C.FD_SUM_SQ_PARTIALS
+_U32 = 1 << 32
+_U64 = 1 << 64
+
+# Descriptor arrays by (device, rows): built once per list and reused, so a call after the
+# first copies nothing to the GPU (and can be captured in a CUDA graph). Bounded: an
+# evicted array is freed on its stream like any tensor.
+_DESC_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, int]]" = OrderedDict()
+_DESC_CACHE_SIZE = 64
+
+
+def _err(fn: str, what: str) -> str:
+    return f"{_MODULE}.{fn}: {what}"
+
+
+def _check_int(fn: str, name: str, value, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(_err(fn, f"{name}: expected an int, got {type(value).__name__}"))
+    if not 0 <= value < limit:
+        raise ValueError(_err(fn, f"{name}: expected 0 <= {name} < 2**{limit.bit_length() - 1}, "
+                                  f"got {value}"))
+    return value
+
+
+def _check_float(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(_err(fn, f"{name}: expected a float, got {type(value).__name__}"))
+    if not math.isfinite(value):
+        raise ValueError(_err(fn, f"{name}: expected a finite number, got {value}"))
+    return float(value)
+
+
+def _check_distribution(fn: str, distribution) -> str:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(_err(fn, f"distribution: expected one of {DISTRIBUTIONS}, "
+                                  f"got {distribution!r}"))
+    return distribution
+
+
+def _check_params(fn: str, params) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError(_err(fn, "params: expected a list of tensors, got one tensor "
+                                 "(wrap it in a list)"))
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(_err(fn, f"params: expected a list of tensors, got "
+                                 f"{type(params).__name__}")) from None
+    if not params:
+        raise ValueError(_err(fn, "params: expected a non-empty list of tensors, got an empty one"))
+    device = None
+    for n, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(_err(fn, f"params[{n}]: expected a tensor, got {type(p).__name__}"))
+        if p.dtype not in _DTYPE_CODES:
+            raise TypeError(_err(fn, f"params[{n}]: expected dtype float32, float16 or bfloat16, "
+                                     f"got {p.dtype}"))
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(_err(fn, f"params[{n}]: expected a cpu or cuda tensor, got {p.device}"))
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise ValueError(_err(fn, f"params[{n}]: expected device {device} (the device of "
+                                      f"params[0]), got {p.device}: all parameters must be on one "
+                                      f"device"))
+        if not p.is_contiguous():
+            raise ValueError(_err(fn, f"params[{n}]: expected a contiguous tensor, got shape "
+                                      f"{tuple(p.shape)} with strides {p.stride()}: the kernels "
+                                      f"address each tensor as one flat array"))
+    return params
+
+
+def _check_ids(fn: str, tensor_ids, count: int) -> list[int]:
+    if tensor_ids is None:
+        if count > _U32:
+            raise ValueError(_err(fn, "params: more than 2**32 tensors"))
+        return list(range(count))
+    ids = list(tensor_ids)
+    if len(ids) != count:
+        raise ValueError(_err(fn, f"tensor_ids: expected {count} ids (one per parameter), "
+                                  f"got {len(ids)}"))
+    return [_check_int(fn, f"tensor_ids[{n}]", t, _U32) for n, t in enumerate(ids)]
+
+
+def _descriptors(params: list[torch.Tensor], ids: list[int]) -> tuple[torch.Tensor, int]:
+    rows, first = [], 0
+    for p, t in zip(params, ids):
+        n = p.numel()
+        rows.append((p.data_ptr(), n, _DTYPE_CODES[p.dtype], t, first))
+        first += (n + 3) // 4
+    device = params[0].device
+    key = (device, tuple(rows))
+    hit = _DESC_CACHE.get(key)
+    if hit is not None:
+        _DESC_CACHE.move_to_end(key)
+        return hit
+    desc = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _C.FD_DESCRIPTOR_COLUMNS)
+    if device.type == "cuda":
+        desc = desc.to(device)  # stream-ordered on the current stream
+    _DESC_CACHE[key] = (desc, first)
+    if len(_DESC_CACHE) > _DESC_CACHE_SIZE:
+        _DESC_CACHE.popitem(last=False)
+    return desc, first
+
+
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+def _bump_versions(params: list[torch.Tensor]) -> None:
+    # The kernels wrote through raw pointers: bump the version counters as torch's own
+    # in-place ops do, so autograd refuses to use a saved copy of a parameter made stale.
+    if _increment_version is not None:
+        for p in params:
+            _increment_version(p)
+
+
+def _launch_args(params: list[torch.Tensor]) -> tuple[int, int]:
+    return num_threads(), current_stream_handle(params[0])
+
+
+def _sum_sq_buffer(desc, total, seed, k, code, threads, stream, device) -> torch.Tensor:
+    out = torch.empty(_PARTIALS + 1, dtype=torch.float64, device=device)
+    _C.fd_sum_sq(desc, total, seed, k, code, out, threads, stream)
+    return out
+
+
+def perturb_(params: Sequence[torch.Tensor], seed: int, k: int, scale: float,
+             distribution: str = "gaussian", *,
+             tensor_ids: Optional[Sequence[int]] = None) -> None:
+    """``p_t[i] += scale * z(seed, k, t, i)`` for every parameter, in place, one launch.
+
+    ``seed``: 0 <= seed < 2**64; ``k``: direction index, 0 <= k < 2**32. With
+    ``distribution="sphere"`` z has unit norm over the whole list (one extra reduction
+    launch, no host synchronization)."""
+    fn = "perturb_"
+    params = _check_params(fn, params)
+    seed = _check_int(fn, "seed", seed, _U64)
+    k = _check_int(fn, "k", k, _U32)
+    scale = _check_float(fn, "scale", scale)
+    distribution = _check_distribution(fn, distribution)
+    ids = _check_ids(fn, tensor_ids, len(params))
+    desc, total = _descriptors(params, ids)
+    threads, stream = _launch_args(params)
+    code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
+    with torch.no_grad():
+        norm = None
+        if distribution == "sphere":
+            norm = _sum_sq_buffer(desc, total, seed, k, code, threads, stream, params[0].device)
+        _C.fd_perturb(desc, total, seed, k, scale, code, norm, threads, stream)
+        _bump_versions(params)
+
+
+def update_(params: Sequence[torch.Tensor], seeds_ks_coeffs: Sequence[tuple[int, int, float]],
+            lr: float, weight_decay: float = 0.0, distribution: str = "gaussian", *,
+            tensor_ids: Optional[Sequence[int]] = None) -> None:
+    """``p <- p - lr * (sum_j c_j z(seed_j, k_j, t, i) + weight_decay * p)``, in place, one
+    launch; z is regenerated, never stored. The sum runs in float32 in the order of
+    ``seeds_ks_coeffs`` (at most ``MAX_UPDATE_TERMS`` triples (seed, k, c))."""
+    fn = "update_"
+    params = _check_params(fn, params)
+    try:
+        terms = [tuple(t) for t in seeds_ks_coeffs]
+    except TypeError:
+        raise TypeError(_err(fn, "seeds_ks_coeffs: expected a list of (seed, k, coeff) "
+                                 "triples")) from None
+    if not terms or len(terms) > MAX_UPDATE_TERMS:
+        raise ValueError(_err(fn, f"seeds_ks_coeffs: expected 1 to {MAX_UPDATE_TERMS} "
+                                  f"(seed, k, coeff) triples, got {len(terms)}"))
+    checked = []
+    for n, t in enumerate(terms):
+        if len(t) != 3:
+            raise ValueError(_err(fn, f"seeds_ks_coeffs[{n}]: expected (seed, k, coeff), got {t!r}"))
+        checked.append((_check_int(fn, f"seeds_ks_coeffs[{n}] seed", t[0], _U64),
+                        _check_int(fn, f"seeds_ks_coeffs[{n}] k", t[1], _U32),
+                        _check_float(fn, f"seeds_ks_coeffs[{n}] coeff", t[2])))
+    lr = _check_float(fn, "lr", lr)
+    weight_decay = _check_float(fn, "weight_decay", weight_decay)
+    distribution = _check_distribution(fn, distribution)
+    ids = _check_ids(fn, tensor_ids, len(params))
+    desc, total = _descriptors(params, ids)
+    threads, stream = _launch_args(params)
+    code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
+    with torch.no_grad():
+        norm, stride = None, 0
+        if distribution == "sphere":
+            norm = torch.stack([_sum_sq_buffer(desc, total, s, kk, code, threads, stream,
+                                               params[0].device) for s, kk, _ in checked])
+            stride = _PARTIALS + 1
+        _C.fd_update(desc, total, checked, lr, weight_decay, code, norm, stride, threads, stream)
+        _bump_versions(params)
+
+
+def direction(param_index: int, like: torch.Tensor, seed: int, k: int,
+              distribution: str = "gaussian") -> torch.Tensor:
+    """z(seed, k, param_index, .) as a new float32 tensor shaped like ``like`` (on its
+    device): what :func:`perturb_` adds (times scale) to the parameter with that id.
+    ``"sphere"`` needs the whole list's norm: take the Gaussian direction and divide by
+    ``sum_sq(params, seed, k).sqrt()``."""
+    fn = "direction"
+    param_index = _check_int(fn, "param_index", param_index, _U32)
+    if not isinstance(like, torch.Tensor):
+        raise TypeError(_err(fn, f"like: expected a tensor, got {type(like).__name__}"))
+    if like.device.type not in ("cpu", "cuda"):
+        raise ValueError(_err(fn, f"like: expected a cpu or cuda tensor, got {like.device}"))
+    seed = _check_int(fn, "seed", seed, _U64)
+    k = _check_int(fn, "k", k, _U32)
+    distribution = _check_distribution(fn, distribution)
+    if distribution == "sphere":
+        raise ValueError(_err(fn, "distribution: 'sphere' is normalised over the whole "
+                                  "parameter list, which direction() does not see: use "
+                                  "'gaussian' and divide by sum_sq(params, seed, k).sqrt()"))
+    out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    _C.fd_directions(seed, k, param_index, _DIST_CODES[distribution], out, num_threads(),
+                     current_stream_handle(out))
+    return out
+
+
+def sum_sq(params: Sequence[torch.Tensor], seed: int, k: int, distribution: str = "gaussian",
+           *, tensor_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Sum of z^2 over every element of every parameter (0-dim float64 tensor on their
+    device; no host synchronization). The order of the sum is fixed, so the bits repeat run
+    to run. ``"sphere"`` gives the squared norm of its underlying Gaussian direction."""
+    fn = "sum_sq"
+    params = _check_params(fn, params)
+    seed = _check_int(fn, "seed", seed, _U64)
+    k = _check_int(fn, "k", k, _U32)
+    distribution = _check_distribution(fn, distribution)
+    ids = _check_ids(fn, tensor_ids, len(params))
+    desc, total = _descriptors(params, ids)
+    threads, stream = _launch_args(params)
+    code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
+    return _sum_sq_buffer(desc, total, seed, k, code, threads, stream, params[0].device)[0]

@@ -1,0 +1,299 @@
+"""The fused finite-difference kernels (csrc/fd_grad/, python/diffkern/_zo_kernels.py).
+
+The generator against Random123's published vectors, the documented definition of z
+against an independent float64 re-derivation, z as a pure function of (seed, k, t, i), its
+statistics, and perturb/update against their formulas evaluated with torch in float32,
+bit for bit, in every storage dtype. GPU tests (``cuda``): CPU vs GPU bits, a side stream,
+CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffkern import _C
+from diffkern import _zo_kernels as zk
+
+STORAGE = [pytest.param(d, id=str(d).split(".")[1])
+           for d in (torch.float32, torch.float16, torch.bfloat16)]
+
+# Random123 tests/kat_vectors, the three "philox4x32 10" lines (counter, key, output);
+# https://github.com/DEShawResearch/random123
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,want", PHILOX_KAT)
+def test_philox_known_answers(counter, key, want):
+    assert _C.fd_philox(counter, key) == want
+
+
+def _reference_z(seed: int, k: int, t: int, numel: int, distribution: str) -> np.ndarray:
+    """z by the definition in directions.cuh, in float64, from fd_philox's words."""
+    out = np.empty(4 * ((numel + 3) // 4))
+    for j in range(len(out) // 4):
+        r = _C.fd_philox((j % 2**32, j >> 32, t, k), (seed % 2**32, seed >> 32))
+        if distribution == "rademacher":
+            out[4 * j:4 * j + 4] = [-1.0 if w >> 31 else 1.0 for w in r]
+            continue
+        for p in range(2):
+            u = (2 * (r[2 * p] >> 9) + 1) * 2.0**-24
+            v = (r[2 * p + 1] >> 8) * 2.0**-24
+            rad = math.sqrt(-2 * math.log(u))
+            out[4 * j + 2 * p] = rad * math.cos(2 * math.pi * v)
+            out[4 * j + 2 * p + 1] = rad * math.sin(2 * math.pi * v)
+    return out[:numel]
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_directions_follow_their_definition(distribution):
+    seed, k, t = 0x123456789ABCDEF0, 77, 5
+    z = zk.direction(t, torch.empty(1001), seed, k, distribution).double().numpy()
+    ref = _reference_z(seed, k, t, 1001, distribution)
+    # float32 math (own log/cos/sin, ~1-2 ulp each) against float64: a few float32 ulps.
+    np.testing.assert_allclose(z, ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
+
+
+def test_z_is_a_pure_function_of_seed_k_t_i():
+    shapes = [(37,), (4, 5), (1,), (0,), (1023,), (2, 3, 7)]
+    alone = [zk.direction(t, torch.empty(s), 11, 3) for t, s in enumerate(shapes)]
+    # In one list, in a shuffled list with the same ids, and one tensor on its own.
+    params = [torch.zeros(s) for s in shapes]
+    zk.perturb_(params, 11, 3, 1.0)
+    for a, p in zip(alone, params):
+        assert torch.equal(a, p)
+    order = [4, 2, 0, 5, 1, 3]
+    shuffled = [torch.zeros(shapes[t]) for t in order]
+    zk.perturb_(shuffled, 11, 3, 1.0, tensor_ids=order)
+    for t, p in zip(order, shuffled):
+        assert torch.equal(alone[t], p)
+    single = [torch.zeros(shapes[4])]
+    zk.perturb_(single, 11, 3, 1.0, tensor_ids=[4])
+    assert torch.equal(alone[4], single[0])
+    # Chunked into two calls: the same.
+    first, second = [torch.zeros(s) for s in shapes[:3]], [torch.zeros(s) for s in shapes[3:]]
+    zk.perturb_(first, 11, 3, 1.0)
+    zk.perturb_(second, 11, 3, 1.0, tensor_ids=[3, 4, 5])
+    for a, p in zip(alone, first + second):
+        assert torch.equal(a, p)
+    # And different seeds, directions, tensors give different values.
+    z = alone[4]
+    assert not torch.equal(z, zk.direction(4, z, 12, 3))
+    assert not torch.equal(z, zk.direction(4, z, 11, 4))
+    assert not torch.equal(z, zk.direction(3, z, 11, 3))
+
+
+def test_gaussian_moments():
+    n = 1_000_000
+    z = zk.direction(0, torch.empty(n), 2024, 1).double()
+    assert torch.isfinite(z).all()
+    mean, var = z.mean().item(), z.var().item()
+    kurt = ((z - mean) ** 4).mean().item() / var**2
+    # 5 standard errors: var(mean) = 1/n, var(s^2) = 2/n, var(kurtosis) ~ 96/n.
+    assert abs(mean) < 5 / math.sqrt(n), mean
+    assert abs(var - 1) < 5 * math.sqrt(2 / n), var
+    assert abs(kurt - 3) < 5 * math.sqrt(96 / n), kurt
+    # The tails: P(|z| > 3) = 0.0026998.
+    tail = (z.abs() > 3).double().mean().item()
+    assert abs(tail - 0.0026998) < 5 * math.sqrt(0.0027 / n), tail
+    # sum_sq is the same sum in float64 (fixed order inside: repeatable bits).
+    s1 = zk.sum_sq([torch.empty(n)], 2024, 1)
+    s2 = zk.sum_sq([torch.empty(n)], 2024, 1)
+    assert s1.item() == s2.item()
+    assert s1.item() == pytest.approx((z ** 2).sum().item(), rel=1e-12)
+
+
+def test_rademacher_values_and_balance():
+    n = 1_000_000
+    z = zk.direction(3, torch.empty(n), 5, 9, "rademacher")
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(z.double().mean().item()) < 5 / math.sqrt(n)
+    # Neighbours are independent: no correlation between lanes of a group.
+    assert abs((z[:-1] * z[1:]).double().mean().item()) < 5 / math.sqrt(n)
+    assert zk.sum_sq([torch.empty(n)], 5, 9, "rademacher").item() == n
+
+
+def _random_params(dtype, shapes=((7,), (33, 5), (2,), (1024,), (3, 3, 3)), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_perturb_is_theta_plus_scale_z_rounded_once(dtype, distribution):
+    params = _random_params(dtype)
+    before = [p.clone() for p in params]
+    scale = 1e-3
+    zk.perturb_(params, 99, 4, scale, distribution)
+    s = torch.tensor(scale, dtype=torch.float32)
+    for t, (b, p) in enumerate(zip(before, params)):
+        z = zk.direction(t, b, 99, 4, distribution)
+        want = (b.float() + s * z).to(dtype)
+        assert torch.equal(p.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_update_is_its_formula(dtype):
+    params = _random_params(dtype, seed=1)
+    before = [p.clone() for p in params]
+    terms = [(1, 0, 0.7), (2**63 + 5, 1, -1.25), (1, 2**32 - 1, 0.03)]
+    lr, wd = 1e-2, 0.1
+    zk.update_(params, terms, lr, wd)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    for t, (b, p) in enumerate(zip(before, params)):
+        theta = b.float()
+        g = torch.zeros_like(theta)
+        for seed, k, c in terms:
+            g = g + f32(c) * zk.direction(t, b, seed, k)
+        want = (theta - f32(lr) * (g + f32(wd) * theta)).to(dtype)
+        assert torch.equal(p.float(), want.float()), (t, (p.float() - want.float()).abs().max())
+
+
+def test_sphere_has_unit_norm_over_the_list():
+    params = [torch.zeros(s) for s in ((100,), (7, 9), (3,))]
+    zk.perturb_(params, 8, 2, 1.0, "sphere")
+    norm = math.sqrt(sum((p.double() ** 2).sum().item() for p in params))
+    assert norm == pytest.approx(1.0, abs=1e-6)
+    # The same direction as the Gaussian one, divided by its norm.
+    g = zk.direction(1, params[1], 8, 2)
+    r = zk.sum_sq(params, 8, 2).item()
+    torch.testing.assert_close(params[1], g * (1 / math.sqrt(r)), rtol=1e-6, atol=0)
+    # update with sphere: each term divided by its own norm.
+    params = [torch.zeros(50), torch.zeros(13)]
+    zk.update_(params, [(3, 1, 1.0)], 1.0, 0.0, "sphere")
+    norm = math.sqrt(sum((p.double() ** 2).sum().item() for p in params))
+    assert norm == pytest.approx(1.0, abs=1e-6)
+
+
+def test_odd_sizes_and_empty_tensors_in_the_list():
+    shapes = [(0,), (1,), (2,), (3,), (5,), (0, 4), (4097,)]
+    params = [torch.zeros(s, dtype=torch.float16) for s in shapes]
+    zk.perturb_(params, 1, 1, 1.0)
+    for t, p in enumerate(params):
+        assert torch.equal(p, zk.direction(t, p, 1, 1).half())
+
+
+def test_errors_name_the_function_and_argument():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"perturb_: params: expected a non-empty list"):
+        zk.perturb_([], 1, 1, 1.0)
+    with pytest.raises(TypeError, match=r"perturb_: params\[1\]: expected dtype float32, "
+                                        r"float16 or bfloat16, got torch.int64"):
+        zk.perturb_([x, torch.zeros(3, dtype=torch.int64)], 1, 1, 1.0)
+    with pytest.raises(TypeError, match=r"update_: params\[0\]: expected dtype .*got torch.float64"):
+        zk.update_([x.double()], [(1, 1, 1.0)], 0.1)
+    with pytest.raises(ValueError, match=r"sum_sq: params\[0\]: expected a contiguous tensor"):
+        zk.sum_sq([torch.zeros(4, 4).t()], 1, 1)
+    with pytest.raises(ValueError, match=r"params\[1\]: expected a cpu or cuda tensor"):
+        zk.perturb_([x, torch.zeros(3, device="meta")], 1, 1, 1.0)
+    with pytest.raises(TypeError, match=r"params: expected a list of tensors, got one tensor"):
+        zk.perturb_(x, 1, 1, 1.0)
+    with pytest.raises(ValueError, match=r"perturb_: seed: expected 0 <= seed < 2\*\*64"):
+        zk.perturb_([x], -1, 1, 1.0)
+    with pytest.raises(ValueError, match=r"perturb_: k: expected 0 <= k < 2\*\*32"):
+        zk.perturb_([x], 1, 2**32, 1.0)
+    with pytest.raises(ValueError, match=r"perturb_: scale: expected a finite number"):
+        zk.perturb_([x], 1, 1, float("nan"))
+    with pytest.raises(ValueError, match=r"perturb_: distribution: expected one of"):
+        zk.perturb_([x], 1, 1, 1.0, "uniform")
+    with pytest.raises(ValueError, match=r"update_: seeds_ks_coeffs: expected 1 to \d+"):
+        zk.update_([x], [], 0.1)
+    with pytest.raises(ValueError, match=r"update_: seeds_ks_coeffs: expected 1 to \d+"):
+        zk.update_([x], [(1, k, 1.0) for k in range(zk.MAX_UPDATE_TERMS + 1)], 0.1)
+    with pytest.raises(ValueError, match=r"perturb_: tensor_ids: expected 1 ids"):
+        zk.perturb_([x], 1, 1, 1.0, tensor_ids=[0, 1])
+    with pytest.raises(ValueError, match=r"direction: distribution: 'sphere'"):
+        zk.direction(0, x, 1, 1, "sphere")
+    # The bindings' own checks (reached only by calling _C directly).
+    with pytest.raises(TypeError, match=r"fd_perturb: descriptors: expected dtype int64"):
+        _C.fd_perturb(torch.zeros(1, 5), 1, 1, 1, 1.0, 0)
+    with pytest.raises(ValueError, match=r"fd_perturb: descriptors: expected shape \(num_tensors, 5\)"):
+        _C.fd_perturb(torch.zeros(1, 4, dtype=torch.int64), 1, 1, 1, 1.0, 0)
+    with pytest.raises(ValueError, match=r"fd_sum_sq: out: expected 1025 elements"):
+        _C.fd_sum_sq(torch.zeros(0, 5, dtype=torch.int64), 0, 1, 1, 0, torch.zeros(3, dtype=torch.float64))
+
+
+def test_version_counter_is_bumped():
+    x = torch.zeros(8)
+    v = x._version
+    zk.perturb_([x], 1, 1, 1.0)
+    zk.update_([x], [(1, 1, 1.0)], 0.1)
+    assert x._version == v + 2
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+def _ulp_diff_f32(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Max distance in float32 ulps (ordered integer representation)."""
+    def ordered(x):
+        i = x.contiguous().view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return int((ordered(a) - ordered(b)).abs().max().item()) if a.numel() else 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_cpu_and_cuda_directions_are_bit_identical(cuda_device, distribution):
+    n = 1_000_003
+    cpu = zk.direction(7, torch.empty(n), 31, 2, distribution)
+    gpu = zk.direction(7, torch.empty(n, device=cuda_device), 31, 2, distribution).cpu()
+    ulps = _ulp_diff_f32(cpu, gpu)
+    # The math avoids libm and FMA contraction (directions.cuh): the bits must agree.
+    assert ulps == 0, f"CPU and CUDA z differ by up to {ulps} float32 ulps"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_cpu_and_cuda_perturb_update_sum_sq_agree(cuda_device, dtype):
+    cpu = _random_params(dtype, seed=3)
+    gpu = [p.to(cuda_device) for p in cpu]
+    for params in (cpu, gpu):
+        zk.perturb_(params, 5, 6, 1e-2)
+        zk.update_(params, [(5, 6, 0.5), (9, 1, -0.25)], 1e-3, 0.01)
+        zk.perturb_(params, 5, 7, 1e-2, "sphere")
+    for c, g in zip(cpu, gpu):
+        assert torch.equal(c, g.cpu())
+    s_cpu, s_gpu = zk.sum_sq(cpu, 2, 2).item(), zk.sum_sq(gpu, 2, 2).item()
+    assert s_gpu == pytest.approx(s_cpu, rel=1e-13)  # summation orders differ, bits may
+
+
+@pytest.mark.cuda
+def test_cuda_side_stream(cuda_device):
+    params = [torch.zeros(100_000, device=cuda_device, dtype=torch.bfloat16)]
+    want = zk.direction(0, params[0], 4, 4).mul(0.5).bfloat16()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        zk.perturb_(params, 4, 4, 0.5)
+    s.synchronize()
+    assert torch.equal(params[0], want)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_perturb(cuda_device):
+    params = [torch.zeros(s, device=cuda_device, dtype=torch.float16) for s in (1000, 37, 4096)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: builds and caches the descriptor array
+        zk.perturb_(params, 1, 1, 0.0)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        zk.perturb_(params, 1, 1, 0.25)
+    for p in params:
+        p.zero_()
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for t, p in enumerate(params):
+        z = zk.direction(t, p, 1, 1)
+        once = (0.25 * z).half()
+        assert torch.equal(p, (once.float() + torch.tensor(0.25, device=p.device) * z).half())
