@@ -59,8 +59,15 @@ void log_bessel(int op, nb::handle v_obj, nb::handle x_obj, nb::handle out_obj, 
 // do. Returns the result, or None when the caller's general path must run.
 nb::object log_bessel_fast(int op, nb::handle v_obj, nb::handle x_obj) {
   if (op < 0 || op >= kNumLogBesselOps || !fast_path_allowed(v_obj, x_obj)) return nb::none();
-  const ArrayInfo v = array_arg(v_obj, "v", kFn);
-  const ArrayInfo x = array_arg(x_obj, "x", kFn);
+  ArrayInfo v, x;
+  try {
+    v = array_arg(v_obj, "v", kFn);
+    x = array_arg(x_obj, "x", kFn);
+  } catch (const nb::builtin_exception&) {
+    return nb::none();  // not describable here (too many dimensions ...): the general path
+  } catch (const nb::python_error&) {  // says why, naming the public function
+    return nb::none();
+  }
   DType dtype;
   if (!core_dtype(v.dtype, &dtype) || (dtype != DType::float32 && dtype != DType::float64) ||
       v.dtype != x.dtype || v.device_type != x.device_type || v.device_id != x.device_id ||
@@ -108,7 +115,8 @@ void bind_log_bessel(nb::module_& m) {
         "v, x, out: float32/float64 arrays (torch tensors or any DLPack producer) on one\n"
         "device; out C-contiguous with the broadcast shape. num_threads: CPU threads (<= 0: default).\n"
         "stream: cudaStream_t as an integer (0: legacy default stream).");
-  m.def("log_bessel_fast", &log_bessel_fast, nb::arg("op"), nb::arg("v"), nb::arg("x"),
+  m.def("log_bessel_fast", &log_bessel_fast, nb::arg("op"), nb::arg("v").none(),
+        nb::arg("x").none(),
         "The whole call for plain same-shape tensors when nothing needs torch's dispatcher\n"
         "(see register_fast_path); None when the caller must take its general path.");
 }

@@ -180,10 +180,11 @@ DK_HOST_DEVICE_LARGE double evaluate_second(LogBesselOp op, double v, double x) 
   want.dx = true;
   want.dx2 = true;
   const bool neg_int = negative_integer(v);
+  if (x == 0.0) x = 0.0;  // -0 is the point 0 (the 1/x terms below must be +inf there)
   switch (op) {
     case LogBesselOp::iv_ratio_dx:
       // I_{1-n} / I_{-n} = I_{n-1} / I_n = 2n/x + I_{n+1} / I_n (no cancellation).
-      return neg_int ? log_iv_for_second(-v, x, want).ratio_dx + 2.0 * v / x / x
+      return neg_int ? log_iv_for_second(-v, x, want).ratio_dx + 2.0 * (v / x / x)
                      : log_iv_for_second(v, x, want).ratio_dx;
     case LogBesselOp::d2log_iv_dx2:
       return log_iv_for_second(neg_int ? -v : v, x, want).d2log_dx2;
@@ -191,15 +192,30 @@ DK_HOST_DEVICE_LARGE double evaluate_second(LogBesselOp op, double v, double x) 
     case LogBesselOp::iv_ratio_dx2:
       // d2/dx2 (2n/x + I_{n+1} / I_n) = 4n/x^3 + ...: -4v/x^3 at v = -n (+inf at x = 0);
       // other negative v give NaN there.
-      return neg_int ? iv_ratio_dx2(-v, x) - 4.0 * v / x / x / x : iv_ratio_dx2(v, x);
+      return neg_int ? iv_ratio_dx2(-v, x) - 4.0 * (v / x / x / x) : iv_ratio_dx2(v, x);
     default: break;
   }
   return quiet_nan<double>();
 }
 
+// Out of line, so that this rare path (a float32 order below FLT_MIN, evaluated in double)
+// does not grow the float kernels. Defined after evaluate.
+#if defined(__CUDACC__)
+__host__ __device__ __noinline__
+#else
+__attribute__((noinline))
+#endif
+inline float evaluate_subnormal_order(LogBesselOp op, float v, float x);
+
 // One output element of `op`.
 template <class T>
 DK_HOST_DEVICE T evaluate(LogBesselOp op, T v, T x) {
+  if constexpr (sizeof(T) == 4) {
+    // A subnormal float32 order: the float branches lose it (terms in v underflow to 0
+    // where their log is taken: log I_v(3) came out -inf at v = 1e-40); double holds it.
+    if (v != T(0) && fabs(v) < T(1.17549435e-38f)) return evaluate_subnormal_order(op, v, x);
+  }
+  if (x == T(0)) x = T(0);  // -0 is the point 0 (the 1/x terms below must be +inf there)
   Want want;
   // The I ops at negative integer orders go through I_{-n} = I_n; log_iv gives NaN for
   // the other negative orders.
@@ -213,7 +229,8 @@ DK_HOST_DEVICE T evaluate(LogBesselOp op, T v, T x) {
     case LogBesselOp::iv_ratio:
       want.dx = true;
       // I_{1-n} / I_{-n} = I_{n-1} / I_n = 2n/x + I_{n+1} / I_n (+inf at x = 0).
-      return neg_int ? log_iv(v_i, x, want).ratio - T(2) * v / x : log_iv(v, x, want).ratio;
+      // (2 (v / x), not 2 v / x: 2 v overflows float32 at |v| > 1.7e38 where 2n/x fits.)
+      return neg_int ? log_iv(v_i, x, want).ratio - T(2) * (v / x) : log_iv(v, x, want).ratio;
     case LogBesselOp::dlog_iv_dx: want.dx = true; return log_iv(v_i, x, want).dlog_dx;
     case LogBesselOp::dlog_kv_dx: want.dx = true; return log_kv(v, x, want).dlog_dx;
     case LogBesselOp::dlog_iv_dv:
@@ -231,6 +248,15 @@ DK_HOST_DEVICE T evaluate(LogBesselOp op, T v, T x) {
 #endif
   }
   return quiet_nan<T>();
+}
+
+#if defined(__CUDACC__)
+__host__ __device__ __noinline__
+#else
+__attribute__((noinline))
+#endif
+inline float evaluate_subnormal_order(LogBesselOp op, float v, float x) {
+  return static_cast<float>(evaluate<double>(op, v, x));
 }
 
 }  // namespace log_bessel
