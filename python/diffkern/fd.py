@@ -162,7 +162,8 @@ def jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, *, eps: Optional[float] 
         out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
         out[rows_d, cols_d] = values
         return out
-    coo = torch.sparse_coo_tensor(torch.stack([rows_d, cols_d]), values, (m, n)).coalesce()
+    coo = torch.sparse_coo_tensor(torch.stack([rows_d, cols_d]), values, (m, n),
+                                  check_invariants=False).coalesce()  # indices from the pattern
     if layout == torch.sparse_csr:
         return coo.to_sparse_csr()
     if layout == torch.sparse_csc:
