@@ -397,6 +397,8 @@ def test_zosgd_errors():
         dk.zo.ZOSGD([theta], lr=0.1).step()
     with pytest.raises(ValueError, match="diffkern.zo.ZOSGD: momentum"):
         dk.zo.ZOSGD([theta], lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="ZOSGD.step: closure returned inf at evaluation 1"):
+        dk.zo.ZOSGD([theta], lr=0.1).step(lambda: math.inf)
     with pytest.raises(ValueError, match="diffkern.zo.ZOSGD: eps"):
         dk.zo.ZOSGD([theta], lr=0.1, eps=-1.0)
     with pytest.raises(ValueError, match="diffkern.zo.replay: .*group 1"):

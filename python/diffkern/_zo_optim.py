@@ -140,7 +140,7 @@ class ZOSGD(torch.optim.Optimizer):
                             f"(zeroth-order steps evaluate it, no backward)")
         groups = self._groups()
         seeds = [_mix(self.seed, self._step_count, g) for g in range(len(groups))]
-        with _Evaluator(groups, self._module, fname) as ev:
+        with _Evaluator(groups, self._module, fname, "closure") as ev:
             coeffs, losses = _directional(ev, closure, groups, seeds, self.num_directions,
                                           self.eps, self.distribution, "central")
         kdist = _kernel_distribution(self.distribution)

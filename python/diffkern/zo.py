@@ -130,22 +130,22 @@ def _check_params(fname, params, name="params"):
     return flat, module
 
 
-def _loss_value(fname, out, label):
+def _loss_value(fname, out, label, fn="loss_fn"):
     if isinstance(out, Tensor):
         if out.numel() != 1:
-            raise ValueError(f"{fname}: loss_fn must return a scalar, but {label} returned a "
+            raise ValueError(f"{fname}: {fn} must return a scalar, but {label} returned a "
                              f"tensor of shape {tuple(out.shape)}")
         if out.is_complex():
-            raise ValueError(f"{fname}: loss_fn must return a real scalar, but {label} "
+            raise ValueError(f"{fname}: {fn} must return a real scalar, but {label} "
                              f"returned a complex tensor")
         value = float(out.detach().reshape(()).item())
     elif isinstance(out, numbers.Real) and not isinstance(out, bool):
         value = float(out)
     else:
-        raise ValueError(f"{fname}: loss_fn must return a scalar tensor or a real number, "
+        raise ValueError(f"{fname}: {fn} must return a scalar tensor or a real number, "
                          f"but {label} returned {type(out).__name__}")
     if not math.isfinite(value):
-        raise ValueError(f"{fname}: loss_fn returned {value} at {label}; the parameters "
+        raise ValueError(f"{fname}: {fn} returned {value} at {label}; the parameters "
                          f"were restored")
     return value
 
@@ -205,8 +205,8 @@ class _Evaluator:
     """Evaluates loss_fn at perturbed parameters and always restores them exactly
     (see the module docstring for the two strategies)."""
 
-    def __init__(self, groups, module, fname):
-        self.groups, self.module, self.fname = groups, module, fname
+    def __init__(self, groups, module, fname, fn="loss_fn"):
+        self.groups, self.module, self.fname, self.fn = groups, module, fname, fn
         self.where = {id(p): (g, t) for g, ps in enumerate(groups) for t, p in enumerate(ps)}
         self.current = None
         self.active = {}  # id(param) -> [param, original data, nesting depth]
@@ -320,7 +320,7 @@ class _Evaluator:
                             p.copy_(b)
             else:
                 out = loss_fn()
-        return _loss_value(self.fname, out, label)
+        return _loss_value(self.fname, out, label, self.fn)
 
 
 # ------------------------------------------------------------------ directional estimates
