@@ -55,6 +55,13 @@ def _kernels():
     return _zo_kernels
 
 
+def _direction(t, p, seed, k, distribution):
+    """z(seed, k, t, .) as float32 shaped like p; ``like`` is only read for its shape and
+    device, so parameters of dtypes the kernels do not store pass a float32 stand-in."""
+    like = p if p.dtype in _KERNEL_DTYPES else torch.empty(p.shape, device=p.device)
+    return _kernels().direction(t, like, seed, k, distribution)
+
+
 class GradEstimate(NamedTuple):
     """``grads``: one estimate per parameter, shaped like it, float32 (float64 for float64
     parameters): never rounded to fp16/bf16. ``losses``: float64, 1-D, every loss value in
@@ -168,7 +175,7 @@ class _Direction:
         self.text = f"theta {sign_text} eps*z (direction k={k})"
 
     def scratch(self, g, t, p):
-        z = _kernels().direction(t, p, self.seeds[g], self.k, self.dist)
+        z = _direction(t, p, self.seeds[g], self.k, self.dist)
         return _scratch_direction(p, z, self.scale)
 
     def apply_inplace(self, groups):
@@ -332,8 +339,7 @@ def _kernel_distribution(distribution):
 def _sum_sq(ps, seed, k):
     if all(p.dtype in _KERNEL_DTYPES for p in ps):
         return float(_kernels().sum_sq(ps, seed, k, "gaussian"))
-    K = _kernels()
-    return sum(float(K.direction(t, p, seed, k, "gaussian").double().square().sum())
+    return sum(float(_direction(t, p, seed, k, "gaussian").double().square().sum())
                for t, p in enumerate(ps))
 
 
@@ -374,11 +380,10 @@ def _update_(ps, triples, lr, weight_decay, kdist):
     if all(p.dtype in _KERNEL_DTYPES for p in ps):
         _kernels().update_(ps, triples, lr, weight_decay, kdist)
         return
-    K = _kernels()
     for t, p in enumerate(ps):
         acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
         for seed, k, c in triples:
-            acc += c * K.direction(t, p, seed, k, kdist).double()
+            acc += c * _direction(t, p, seed, k, kdist).double()
         acc += weight_decay * p.double()
         p.copy_((p.double() - lr * acc).to(p.dtype))
 
