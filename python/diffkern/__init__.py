@@ -23,6 +23,7 @@ def build_info() -> dict:
 
 from .special import log_iv, log_kv, log_ive, log_kve, bessel_iv_ratio  # noqa: E402
 from . import special, distributions, ot  # noqa: E402
+from . import zo, fd  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -35,4 +36,6 @@ __all__ = [
     "special",
     "distributions",
     "ot",
+    "zo",
+    "fd",
 ]

@@ -1,0 +1,558 @@
+"""Zeroth-order gradient estimates and optimizers: forward passes only.
+
+- ``grad(loss_fn, params, ...)``: SPSA (MeZO), RGE (forward or central, Gaussian,
+  Rademacher or uniform-on-sphere directions) and CGE (coordinate-wise, DeepZero).
+- ``ZOSGD``: a ``torch.optim`` optimizer on the SPSA estimate, keeping only seeds and
+  scalars between steps; ``replay`` rebuilds a run's weights from its history.
+
+Directions come from ``_zo_kernels``: the value z of element i of parameter t in direction
+k is a pure function of (seed, k, t, i), so a direction is regenerated, never stored.
+
+Exact restore. After ``grad`` or a ``ZOSGD`` evaluation every parameter holds the bits it
+held before, in every dtype (adding then subtracting eps*z in fp16/bf16 does not give the
+weights back). How:
+
+- ``params`` is an ``nn.Module``: its trainable parameters (``requires_grad``) are perturbed
+  through forward hooks. Before a submodule that owns parameters runs, its parameters'
+  ``.data`` is swapped for a scratch tensor round(theta + s*z); after it ran (also when it
+  raises) the original storage is swapped back. The stored weights are never written, and
+  only the scratch of the modules running at that moment is alive: peak memory is inference
+  plus one module's parameters. A parameter is perturbed only while its own module's
+  ``forward`` runs; one that is read elsewhere (e.g. ``F.linear(x, self.head.weight)``
+  outside ``head``'s forward) is not, and a warning names it: pass a list of tensors then.
+  Parameters with ``requires_grad=False`` (frozen weights of a PEFT/LoRA model) are never
+  touched. Buffers (BatchNorm running statistics) change as the forward changes them.
+- ``params`` is a list of tensors: they are perturbed in place, so a full copy of them is
+  kept for the duration of the call (memory: one copy of the parameters) and written back
+  with ``copy_`` (bit-exact). CGE needs no copy: it saves and restores one element.
+
+Either way ``loss_fn`` runs under ``torch.no_grad()`` and the parameters are restored before
+any error (from ``loss_fn`` or about its value) propagates.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["grad", "GradEstimate", "ZOSGD", "HistoryEntry", "replay"]
+
+_ESTIMATORS = ("spsa", "rge", "cge")
+_DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
+_MODES = ("central", "forward")
+# Storage dtypes of the fused kernels; other float dtypes (float64) take a per-tensor path.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MASK64 = (1 << 64) - 1
+
+
+def _kernels():
+    # Imported on first use: importing diffkern must not depend on this family's build.
+    from . import _zo_kernels
+    return _zo_kernels
+
+
+def _direction(t, p, seed, k, distribution):
+    """z(seed, k, t, .) as float32 shaped like p; ``like`` is only read for its shape and
+    device, so parameters of dtypes the kernels do not store pass a float32 stand-in."""
+    like = p if p.dtype in _KERNEL_DTYPES else torch.empty(p.shape, device=p.device)
+    return _kernels().direction(t, like, seed, k, distribution)
+
+
+class GradEstimate(NamedTuple):
+    """``grads``: one estimate per parameter, shaped like it, float32 (float64 for float64
+    parameters): never rounded to fp16/bf16. ``losses``: float64, 1-D, every loss value in
+    evaluation order (see ``grad``)."""
+    grads: List[Tensor]
+    losses: Tensor
+
+
+# ------------------------------------------------------------------ argument checks
+
+def _check_choice(fname, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{fname}: {name} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {value!r}")
+
+
+def _check_eps(fname, eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{fname}: eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{fname}: eps must be positive and finite, got {eps!r}")
+    return float(eps)
+
+
+def _check_count(fname, name, n):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{fname}: {name} must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{fname}: {name} must be >= 1, got {n}")
+    return int(n)
+
+
+def _check_seed(fname, seed):
+    if seed is None:  # from torch's default generator, so torch.manual_seed repeats a run
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{fname}: seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{fname}: seed must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def _check_params(fname, params, name="params"):
+    """(list of tensors, module or None): a module gives its trainable parameters."""
+    module = None
+    if isinstance(params, nn.Module):
+        module = params
+        flat = [p for p in module.parameters() if p.requires_grad]
+        if not flat:
+            raise ValueError(f"{fname}: {name} is a module without trainable parameters "
+                             f"(none has requires_grad=True)")
+    else:
+        if isinstance(params, Tensor):
+            params = [params]
+        try:
+            flat = list(params)
+        except TypeError:
+            raise TypeError(f"{fname}: {name} must be an nn.Module or an iterable of "
+                            f"tensors, got {type(params).__name__}") from None
+        if not flat:
+            raise ValueError(f"{fname}: {name} is empty: there is nothing to perturb")
+    seen = set()
+    for i, p in enumerate(flat):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{fname}: {name}[{i}] must be a tensor, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"{fname}: {name}[{i}] has dtype {p.dtype}; zeroth-order "
+                            f"estimates need floating-point parameters")
+        if id(p) in seen:
+            raise ValueError(f"{fname}: {name}[{i}] appears twice; each tensor is "
+                             f"perturbed once")
+        seen.add(id(p))
+    return flat, module
+
+
+def _loss_value(fname, out, label, fn="loss_fn"):
+    if isinstance(out, Tensor):
+        if out.numel() != 1:
+            raise ValueError(f"{fname}: {fn} must return a scalar, but {label} returned a "
+                             f"tensor of shape {tuple(out.shape)}")
+        if out.is_complex():
+            raise ValueError(f"{fname}: {fn} must return a real scalar, but {label} "
+                             f"returned a complex tensor")
+        value = float(out.detach().reshape(()).item())
+    elif isinstance(out, numbers.Real) and not isinstance(out, bool):
+        value = float(out)
+    else:
+        raise ValueError(f"{fname}: {fn} must return a scalar tensor or a real number, "
+                         f"but {label} returned {type(out).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{fname}: {fn} returned {value} at {label}; the parameters "
+                         f"were restored")
+    return value
+
+
+# ------------------------------------------------------------------ perturbations
+
+def _scratch_direction(p, z, scale):
+    """round(theta + scale*z) in p's dtype (math in fp32, or fp64 for fp64 parameters)."""
+    if p.dtype == torch.float64:
+        return p.detach() + scale * z.double()
+    z.mul_(scale).add_(p.detach())
+    return z if p.dtype == torch.float32 else z.to(p.dtype)
+
+
+class _Direction:
+    """theta_t + scale * z(seeds[g], k, t, .) for parameter t of group g."""
+
+    def __init__(self, seeds, k, scale, distribution, sign_text):
+        self.seeds, self.k, self.scale, self.dist = seeds, k, scale, distribution
+        self.text = f"theta {sign_text} eps*z (direction k={k})"
+
+    def scratch(self, g, t, p):
+        z = _direction(t, p, self.seeds[g], self.k, self.dist)
+        return _scratch_direction(p, z, self.scale)
+
+    def apply_inplace(self, groups):
+        K = _kernels()
+        for g, ps in enumerate(groups):
+            if all(p.dtype in _KERNEL_DTYPES for p in ps):
+                K.perturb_(ps, self.seeds[g], self.k, self.scale, self.dist)
+            else:
+                for t, p in enumerate(ps):
+                    p.copy_(self.scratch(g, t, p))
+
+    def perturbs(self, g, t):
+        return True
+
+
+class _Coordinate:
+    """One element of one parameter set to ``value`` (a 0-d tensor of its dtype)."""
+
+    def __init__(self, g, t, index, value, text):
+        self.g, self.t, self.index, self.value, self.text = g, t, index, value, text
+
+    def scratch(self, g, t, p):
+        if (g, t) != (self.g, self.t):
+            return None
+        s = p.detach().clone()
+        s[self.index] = self.value
+        return s
+
+    def perturbs(self, g, t):
+        return (g, t) == (self.g, self.t)
+
+
+class _Evaluator:
+    """Evaluates loss_fn at perturbed parameters and always restores them exactly
+    (see the module docstring for the two strategies)."""
+
+    def __init__(self, groups, module, fname, fn="loss_fn"):
+        self.groups, self.module, self.fname, self.fn = groups, module, fname, fn
+        self.where = {id(p): (g, t) for g, ps in enumerate(groups) for t, p in enumerate(ps)}
+        self.current = None
+        self.active = {}  # id(param) -> [param, original data, nesting depth]
+        self.seen = set()
+        self.unseen = set()  # perturbed parameters that no module's forward ever read
+        self.handles = []
+        self.backup = None
+        self.count = 0
+
+    # hook strategy
+    def __enter__(self):
+        if self.module is not None:
+            for m in self.module.modules():
+                owned = [p for p in m.parameters(recurse=False) if id(p) in self.where]
+                if owned:
+                    self.handles.append(m.register_forward_pre_hook(self._pre(owned)))
+                    self.handles.append(m.register_forward_hook(self._post(owned),
+                                                                always_call=True))
+        return self
+
+    def _pre(self, owned):
+        def hook(module, args):
+            pert = self.current
+            if pert is None:
+                return None
+            with torch.no_grad():
+                for p in owned:
+                    entry = self.active.get(id(p))
+                    if entry is not None:  # re-entered (a module calling itself, tied owners)
+                        entry[2] += 1
+                        continue
+                    g, t = self.where[id(p)]
+                    s = pert.scratch(g, t, p)
+                    if s is None:
+                        continue
+                    self.active[id(p)] = [p, p.data, 1]
+                    p.data = s
+                    self.seen.add(id(p))
+            return None
+        return hook
+
+    def _post(self, owned):
+        def hook(module, args, output):
+            for p in owned:
+                entry = self.active.get(id(p))
+                if entry is not None:
+                    entry[2] -= 1
+                    if entry[2] == 0:
+                        p.data = entry[1]
+                        del self.active[id(p)]
+            return None
+        return hook
+
+    def _restore_swapped(self):
+        for p, data, _ in self.active.values():
+            p.data = data
+        self.active.clear()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._restore_swapped()
+        self.backup = None
+        if self.unseen and exc[0] is None:
+            names = {id(p): n for n, p in self.module.named_parameters()} if self.module else {}
+            listed = sorted(names.get(i, "?") for i in self.unseen)
+            warnings.warn(
+                f"{self.fname}: {len(listed)} trainable parameter(s) were never read inside "
+                f"their own module's forward and so were not perturbed ({', '.join(listed[:5])}"
+                f"{', ...' if len(listed) > 5 else ''}); their estimate is not a gradient "
+                f"estimate if the loss reads them elsewhere: pass a list of tensors instead",
+                RuntimeWarning, stacklevel=3)
+        return False
+
+    def evaluate(self, loss_fn, pert):
+        """The loss at the perturbation ``pert`` (None: unperturbed), parameters restored."""
+        self.count += 1
+        label = f"evaluation {self.count} ({pert.text if pert else 'unperturbed theta'})"
+        with torch.no_grad():
+            if self.module is not None:
+                self.current, self.seen = pert, set()
+                try:
+                    out = loss_fn()
+                    if isinstance(out, Tensor):
+                        out = out.detach()
+                finally:
+                    self.current = None
+                    self._restore_swapped()
+                if pert is not None:
+                    self.unseen |= {id(p) for ps in self.groups for p in ps
+                                    if pert.perturbs(*self.where[id(p)])
+                                    and id(p) not in self.seen}
+            elif isinstance(pert, _Coordinate):
+                p = self.groups[pert.g][pert.t]
+                old = p[pert.index].clone()
+                try:
+                    p[pert.index] = pert.value
+                    out = loss_fn()
+                finally:
+                    p[pert.index] = old
+            elif pert is not None:
+                if self.backup is None:
+                    self.backup = [[p.detach().clone() for p in ps] for ps in self.groups]
+                try:
+                    pert.apply_inplace(self.groups)
+                    out = loss_fn()
+                finally:
+                    for ps, bs in zip(self.groups, self.backup):
+                        for p, b in zip(ps, bs):
+                            p.copy_(b)
+            else:
+                out = loss_fn()
+        return _loss_value(self.fname, out, label, self.fn)
+
+
+# ------------------------------------------------------------------ directional estimates
+
+def _kernel_distribution(distribution):
+    return "gaussian" if distribution == "sphere" else distribution
+
+
+def _sum_sq(ps, seed, k):
+    if all(p.dtype in _KERNEL_DTYPES for p in ps):
+        return float(_kernels().sum_sq(ps, seed, k, "gaussian"))
+    return sum(float(_direction(t, p, seed, k, "gaussian").double().square().sum())
+               for t, p in enumerate(ps))
+
+
+def _directional(ev, loss_fn, groups, seeds, n, eps, distribution, mode):
+    """(coefficients c_k, losses): the estimate is sum_k c_k z_k (z_k regenerated).
+
+    Gaussian/Rademacher z: c_k = D_k / n, D_k = (L(theta+eps z) - L(theta-eps z)) / (2 eps)
+    (central) or (L(theta+eps z) - L(theta)) / eps (forward).
+    Sphere: u = z/||z|| over all parameters (d elements), theta is moved by eps*u and
+    c_k = d * D_k / (n ||z_k||), i.e. the estimate (d/n) sum_k D_k u_k of RGE.
+    """
+    kdist = _kernel_distribution(distribution)
+    d = sum(p.numel() for ps in groups for p in ps)
+    losses, coeffs = [], []
+    if mode == "forward":
+        base = ev.evaluate(loss_fn, None)
+        losses.append(base)
+    for k in range(n):
+        scale, factor = eps, 1.0
+        if distribution == "sphere":
+            norm = math.sqrt(sum(_sum_sq(ps, seeds[g], k) for g, ps in enumerate(groups)))
+            scale, factor = eps / norm, d / norm
+        plus = ev.evaluate(loss_fn, _Direction(seeds, k, scale, kdist, "+"))
+        losses.append(plus)
+        if mode == "central":
+            minus = ev.evaluate(loss_fn, _Direction(seeds, k, -scale, kdist, "-"))
+            losses.append(minus)
+            projected = (plus - minus) / (2.0 * eps)
+        else:
+            projected = (plus - base) / eps
+        coeffs.append(projected * factor / n)
+    return coeffs, losses
+
+
+def _update_(ps, triples, lr, weight_decay, kdist):
+    """theta <- theta - lr * (sum c z + wd * theta): the fused kernel, or per tensor for
+    dtypes it does not store (float64)."""
+    if all(p.dtype in _KERNEL_DTYPES for p in ps):
+        _kernels().update_(ps, triples, lr, weight_decay, kdist)
+        return
+    for t, p in enumerate(ps):
+        acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+        for seed, k, c in triples:
+            acc += c * _direction(t, p, seed, k, kdist).double()
+        acc += weight_decay * p.double()
+        p.copy_((p.double() - lr * acc).to(p.dtype))
+
+
+def _assemble(groups, seeds, coeffs, kdist):
+    """sum_k c_k z_k per parameter, in float32 (float64 for float64 parameters)."""
+    out = []
+    for g, ps in enumerate(groups):
+        bufs = [torch.zeros(p.shape, device=p.device,
+                            dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                for p in ps]
+        # update_ with lr=1 and negated coefficients: 0 - (sum -c z) = sum c z.
+        _update_(bufs, [(seeds[g], k, -c) for k, c in enumerate(coeffs)], 1.0, 0.0, kdist)
+        out.extend(bufs)
+    return out
+
+
+# ------------------------------------------------------------------ coordinate estimates
+
+def _coordinates(fname, coordinates, flat):
+    """Per parameter, the flat indices to estimate (python ints, sorted)."""
+    if coordinates is None:
+        return [range(p.numel()) for p in flat]
+    if isinstance(coordinates, Tensor) or len(coordinates) != len(flat):
+        raise ValueError(f"{fname}: coordinates must be a list with one entry per parameter "
+                         f"({len(flat)}), each None, a boolean mask shaped like it or a "
+                         f"1-D tensor of flat indices")
+    out = []
+    for i, (c, p) in enumerate(zip(coordinates, flat)):
+        if c is None:
+            out.append(range(p.numel()))
+            continue
+        c = torch.as_tensor(c)
+        if c.dtype == torch.bool:
+            if c.shape != p.shape:
+                raise ValueError(f"{fname}: coordinates[{i}] is a mask of shape "
+                                 f"{tuple(c.shape)}, but the parameter has shape "
+                                 f"{tuple(p.shape)}")
+            out.append(torch.nonzero(c.reshape(-1).cpu()).reshape(-1).tolist())
+        elif not c.is_floating_point() and not c.is_complex() and c.dim() <= 1:
+            idx = c.reshape(-1).cpu()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+                raise ValueError(f"{fname}: coordinates[{i}] has indices outside "
+                                 f"[0, {p.numel()}) (the parameter's flat size)")
+            out.append(sorted(set(idx.tolist())))
+        else:
+            raise TypeError(f"{fname}: coordinates[{i}] must be None, a boolean mask or a "
+                            f"1-D integer tensor of flat indices, got dtype {c.dtype} "
+                            f"with shape {tuple(c.shape)}")
+    return out
+
+
+def _ulp_step(v, up):
+    """The neighbour of the 0-d tensor v towards +inf (up) or -inf, in v's dtype."""
+    if v.dtype in (torch.float32, torch.float64):
+        return torch.nextafter(v, torch.tensor(math.inf if up else -math.inf, dtype=v.dtype))
+    bits = v.view(torch.int16)
+    if float(v) == 0.0:  # +-0: the smallest subnormal of the right sign
+        one = torch.tensor(1, dtype=torch.int16).view(v.dtype)
+        return one if up else -one
+    return (bits + (1 if (float(v) > 0) == up else -1)).view(v.dtype)
+
+
+def _shifted(v, step):
+    """v + step rounded to v's dtype, at least one unit in the last place away from v."""
+    w = torch.tensor(float(v) + step, dtype=v.dtype)
+    if float(w) == float(v):
+        w = _ulp_step(v, step > 0)
+    return w
+
+
+def _cge(ev, loss_fn, flat, coords, eps, mode):
+    """Coordinate-wise differences; the step actually taken is the rounded difference of
+    the stored values, so fp16/bf16 coordinates divide by what was really added."""
+    grads = [torch.zeros(p.shape, device=p.device,
+                         dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+             for p in flat]
+    losses = []
+    if mode == "forward":
+        base = ev.evaluate(loss_fn, None)
+        losses.append(base)
+    for t, (p, idxs) in enumerate(zip(flat, coords)):
+        values = {}
+        for j in idxs:
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(j), p.shape)) \
+                if p.dim() else ()
+            v = p.detach()[index].cpu()
+            up = _shifted(v, eps)
+            plus = ev.evaluate(loss_fn, _Coordinate(0, t, index, up.to(p.device),
+                                                    f"parameter {t}[{j}] + eps"))
+            losses.append(plus)
+            if mode == "central":
+                down = _shifted(v, -eps)
+                minus = ev.evaluate(loss_fn, _Coordinate(0, t, index, down.to(p.device),
+                                                         f"parameter {t}[{j}] - eps"))
+                losses.append(minus)
+                values[j] = (plus - minus) / (float(up) - float(down))
+            else:
+                values[j] = (plus - base) / (float(up) - float(v))
+        if values:
+            flat_grad = grads[t].view(-1)
+            flat_grad[torch.tensor(list(values.keys()), device=p.device)] = torch.tensor(
+                list(values.values()), dtype=grads[t].dtype, device=p.device)
+    return grads, losses
+
+
+# ------------------------------------------------------------------ grad
+
+def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
+         num_directions: int = 1, eps: float = 1e-3, seed: Optional[int] = None,
+         distribution: str = "gaussian", mode: str = "central",
+         coordinates: Optional[Sequence] = None) -> GradEstimate:
+    """Zeroth-order gradient estimate of ``loss_fn()`` with respect to ``params``.
+
+    ``loss_fn()`` takes no argument and evaluates the model as it currently is (it runs under
+    ``torch.no_grad()``); it returns a scalar (tensor with one element, or a real number).
+    ``params``: an ``nn.Module`` (its parameters with ``requires_grad=True``, perturbed through
+    forward hooks, no copy) or an iterable of float tensors (perturbed in place, with a full
+    backup copy for the call). Every parameter is bit-identical to before afterwards, also
+    when ``loss_fn`` raises. See the module docstring for how and what it costs.
+
+    Estimators (z_k: direction k of ``seed``, ``num_directions`` = n, ``eps`` = e):
+
+    - ``"spsa"`` (MeZO, central only): g = (1/n) sum_k (L(theta+e z_k) - L(theta-e z_k))/(2e) z_k.
+    - ``"rge"``: the same with ``mode="forward"`` allowed: (L(theta+e z_k) - L(theta))/e, one
+      unperturbed evaluation shared by all directions. With ``distribution="sphere"`` the
+      direction is u_k = z_k/||z_k|| (z_k Gaussian, norm over all parameters, d elements in
+      all), theta moves by e u_k and g = (d/n) sum_k D_k u_k, D_k the difference quotient.
+    - ``"cge"`` (DeepZero): per coordinate j, (L(theta + h e_j) - L(theta - h' e_j))/(h + h')
+      (or forward), where h, h' are the steps that rounding to the parameter's dtype actually
+      leaves of ``eps`` (at least one unit in the last place). ``coordinates``: a list with
+      one entry per parameter, None (all), a boolean mask shaped like it or a 1-D tensor of
+      flat indices; other coordinates' estimates are 0. ``num_directions``, ``seed`` and
+      ``distribution`` are not used.
+
+    ``distribution``: "gaussian", "rademacher" (+-1) or "sphere". ``seed``: None draws one
+    from torch's default generator (``torch.manual_seed`` makes a run repeatable).
+
+    Returns ``GradEstimate(grads, losses)``: ``grads`` float32 (float64 for float64
+    parameters), shaped like the parameters; ``losses`` float64 in evaluation order:
+    central [L+_0, L-_0, L+_1, L-_1, ...], forward [L(theta), L+_0, L+_1, ...], cge per
+    coordinate (parameter order, then flat index order) in the same pattern.
+    """
+    fname = "diffkern.zo.grad"
+    if not callable(loss_fn):
+        raise TypeError(f"{fname}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_choice(fname, "estimator", estimator, _ESTIMATORS)
+    _check_choice(fname, "distribution", distribution, _DISTRIBUTIONS)
+    _check_choice(fname, "mode", mode, _MODES)
+    eps = _check_eps(fname, eps)
+    n = _check_count(fname, "num_directions", num_directions)
+    if estimator == "spsa" and mode != "central":
+        raise ValueError(f"{fname}: mode must be 'central' for estimator='spsa' "
+                         f"(use estimator='rge' for forward differences)")
+    if estimator != "cge" and coordinates is not None:
+        raise ValueError(f"{fname}: coordinates is only used by estimator='cge'")
+    flat, module = _check_params(fname, params)
+    coords = _coordinates(fname, coordinates, flat) if estimator == "cge" else None
+    seed = _check_seed(fname, seed)
+    with _Evaluator([flat], module, fname) as ev:
+        if estimator == "cge":
+            grads, losses = _cge(ev, loss_fn, flat, coords, eps, mode)
+        else:
+            coeffs, losses = _directional(ev, loss_fn, [flat], [seed], n, eps,
+                                          distribution, mode)
+    if estimator != "cge":
+        with torch.no_grad():
+            grads = _assemble([flat], [seed], coeffs, _kernel_distribution(distribution))
+    return GradEstimate(grads, torch.tensor(losses, dtype=torch.float64))
+
+
+from ._zo_optim import ZOSGD, HistoryEntry, replay  # noqa: E402
