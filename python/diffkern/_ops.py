@@ -156,15 +156,17 @@ def promote_inputs(fn: str, names: Sequence[str], values: Sequence[object],
                 np.ascontiguousarray(a) if any(s < 0 for s in a.strides) else a)
         elif isinstance(a, (list, tuple)):
             any_array = True
+            # Read straight into float64 (as NumPy would): via float32 first, 1e300 or 0.1
+            # would be rounded before the conversion.
+            if any(isinstance(e, complex) for e in _flatten(a)):
+                raise TypeError(f"{fn}: {name}: expected real numbers, got a complex number in "
+                                f"the {type(a).__name__}")
             try:
-                t = torch.as_tensor(a)
+                tensors[i] = torch.tensor(a, dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(f"{fn}: {name}: expected a tensor, array or nested list of real "
                                 f"numbers, got a {type(a).__name__} that torch cannot read: {e}"
                                 ) from None
-            _check_real(fn, name, str(t.dtype), "f" if t.is_floating_point() else
-                        ("c" if t.is_complex() else "i"))
-            tensors[i] = t.to(torch.float64)
         elif _is_numpy_scalar(np, a):
             _check_real(fn, name, str(a.dtype), a.dtype.kind)
             any_np_scalar = True
@@ -224,6 +226,14 @@ def promote_inputs(fn: str, names: Sequence[str], values: Sequence[object],
                              f"{t.device}")
         out.append(t.to(compute))
     return Promoted(out, result, compute, output)
+
+
+def _flatten(a):
+    for e in a:
+        if isinstance(e, (list, tuple)):
+            yield from _flatten(e)
+        else:
+            yield e
 
 
 def _as_python_scalar(a):

@@ -247,10 +247,12 @@ def _apply(public: str, op: str, v: ArrayLike, x: ArrayLike):
     covers broadcasting tensors, then everything else."""
     # A Python number beside a float32/float64 tensor is a weak scalar (torch's rule): it
     # takes the tensor's dtype, and the call stays on the fast path (e.g. vMF's order).
+    # (torch.tensor, not torch.full: a float beyond float32's range rounds to inf as in
+    # torch's own arithmetic instead of raising.)
     if type(x) is _Tensor and type(v) in _SCALARS and x.dtype in _NATIVE:
-        v = torch.full((), v, dtype=x.dtype, device=x.device)
+        v = torch.tensor(v, dtype=x.dtype, device=x.device)
     elif type(v) is _Tensor and type(x) in _SCALARS and v.dtype in _NATIVE:
-        x = torch.full((), x, dtype=v.dtype, device=v.device)
+        x = torch.tensor(x, dtype=v.dtype, device=v.device)
     if type(v) is _Tensor and type(x) is _Tensor:
         dtype = v.dtype
         if dtype is x.dtype and (dtype is _f64 or dtype is _f32) and skips_dispatcher(v, x):

@@ -378,7 +378,14 @@ def _update_(ps, triples, lr, weight_decay, kdist):
     """theta <- theta - lr * (sum c z + wd * theta): the fused kernel, or per tensor for
     dtypes it does not store (float64)."""
     if all(p.dtype in _KERNEL_DTYPES for p in ps):
-        _kernels().update_(ps, triples, lr, weight_decay, kdist)
+        # The kernel takes at most MAX_UPDATE_TERMS terms a launch: more directions are
+        # applied in chunks, in order (the weight decay with the first), so a replay that
+        # runs this same code reproduces the bits.
+        kernels = _kernels()
+        step = kernels.MAX_UPDATE_TERMS
+        for start in range(0, len(triples), step):
+            kernels.update_(ps, triples[start:start + step], lr,
+                            weight_decay if start == 0 else 0.0, kdist)
         return
     for t, p in enumerate(ps):
         acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
