@@ -311,6 +311,8 @@ def _real_scalar(value, name):
     """A real scalar of any kind (Python, NumPy scalar or array, tensor; one element) as a
     float; bool and complex are refused."""
     v = value
+    if type(v) is float or type(v) is int:  # the common case, and all torch.compile sees
+        return float(v)
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"{_FN}: {name}: expected a scalar, got shape {tuple(v.shape)}")
