@@ -6,6 +6,7 @@ SciPy (at points where it is accurate) and the ops' own float64 results.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -461,3 +462,32 @@ def test_iv_ratio_dx2_cuda_matches_cpu(ratio_second_ref, cuda_device):
         tiny = torch.finfo(dtype).tiny
         err = (gpu.double() - cpu.double()).abs() / cpu.double().abs().clamp_min(tiny)
         assert err.max().item() < (1e-13 if dtype == torch.float64 else 1e-6)
+
+
+# ----------------------------------------- defects found by the property tests (issue 9)
+
+
+def test_float32_subnormal_order_is_not_lost():
+    """A float32 order below FLT_MIN is evaluated in double: log I_v(3) at v = 1e-40 is
+    log I_0(3) to float32 precision (it was -inf)."""
+    v = torch.tensor([1e-40, 1e-42, -0.0], dtype=torch.float32)
+    x = torch.tensor([3.0, 30.0, 3.0], dtype=torch.float32)
+    for fn in (dk.log_iv, dk.log_ive, dk.log_kv, dk.log_kve, dk.bessel_iv_ratio):
+        got = fn(v, x)
+        want = fn(torch.zeros(3, dtype=torch.float32), x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_ratio_at_negative_integer_order_and_minus_zero():
+    """x = -0.0 is the point 0: I_{n-1}/I_n -> +inf there (was -inf)."""
+    for dtype in (torch.float32, torch.float64):
+        v = torch.tensor([-1.0, -3.0], dtype=dtype)
+        got = dk.bessel_iv_ratio(v, torch.tensor([-0.0, -0.0], dtype=dtype))
+        assert torch.equal(got, torch.full_like(got, math.inf)), got
+
+
+def test_float32_ratio_at_huge_negative_integer_order():
+    """2n/x fits float32 at n = 1.7e38, x = 2.5 although 2n does not (was inf)."""
+    got = dk.bessel_iv_ratio(torch.tensor(-1.7014118346046923e38), torch.tensor(2.5))
+    want = 2 * 1.7014118346046923e38 / 2.5  # + I_{n+1}/I_n < 1, below float32's resolution
+    assert math.isfinite(got.item()) and abs(got.item() - want) / want < 1e-6

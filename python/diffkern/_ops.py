@@ -124,8 +124,12 @@ def promote_inputs(fn: str, names: Sequence[str], values: Sequence[object],
     A 0-dim CPU tensor (or scalar) joins the other inputs' device, as in torch's own ops.
     """
     first = values[0]
+    # (Under torch.compile nothing sparse can reach here, and reading .layout inside an
+    # autograd.Function's backward is refused by dynamo's strict mode: skip it there.)
+    compiling = torch.compiler.is_compiling()
     if type(first) is _Tensor and first.dtype in _COMPUTE and all(
             type(a) is _Tensor and a.dtype is first.dtype and a.device == first.device
+            and (compiling or a.layout is torch.strided)
             for a in values):  # the common case: nothing to convert
         if first.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{fn}: {names[0]}: expected a cpu or cuda tensor, got device "
@@ -141,7 +145,10 @@ def promote_inputs(fn: str, names: Sequence[str], values: Sequence[object],
             if a.is_complex() or a.dtype is torch.bool:
                 raise TypeError(f"{fn}: {name}: expected a real floating or integer tensor, "
                                 f"got dtype {a.dtype}")
-            if a.layout is not torch.strided:
+            if a.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"{fn}: {name}: expected a cpu or cuda tensor, got device "
+                                 f"{a.device}")
+            if not compiling and a.layout is not torch.strided:
                 raise TypeError(f"{fn}: {name}: expected a dense (strided) tensor, got layout "
                                 f"{a.layout}")
             if a.dtype.is_floating_point and a.dtype.itemsize == 1:

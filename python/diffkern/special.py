@@ -231,6 +231,7 @@ _log_bessel.register_vmap(_vmap)
 _MAX_DIMS = 8
 _f32, _f64 = torch.float32, torch.float64
 _NATIVE = (_f32, _f64)
+_strided = torch.strided
 _SCALARS = (float, int)
 _empty_like = torch.empty_like
 _is_compiling = torch.compiler.is_compiling
@@ -249,13 +250,17 @@ def _apply(public: str, op: str, v: ArrayLike, x: ArrayLike):
     # takes the tensor's dtype, and the call stays on the fast path (e.g. vMF's order).
     # (torch.tensor, not torch.full: a float beyond float32's range rounds to inf as in
     # torch's own arithmetic instead of raising.)
-    if type(x) is _Tensor and type(v) in _SCALARS and x.dtype in _NATIVE:
+    if type(x) is _Tensor and type(v) in _SCALARS and x.dtype in _NATIVE and (
+            x.is_cpu or x.is_cuda):
         v = torch.tensor(v, dtype=x.dtype, device=x.device)
-    elif type(v) is _Tensor and type(x) in _SCALARS and v.dtype in _NATIVE:
+    elif type(v) is _Tensor and type(x) in _SCALARS and v.dtype in _NATIVE and (
+            v.is_cpu or v.is_cuda):
         x = torch.tensor(x, dtype=v.dtype, device=v.device)
     if type(v) is _Tensor and type(x) is _Tensor:
         dtype = v.dtype
-        if dtype is x.dtype and (dtype is _f64 or dtype is _f32) and skips_dispatcher(v, x):
+        # (skips_dispatcher first: under torch.compile .layout must not be read.)
+        if (dtype is x.dtype and (dtype is _f64 or dtype is _f32) and skips_dispatcher(v, x)
+                and v.layout is _strided and x.layout is _strided):
             if v.shape == x.shape:
                 out = _empty_like(v) if v.is_contiguous() else \
                     _empty_like(v, memory_format=_contiguous)
