@@ -16,6 +16,7 @@
 # sanitizer.log run.log, and results.tar.gz with every JSON and plot (selfcheck.json,
 # bench_cpp_<family>.json, and what the families' benchmarks write, e.g. bench_ot.json).
 #
+# GPU_CHECK_SOAK_SECONDS (default 60; 0: skip) sets the CUDA soak's length.
 # GPU_CHECK_BENCH="sinkhorn log_bessel" (families or aliases such as "ot"; default: all;
 # "none": no benchmarks) limits the Python and C++ benchmarks; DK_SANITIZE_FAMILIES (same
 # names) the families the sanitizer exercises; GPU_CHECK_BENCH_ONLY=1 skips the tests and the
@@ -184,6 +185,16 @@ done
 
 # 5. Self-check of every family, then each family's Python benchmarks against peers.
 step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --full --json "$RES/selfcheck.json"
+# 6. Soak on CUDA (issue 9): random problems per public op and the OT sweep (float32 and
+#    float64) for GPU_CHECK_SOAK_SECONDS (default 60; 0 skips), each under a wall-clock
+#    guard; report.json and any reproducers come back in results.tar.gz.
+SOAK_S=${GPU_CHECK_SOAK_SECONDS:-60}
+if [ "$SOAK_S" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ]; then
+  step soak-cuda $(( SOAK_S + 60 )) "$OUT/run.log" "$PY" scripts/soak.py --device cuda \
+    --seconds "$SOAK_S" --out "$RES/soak"
+else
+  skip soak-cuda "GPU_CHECK_SOAK_SECONDS=$SOAK_S or GPU_CHECK_BENCH_ONLY=1"
+fi
 # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 for LINE in "${PLAN[@]}"; do
