@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn

@@ -42,8 +42,6 @@ the backward pass would use them (``v`` requiring grad alone is fine: with
 """
 from __future__ import annotations
 
-import math
-import time
 from typing import Union
 
 import torch

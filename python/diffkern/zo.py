@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
