@@ -43,6 +43,10 @@ import time
 LOG_OPS = ("log_iv", "log_ive", "log_kv", "log_kve", "bessel_iv_ratio")
 VMF_OPS = ("vmf_sample", "vmf_log_prob", "vmf_entropy", "vmf_fit")
 I_FAMILY = ("log_iv", "log_ive", "bessel_iv_ratio")
+# The log-Bessel oracle is shared with the property tests (tests/reference/).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 SPECIAL = [0.0, -0.0, 5e-324, 1e-310, 1e-300, 1e-45, 1e-30, 1e-8, 0.5, 1.0, 2.5, 30.0, 1e3,
            1e8, 1e15, 1e38, 1e150, 1e155, 1e300, 1.7e308, math.inf, math.nan, -1.0, -2.0,
            -2.5, -1e-300, -math.inf]
@@ -110,50 +114,19 @@ def make_problem(seed: int, index: int, device: str) -> dict:
 
 
 def _log_bessel_reference(op, v, x):
-    """(ref, known) in float64 from the documented specials and SciPy where normal."""
+    """(ref, known) from the shared contract oracle (tests/reference/log_bessel_contract.py),
+    plus where the value must be finite and a crude bound on its magnitude."""
     import numpy as np
-    import scipy.special as sps
 
-    ref = np.full(v.shape, np.nan)
-    known = np.zeros(v.shape, bool)
-    i_fam = op in I_FAMILY
-    isint = np.isfinite(v) & (v == np.floor(v))
+    from tests.reference.log_bessel_contract import reference
+
+    ref, known = reference(op, v, x)
     with np.errstate(all="ignore"):
         nan = np.isnan(v) | np.isnan(x) | (x < 0) | (np.isinf(v) & (x == np.inf))
-        if i_fam:
-            nan |= (v < 0) & ~isint
-        known |= nan
-        ok = ~nan
-        z = ok & (x == 0)
-        if op in ("log_iv", "log_ive"):
-            ref[z] = np.where(v[z] == 0, 0.0, -np.inf)
-        elif op == "bessel_iv_ratio":
-            ref[z] = np.where(v[z] >= 0, 0.0, np.inf)
-        else:
-            ref[z] = np.inf
-        known |= z
-        xi = ok & (x == np.inf)
-        ref[xi] = {"log_iv": np.inf, "log_ive": -np.inf, "log_kv": -np.inf,
-                   "log_kve": -np.inf, "bessel_iv_ratio": 1.0}[op]
-        known |= xi
-        vi = ok & np.isinf(v) & (x > 0) & np.isfinite(x)
-        ref[vi] = {"log_iv": -np.inf, "log_ive": -np.inf, "log_kv": np.inf,
-                   "log_kve": np.inf, "bessel_iv_ratio": 0.0}[op]
-        known |= vi
-        reg = ok & np.isfinite(v) & (x > 0) & np.isfinite(x) & (np.abs(v) <= 1e4)
-        if op == "bessel_iv_ratio":
-            a, b = sps.ive(v + 1, x), sps.ive(v, x)
-            good = reg & (a > 1e-290) & (b > 1e-290) & (a < 1e290) & (b < 1e290)
-            ref[good] = (a / b)[good]
-        else:
-            f = sps.ive(v, x) if i_fam else sps.kve(v, x)
-            good = reg & (f > 1e-290) & (f < 1e290)
-            lg = np.log(f)
-            ref[good] = {"log_iv": lg + x, "log_ive": lg, "log_kv": lg - x,
-                         "log_kve": lg}[op][good]
-        known |= good
+        if op in I_FAMILY:
+            nan |= (v < 0) & ~(np.isfinite(v) & (v == np.floor(v)))
         # finite wherever the value is finite and (by a crude bound) fits the dtype
-        regular = ok & np.isfinite(v) & np.isfinite(x) & (x > 0)
+        regular = ~nan & np.isfinite(v) & np.isfinite(x) & (x > 0)
         av = np.abs(v)
         bound = x + (av + 1) * (np.abs(np.log(x)) + np.log1p(av) + 2) + 10
         if op == "bessel_iv_ratio":
@@ -161,23 +134,10 @@ def _log_bessel_reference(op, v, x):
     return ref, known, regular, bound
 
 
-def mp_converged(value, dps=30, max_dps=960):
-    """float(value()) once two working precisions (d, 2d) agree to 1e-20 relative, else
-    None. mpmath's besselk at a non-integer order is I_-v - I_v over a sine: at a fixed
-    precision it can lose every digit (log K_233.67(166.17) at 30 digits is 183.0, not
-    143.59)."""
-    import mpmath
+def mp_converged(*args, **kwargs):
+    from tests.reference.log_bessel_contract import mp_converged as shared
 
-    with mpmath.workdps(dps):
-        prev = value()
-    while dps < max_dps:
-        dps *= 2
-        with mpmath.workdps(dps):
-            cur = value()
-            if abs(cur - prev) <= 1e-20 * abs(cur):
-                return float(cur)
-        prev = cur
-    return None
+    return shared(*args, **kwargs)
 
 
 def check_log_bessel(dk, prob):
@@ -238,7 +198,6 @@ def check_log_bessel(dk, prob):
 
 
 def check_vmf(dk, prob):
-    import mpmath
     import torch
     from diffkern.distributions import (VonMisesFisher,
                                         concentration_from_mean_resultant_length)
