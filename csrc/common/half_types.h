@@ -8,6 +8,11 @@
 
 #include "common/host_device.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace diffkern {
 
 namespace half_detail {
@@ -38,8 +43,14 @@ struct BFloat16 {
   static DK_HOST_DEVICE BFloat16 from_float(float f) {
     const uint32_t u = half_detail::float_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // One cvt.rn.bf16.f32 (round to nearest even, as below); NaN kept above so the bits
+    // match the host's.
+    return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+#else
     const uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);
     return BFloat16{static_cast<uint16_t>((u + rounding) >> 16)};
+#endif
   }
   DK_HOST_DEVICE float to_float() const { return half_detail::bits_float(uint32_t(bits) << 16); }
 };
@@ -54,6 +65,12 @@ struct Float16 {
     const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
     const uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) return Float16{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+#if defined(__CUDA_ARCH__)
+    // One cvt.rn.f16.f32: IEEE round to nearest even with overflow to inf and subnormals,
+    // the same bits as the integer path below (which costs ~20 instructions per element
+    // and made the fused perturb kernels compute-bound).
+    return Float16{__half_as_ushort(__float2half_rn(f))};
+#else
     if (a >= 0x477ff000u) return Float16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
     if (a >= 0x38800000u) {  // normal float16 (|f| >= 2^-14)
       const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
@@ -69,16 +86,21 @@ struct Float16 {
     const uint32_t rest = mantissa & ((1u << shift) - 1u);
     if (rest > half_ulp || (rest == half_ulp && (m & 1u))) ++m;
     return Float16{static_cast<uint16_t>(sign | m)};
+#endif
   }
   DK_HOST_DEVICE float to_float() const {
     const uint32_t sign = uint32_t(bits & 0x8000u) << 16;
     const uint32_t exponent = (bits >> 10) & 0x1fu;
     const uint32_t mantissa = bits & 0x3ffu;
     if (exponent == 0x1fu) return half_detail::bits_float(sign | 0x7f800000u | (mantissa << 13));
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(bits));  // exact, subnormals included
+#else
     if (exponent != 0) return half_detail::bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
     // Zero or subnormal: mantissa * 2^-24, exact in float.
     const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
     return sign ? -magnitude : magnitude;
+#endif
   }
 };
 

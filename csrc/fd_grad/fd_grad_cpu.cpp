@@ -69,15 +69,12 @@ Status fd_update_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_gro
       terms == nullptr || num_terms <= 0 || num_terms > kFdMaxUpdateTerms)
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
-  float coeff[kFdMaxUpdateTerms];
-  for (int m = 0; m < num_terms; ++m)
-    coeff[m] = fd::mul_rn(terms[m].coeff,
-                          fd::inverse_norm(norm_sq ? norm_sq + m * norm_stride : nullptr));
   for_each_group(desc, num_tensors, total_groups, resolve_num_threads(num_threads),
                  [&](const Row& row, int64_t j) {
                    fd::with_storage(row.dtype, row.data, [&](auto* p) {
                      using T = std::remove_pointer_t<decltype(p)>;
-                     fd::update_group<T>(row, j, terms, coeff, num_terms, lr, weight_decay, dist);
+                     fd::update_group<T>(row, j, terms, num_terms, lr, weight_decay, dist,
+                                         norm_sq, norm_stride);
                    });
                  });
   return Status::ok;

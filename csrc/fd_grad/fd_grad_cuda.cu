@@ -1,10 +1,23 @@
 // CUDA kernels of the finite-difference family: one launch over every tensor of the list.
-// One thread per group of 4 elements (one Philox call), 256 threads per block; thread 0 of
-// a block finds the block's first tensor by binary search over the descriptors' prefix
-// column, and each thread walks forward from it (a block's 1024 elements rarely span more
-// than one tensor). No allocation, no synchronization: everything is on `stream`.
+//
+// perturb and update are compute-bound on the generator (10 Philox rounds and a Box-Muller
+// transform per 4 elements) as soon as the memory side is organised, so the layout aims at
+// keeping the arithmetic units busy and loads in flight:
+//  - a grid of a few blocks per SM, each owning one contiguous range of the flattened group
+//    space, walked in passes of kThreads x kUnroll groups (thread t takes groups t and
+//    t + kThreads of a pass: each load instruction of a warp covers consecutive memory);
+//  - each thread finds its tensor once by binary search and then only moves forward
+//    (RowCursor), re-reading a descriptor row only when it crosses into the next tensor.
+//    (The first version had one block per 1024 elements, each starting with a serial binary
+//    search by thread 0 behind a __syncthreads: ~10 dependent global loads per block, which
+//    left the kernel latency-bound at 17-22% of the copy bandwidth; bench/NOTES-zo.md.)
+//  - the kUnroll groups of a pass are loaded, then transformed, then stored, so the loads
+//    are in flight together and the two generator evaluations interleave.
+// No allocation, no synchronization: everything is on `stream`.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,7 +33,8 @@ namespace {
 using fd::Row;
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 2147483647;  // grid x limit
+constexpr int kUnroll = 2;             // groups per thread per pass
+constexpr int kBlocksPerSm = 8;        // resident blocks aimed at (256 threads each)
 
 // Terms of an update, by value in the kernel's parameters (graph-capturable, no copies).
 struct Terms {
@@ -28,47 +42,118 @@ struct Terms {
   int count;
 };
 
-// This thread's group, its row, or false past the end.
-__device__ __forceinline__ bool my_group(const int64_t* desc, int64_t num_rows, int64_t total,
-                                         int64_t& g, Row& row) {
-  __shared__ int64_t block_row;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads;
-  if (threadIdx.x == 0) block_row = fd::find_row(desc, num_rows, first);
-  __syncthreads();
-  g = first + threadIdx.x;
-  if (g >= total) return false;
-  row = fd::read_row(desc, fd::advance_row(desc, num_rows, block_row, g));
-  return true;
+// A thread's position in the descriptor list: its current row and where the next starts.
+struct RowCursor {
+  int64_t r;
+  int64_t next_first;
+  Row row;
+};
+
+__device__ __forceinline__ void load_cursor(const int64_t* desc, int64_t num_rows, int64_t r,
+                                            RowCursor& c) {
+  c.r = r;
+  c.row = fd::read_row(desc, r);
+  c.next_first = r + 1 < num_rows ? fd::first_group(desc, r + 1) : INT64_MAX;
 }
 
-__global__ void __launch_bounds__(kThreads)
-perturb_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total, uint64_t seed,
-               uint32_t k, float scale, fd::Distribution dist, const double* norm_sq) {
-  int64_t g;
-  Row row;
-  if (!my_group(desc, num_rows, total, g, row)) return;
-  const float s = fd::mul_rn(scale, fd::inverse_norm(norm_sq));
-  fd::with_storage(row.dtype, row.data, [&](auto* p) {
-    using T = std::remove_pointer_t<decltype(p)>;
-    fd::perturb_group<T>(row, g - row.first_group, seed, k, s, dist);
-  });
+// Moves the cursor forward to group g's row (g never decreases for a thread).
+__device__ __forceinline__ void seek(const int64_t* desc, int64_t num_rows, int64_t g,
+                                     RowCursor& c) {
+  if (g < c.next_first) return;
+  load_cursor(desc, num_rows, fd::advance_row(desc, num_rows, c.r, g), c);
 }
 
+// The storage dtype switch around a load or store of one group.
+__device__ __forceinline__ int load_any(const Row& row, int64_t j, float (&x)[4]) {
+  int count = 0;
+  fd::with_storage(row.dtype, row.data, [&](auto* p) { count = fd::load_group(p, row.numel, j, x); });
+  return count;
+}
+__device__ __forceinline__ void store_any(const Row& row, int64_t j, int count,
+                                          const float (&x)[4]) {
+  fd::with_storage(row.dtype, row.data, [&](auto* p) { fd::store_group(p, j, count, x); });
+}
+
+// Runs op(row, j, x) on every group of block b's range [b * per_block, ...), x holding the
+// group's elements as float (op rewrites them in place).
+template <class Op>
 __global__ void __launch_bounds__(kThreads)
-update_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total, Terms terms,
-              float lr, float wd, fd::Distribution dist, const double* norm_sq,
-              int64_t norm_stride) {
-  int64_t g;
-  Row row;
-  if (!my_group(desc, num_rows, total, g, row)) return;
-  float coeff[kFdMaxUpdateTerms];
-  for (int m = 0; m < terms.count; ++m)
-    coeff[m] = fd::mul_rn(terms.term[m].coeff,
-                          fd::inverse_norm(norm_sq ? norm_sq + m * norm_stride : nullptr));
-  fd::with_storage(row.dtype, row.data, [&](auto* p) {
-    using T = std::remove_pointer_t<decltype(p)>;
-    fd::update_group<T>(row, g - row.first_group, terms.term, coeff, terms.count, lr, wd, dist);
-  });
+groups_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total,
+              int64_t per_block, Op op) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
+  const int64_t end = begin + per_block < total ? begin + per_block : total;
+  if (begin + threadIdx.x >= end) return;
+  RowCursor c;
+  load_cursor(desc, num_rows, fd::find_row(desc, num_rows, begin + threadIdx.x), c);
+  op.prepare();
+  for (int64_t base = begin + threadIdx.x; base < end; base += kThreads * kUnroll) {
+    float x[kUnroll][4];
+    int count[kUnroll];
+    Row row[kUnroll];
+    int64_t j[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t g = base + u * kThreads;
+      count[u] = 0;
+      if (g < end) {
+        seek(desc, num_rows, g, c);
+        row[u] = c.row;
+        j[u] = g - c.row.first_group;
+        count[u] = load_any(row[u], j[u], x[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (count[u] > 0) op(row[u], j[u], x[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (count[u] > 0) store_any(row[u], j[u], count[u], x[u]);
+  }
+}
+
+struct PerturbOp {
+  uint64_t seed;
+  uint32_t k;
+  float scale;
+  fd::Distribution dist;
+  const double* norm_sq;
+  float s;
+  __device__ __forceinline__ void prepare() { s = fd::mul_rn(scale, fd::inverse_norm(norm_sq)); }
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, float (&x)[4]) const {
+    fd::perturb_values(row, j, seed, k, s, dist, x);
+  }
+};
+
+struct UpdateOp {
+  Terms terms;
+  float lr, wd;
+  fd::Distribution dist;
+  const double* norm_sq;
+  int64_t norm_stride;
+  // The terms stay in the kernel's parameter space (read-only: a per-thread copy of 64
+  // terms would live in local memory); sphere directions rescale each coefficient by its
+  // inverse norm where it is used.
+  __device__ __forceinline__ void prepare() {}
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, float (&x)[4]) const {
+    fd::update_values(row, j, terms.term, terms.count, lr, wd, dist, norm_sq, norm_stride, x);
+  }
+};
+
+// Grid of the groups kernels: a few blocks per SM, each a whole number of passes.
+struct GroupsGrid {
+  unsigned blocks;
+  int64_t per_block;
+};
+Status groups_grid(int64_t total, GroupsGrid& grid) {
+  int device = 0, sm_count = 0;
+  DK_CUDA_TRY(cudaGetDevice(&device));
+  DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  constexpr int64_t pass = static_cast<int64_t>(kThreads) * kUnroll;
+  const int64_t passes = ceil_div(total, pass);
+  const int64_t blocks = std::min<int64_t>(passes, static_cast<int64_t>(sm_count) * kBlocksPerSm);
+  grid.per_block = ceil_div(passes, blocks) * pass;
+  grid.blocks = static_cast<unsigned>(ceil_div(total, grid.per_block));
+  return Status::ok;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -119,8 +204,7 @@ bool valid_distribution(fd::Distribution d) {
 
 bool valid_list(const int64_t* desc, int64_t num_tensors, int64_t total_groups) {
   return total_groups >= 0 && num_tensors >= 0 &&
-         (total_groups == 0 || (desc && num_tensors > 0)) &&
-         ceil_div(total_groups, kThreads) <= kMaxBlocks;
+         (total_groups == 0 || (desc && num_tensors > 0));
 }
 
 }  // namespace
@@ -131,9 +215,12 @@ Status fd_perturb_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_g
   if (!valid_list(desc, num_tensors, total_groups) || !valid_distribution(dist))
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
-  perturb_kernel<<<blocks_for(total_groups, kThreads), kThreads, 0,
-                   static_cast<cudaStream_t>(stream)>>>(desc, num_tensors, total_groups, seed, k,
-                                                        scale, dist, norm_sq);
+  GroupsGrid grid;
+  const Status st = groups_grid(total_groups, grid);
+  if (st != Status::ok) return st;
+  groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      desc, num_tensors, total_groups, grid.per_block,
+      PerturbOp{seed, k, scale, dist, norm_sq, 0.0f});
   return last_launch_status();
 }
 
@@ -148,9 +235,12 @@ Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   Terms t{};
   for (int m = 0; m < num_terms; ++m) t.term[m] = terms[m];
   t.count = num_terms;
-  update_kernel<<<blocks_for(total_groups, kThreads), kThreads, 0,
-                  static_cast<cudaStream_t>(stream)>>>(desc, num_tensors, total_groups, t, lr,
-                                                       weight_decay, dist, norm_sq, norm_stride);
+  GroupsGrid grid;
+  const Status st = groups_grid(total_groups, grid);
+  if (st != Status::ok) return st;
+  groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      desc, num_tensors, total_groups, grid.per_block,
+      UpdateOp{t, lr, weight_decay, dist, norm_sq, norm_stride});
   return last_launch_status();
 }
 

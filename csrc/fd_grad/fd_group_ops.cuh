@@ -115,37 +115,55 @@ DK_HOST_DEVICE void with_storage(int dtype, void* data, F&& f) {
   }
 }
 
-// theta + scale * z, each product and sum rounded once in float32.
-template <class T>
-DK_HOST_DEVICE void perturb_group(const Row& row, int64_t j, uint64_t seed, uint32_t k,
-                                  float scale, Distribution dist) {
-  T* data = static_cast<T*>(row.data);
-  float x[4];
-  const int count = load_group(data, row.numel, j, x);
+// x <- x + scale * z for the 4 values of group j (lanes past the tensor's end are computed
+// and never stored), each product and sum rounded once in float32.
+DK_HOST_DEVICE void perturb_values(const Row& row, int64_t j, uint64_t seed, uint32_t k,
+                                   float scale, Distribution dist, float (&x)[4]) {
   const Float4 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j));
-  for (int l = 0; l < count; ++l) x[l] = add_rn(x[l], mul_rn(scale, z.v[l]));
-  store_group(data, j, count, x);
+  for (int l = 0; l < 4; ++l) x[l] = add_rn(x[l], mul_rn(scale, z.v[l]));
 }
 
-// theta - lr * (sum_j c_j z_j + wd * theta), terms accumulated in order; c_j includes the
-// term's inverse norm (scaled_coeff).
-template <class T>
-DK_HOST_DEVICE void update_group(const Row& row, int64_t j, const FdTerm* terms,
-                                 const float* scaled_coeff, int num_terms, float lr, float wd,
-                                 Distribution dist) {
-  T* data = static_cast<T*>(row.data);
-  float x[4];
-  const int count = load_group(data, row.numel, j, x);
+// Coefficient m of an update: c_m, times its direction's inverse norm for sphere directions
+// (norm_sq not null).
+DK_HOST_DEVICE float term_coeff(const FdTerm* terms, int m, const double* norm_sq,
+                                int64_t norm_stride) {
+  return norm_sq == nullptr ? terms[m].coeff
+                            : mul_rn(terms[m].coeff, inverse_norm(norm_sq + m * norm_stride));
+}
+
+// x <- x - lr * (sum_m c_m z_m + wd * x), terms accumulated in order from 0.
+DK_HOST_DEVICE void update_values(const Row& row, int64_t j, const FdTerm* terms, int num_terms,
+                                  float lr, float wd, Distribution dist, const double* norm_sq,
+                                  int64_t norm_stride, float (&x)[4]) {
   float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int m = 0; m < num_terms; ++m) {
     const Float4 z = group_directions(dist, terms[m].seed, terms[m].k, row.id,
                                       static_cast<uint64_t>(j));
-    for (int l = 0; l < 4; ++l) g[l] = add_rn(g[l], mul_rn(scaled_coeff[m], z.v[l]));
+    const float c = term_coeff(terms, m, norm_sq, norm_stride);
+    for (int l = 0; l < 4; ++l) g[l] = add_rn(g[l], mul_rn(c, z.v[l]));
   }
-  for (int l = 0; l < count; ++l) {
-    const float grad = add_rn(g[l], mul_rn(wd, x[l]));
-    x[l] = sub_rn(x[l], mul_rn(lr, grad));
-  }
+  for (int l = 0; l < 4; ++l) x[l] = sub_rn(x[l], mul_rn(lr, add_rn(g[l], mul_rn(wd, x[l]))));
+}
+
+// Load, transform, store one group in storage type T (the CPU kernels' path).
+template <class T>
+DK_HOST_DEVICE void perturb_group(const Row& row, int64_t j, uint64_t seed, uint32_t k,
+                                  float scale, Distribution dist) {
+  T* data = static_cast<T*>(row.data);
+  float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int count = load_group(data, row.numel, j, x);
+  perturb_values(row, j, seed, k, scale, dist, x);
+  store_group(data, j, count, x);
+}
+
+template <class T>
+DK_HOST_DEVICE void update_group(const Row& row, int64_t j, const FdTerm* terms, int num_terms,
+                                 float lr, float wd, Distribution dist, const double* norm_sq,
+                                 int64_t norm_stride) {
+  T* data = static_cast<T*>(row.data);
+  float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int count = load_group(data, row.numel, j, x);
+  update_values(row, j, terms, num_terms, lr, wd, dist, norm_sq, norm_stride, x);
   store_group(data, j, count, x);
 }
 
