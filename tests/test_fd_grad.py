@@ -297,3 +297,64 @@ def test_cuda_graph_capture_of_perturb(cuda_device):
         z = zk.direction(t, p, 1, 1)
         once = (0.25 * z).half()
         assert torch.equal(p, (once.float() + torch.tensor(0.25, device=p.device) * z).half())
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_perturb_into_equals_copy_then_perturb(dtype):
+    src = _random_params(dtype, seed=4)
+    before = [p.clone() for p in src]
+    dst = [torch.empty_like(p) for p in src]
+    zk.perturb_into(dst, src, 17, 3, 1e-2, tensor_ids=[5, 6, 7, 8, 9])
+    want = [p.clone() for p in src]
+    zk.perturb_(want, 17, 3, 1e-2, tensor_ids=[5, 6, 7, 8, 9])
+    for d, w, s, b in zip(dst, want, src, before):
+        assert torch.equal(d, w)
+        assert torch.equal(s, b)  # the source is only read
+    # Sphere: the norm of a larger set, passed in, is what normalises.
+    norm = zk.sum_sq(src + [torch.empty(10)], 2, 2)
+    zk.perturb_into(dst, src, 2, 2, 1.0, "sphere", norm_sq=norm)
+    for t, (d, s) in enumerate(zip(dst, src)):
+        z = zk.direction(t, s, 2, 2) * torch.tensor(1.0 / norm.sqrt().item(), dtype=torch.float32)
+        assert torch.equal(d, (s.float() + z).to(dtype))
+
+
+def test_perturb_into_errors_name_the_argument():
+    a, b = torch.zeros(8), torch.zeros(8)
+    with pytest.raises(ValueError, match=r"perturb_into: src: expected 1 tensors"):
+        zk.perturb_into([a], [a, b], 1, 1, 1.0)
+    with pytest.raises(ValueError, match=r"perturb_into: src\[0\]: expected shape \(8,\), dtype"):
+        zk.perturb_into([a], [torch.zeros(8, dtype=torch.float16)], 1, 1, 1.0)
+    with pytest.raises(ValueError, match=r"perturb_into: src\[0\]: overlaps dst\[0\]"):
+        buf = torch.zeros(12)
+        zk.perturb_into([buf[:8]], [buf[4:]], 1, 1, 1.0)
+    zk.perturb_into([a], [a], 1, 1, 1.0)  # in place is allowed
+    assert torch.equal(a, zk.direction(0, a, 1, 1))
+
+
+def _many_params(seed=7):
+    """~60 tensors of random sizes (some empty, some odd), mixed storage dtypes, ~1.5e6
+    elements: many CUDA blocks, ranges that start and end inside tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 60_000, (60,), generator=gen).tolist()
+    sizes[3], sizes[10], sizes[11] = 0, 1, 3
+    dtypes = [STORAGE[n % len(STORAGE)] for n in range(len(sizes))]
+    return [torch.randn(n, generator=gen).to(d) for n, d in zip(sizes, dtypes)]
+
+
+@pytest.mark.cuda
+def test_cpu_and_cuda_agree_on_a_long_mixed_list(cuda_device):
+    cpu = _many_params()
+    gpu = [p.to(cuda_device) for p in cpu]
+    for params in (cpu, gpu):
+        zk.perturb_(params, 11, 2, 1e-2)
+        zk.perturb_(params, 11, 3, 1e-2, "rademacher")
+        zk.update_(params, [(11, 2, 0.5), (12, 1, -0.25), (13, 0, 2.0)], 1e-3, 0.01)
+        zk.update_(params, [(11, 4, 1.5)], 1e-2, 0.0, "sphere")
+    for c, g in zip(cpu, gpu):
+        assert torch.equal(c, g.cpu())
+    dst_cpu = [torch.empty_like(p) for p in cpu]
+    dst_gpu = [torch.empty_like(p) for p in gpu]
+    zk.perturb_into(dst_cpu, cpu, 3, 9, 0.5)
+    zk.perturb_into(dst_gpu, gpu, 3, 9, 0.5)
+    for c, g in zip(dst_cpu, dst_gpu):
+        assert torch.equal(c, g.cpu())

@@ -47,7 +47,7 @@ void perturb(benchmark::State& state, DType dtype, fd::Distribution dist, int th
   const int64_t n = static_cast<int64_t>(kSizes.size());
   uint32_t k = 0;
   for (auto _ : state) {
-    const Status s = fd_perturb_cpu(l.desc.data(), n, l.total_groups, 42, k++, 1e-3f, dist,
+    const Status s = fd_perturb_cpu(l.desc.data(), nullptr, n, l.total_groups, 42, k++, 1e-3f, dist,
                                     nullptr, threads);
     if (s != Status::ok) {
       state.SkipWithError(status_message(s));

@@ -86,19 +86,31 @@ int main(int argc, char** argv) {
   int64_t* desc_dev = nullptr;
   DK_BENCH_CUDA(cudaMalloc(&params, bytes));
   DK_BENCH_CUDA(cudaMalloc(&copy_dst, bytes));
-  DK_BENCH_CUDA(cudaMemset(params, 0, bytes));
-  std::vector<int64_t> desc;
+  DK_BENCH_CUDA(cudaMemset(params, 0x2b, bytes));  // every fp16 element 0x2b2b = 0.0567
+  std::vector<int64_t> desc, into_desc, sources;
   int64_t total_groups = 0, payload = 0;
   for (size_t t = 0; t < sizes.size(); ++t) {
     desc.insert(desc.end(), {static_cast<int64_t>(reinterpret_cast<uintptr_t>(params + 2 * offsets[t])),
                              sizes[t], static_cast<int64_t>(DType::float16), static_cast<int64_t>(t),
                              total_groups});
+    // The same list perturbed out of place: rows point into copy_dst, sources into params.
+    into_desc.insert(into_desc.end(), desc.end() - kFdDescriptorColumns, desc.end());
+    into_desc[into_desc.size() - kFdDescriptorColumns] =
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(copy_dst + 2 * offsets[t]));
+    sources.push_back(desc[desc.size() - kFdDescriptorColumns]);
     total_groups += (sizes[t] + 3) / 4;
     payload += sizes[t];
   }
   const int64_t n_tensors = static_cast<int64_t>(sizes.size());
   DK_BENCH_CUDA(cudaMalloc(&desc_dev, desc.size() * sizeof(int64_t)));
   DK_BENCH_CUDA(cudaMemcpy(desc_dev, desc.data(), desc.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+  int64_t *into_desc_dev = nullptr, *sources_dev = nullptr;
+  DK_BENCH_CUDA(cudaMalloc(&into_desc_dev, into_desc.size() * sizeof(int64_t)));
+  DK_BENCH_CUDA(cudaMemcpy(into_desc_dev, into_desc.data(), into_desc.size() * sizeof(int64_t),
+                           cudaMemcpyHostToDevice));
+  DK_BENCH_CUDA(cudaMalloc(&sources_dev, sources.size() * sizeof(int64_t)));
+  DK_BENCH_CUDA(cudaMemcpy(sources_dev, sources.data(), sources.size() * sizeof(int64_t),
+                           cudaMemcpyHostToDevice));
   cudaStream_t stream;
   DK_BENCH_CUDA(cudaStreamCreate(&stream));
 
@@ -125,7 +137,7 @@ int main(int argc, char** argv) {
     const fd::Distribution dist = entry.first;  // (a lambda may not capture a structured binding)
     const char* name = entry.second;
     const bench::CudaTiming t = bench::time_launches(stream, o.warmup, o.repeats, [&](int i) {
-      const Status s = fd_perturb_cuda(desc_dev, n_tensors, total_groups, 1234, static_cast<uint32_t>(i),
+      const Status s = fd_perturb_cuda(desc_dev, nullptr, n_tensors, total_groups, 1234, static_cast<uint32_t>(i),
                                        1e-3f, dist, nullptr, stream);
       if (s != Status::ok) {
         std::fprintf(stderr, "fd_perturb_cuda failed: %s\n", status_message(s));
@@ -134,6 +146,17 @@ int main(int argc, char** argv) {
     });
     report(name, t);
   }
+  // Into a scratch copy (what dk.zo's module hooks do): reads params, writes copy_dst.
+  const bench::CudaTiming into = bench::time_launches(stream, o.warmup, o.repeats, [&](int i) {
+    const Status s = fd_perturb_cuda(into_desc_dev, sources_dev, n_tensors, total_groups, 1234,
+                                     static_cast<uint32_t>(i), 1e-3f, fd::Distribution::gaussian,
+                                     nullptr, stream);
+    if (s != Status::ok) {
+      std::fprintf(stderr, "fd_perturb_cuda (into) failed: %s\n", status_message(s));
+      std::exit(1);
+    }
+  });
+  report("perturb_gaussian_into", into);
   const FdTerm terms[2] = {{1234, 0, 0.5f}, {1234, 1, -0.25f}};
   const bench::CudaTiming upd = bench::time_launches(stream, o.warmup, o.repeats, [&](int) {
     const Status s = fd_update_cuda(desc_dev, n_tensors, total_groups, terms, 2, 1e-6f, 0.0f,
@@ -151,6 +174,8 @@ int main(int argc, char** argv) {
     if (!bench::write_json(o.json, header, rows)) return 1;
   }
   DK_BENCH_CUDA(cudaFree(desc_dev));
+  DK_BENCH_CUDA(cudaFree(into_desc_dev));
+  DK_BENCH_CUDA(cudaFree(sources_dev));
   DK_BENCH_CUDA(cudaFree(copy_dst));
   DK_BENCH_CUDA(cudaFree(params));
   DK_BENCH_CUDA(cudaStreamDestroy(stream));

@@ -69,19 +69,38 @@ const double* norm_arg(nb::handle obj, const ArrayInfo& desc, int64_t min_numel,
   return static_cast<const double*>(keep.data);
 }
 
+// The (num_tensors,) int64 array of source data pointers, on desc's device; null for None.
+const int64_t* sources_arg(nb::handle obj, const ArrayInfo& desc, const char* fn, ArrayInfo& keep) {
+  if (obj.is_none()) return nullptr;
+  keep = array_arg(obj, "sources", fn);
+  if (!is_dtype(keep, nb::dlpack::dtype_code::Int, 64))
+    throw nb::type_error(prefixed(fn, "sources: expected dtype int64, got " + describe_dtype(keep)).c_str());
+  require_same_device(desc, keep, fn);
+  require_c_contiguous(keep, fn);
+  if (keep.ndim != 1 || keep.shape[0] != desc.shape[0])
+    throw nb::value_error(prefixed(fn, "sources: expected shape (" + std::to_string(desc.shape[0]) +
+                                           ",) (one pointer per descriptor row), got " +
+                                           describe_shape(keep)).c_str());
+  return static_cast<const int64_t*>(keep.data);
+}
+
 void fd_perturb(nb::handle desc_obj, int64_t total_groups, uint64_t seed, uint32_t k, float scale,
-                int distribution, nb::handle norm_obj, int num_threads, uintptr_t stream) {
+                int distribution, nb::handle norm_obj, nb::handle sources_obj, int num_threads,
+                uintptr_t stream) {
   constexpr const char* fn = "fd_perturb";
   const fd::Distribution dist = require_distribution(distribution, fn);
   const ArrayInfo desc = descriptor_arg(desc_obj, total_groups, fn);
-  ArrayInfo norm_keep;
+  ArrayInfo norm_keep, sources_keep;
   const double* norm = norm_arg(norm_obj, desc, 1, fn, norm_keep);
+  const int64_t* src = sources_arg(sources_obj, desc, fn, sources_keep);
   const auto* d = static_cast<const int64_t*>(desc.data);
   const int64_t n = desc.shape[0];
   if (total_groups == 0) return;
   call_core([&] { return std::string(fn); }, desc, num_threads, stream, 4 * total_groups,
-            [&](int t) { return fd_perturb_cpu(d, n, total_groups, seed, k, scale, dist, norm, t); },
-            [&](void* s) { return fd_perturb_cuda(d, n, total_groups, seed, k, scale, dist, norm, s); });
+            [&](int t) { return fd_perturb_cpu(d, src, n, total_groups, seed, k, scale, dist, norm, t); },
+            [&](void* s) {
+              return fd_perturb_cuda(d, src, n, total_groups, seed, k, scale, dist, norm, s);
+            });
 }
 
 void fd_update(nb::handle desc_obj, int64_t total_groups,
@@ -186,9 +205,10 @@ void bind_fd_grad(nb::module_& m) {
   }();
   m.def("fd_perturb", &fd_perturb, nb::arg("descriptors"), nb::arg("total_groups"), nb::arg("seed"),
         nb::arg("k"), nb::arg("scale"), nb::arg("distribution"), nb::arg("norm_sq").none() = nb::none(),
-        nb::arg("num_threads") = 0, nb::arg("stream") = 0,
-        "theta_t[i] += scale * z(seed, k, t, i) over every tensor of the descriptor array\n"
-        "(see csrc/fd_grad/fd_grad.h for its rows), in float32, rounded once to storage.");
+        nb::arg("sources").none() = nb::none(), nb::arg("num_threads") = 0, nb::arg("stream") = 0,
+        "theta_t[i] = source_t[i] + scale * z(seed, k, t, i) over every tensor of the descriptor\n"
+        "array (see csrc/fd_grad/fd_grad.h for its rows), in float32, rounded once to storage;\n"
+        "sources: None (in place) or an int64 array of one source data pointer per row.");
   m.def("fd_update", &fd_update, nb::arg("descriptors"), nb::arg("total_groups"), nb::arg("terms"),
         nb::arg("lr"), nb::arg("weight_decay"), nb::arg("distribution"),
         nb::arg("norm_sq").none() = nb::none(), nb::arg("norm_stride") = 0,

@@ -49,14 +49,18 @@ struct FdTerm {
 // memory, read by the kernel: no host round trip). For update, term j reads
 // norm_sq[j * norm_stride].
 
-// theta_t[i] <- round(theta_t[i] + scale * z(seed, k, t, i)), in float32 then rounded once
-// to the storage dtype.
-Status fd_perturb_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
-                      uint64_t seed, uint32_t k, float scale, fd::Distribution dist,
-                      const double* norm_sq, int num_threads);
-Status fd_perturb_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
-                       uint64_t seed, uint32_t k, float scale, fd::Distribution dist,
-                       const double* norm_sq, void* stream);
+// theta_t[i] <- round(source_t[i] + scale * z(seed, k, t, i)), in float32 then rounded once
+// to the storage dtype. `sources` is null (in place: source_t = theta_t) or num_tensors
+// data pointers (as int64, in the kernel's memory), source t of the same numel and dtype as
+// row t, equal to its data pointer or not overlapping any row: perturbing into a scratch
+// copy reads and writes each element once (a copy followed by an in-place perturb would
+// move the bytes twice).
+Status fd_perturb_cpu(const int64_t* desc, const int64_t* sources, int64_t num_tensors,
+                      int64_t total_groups, uint64_t seed, uint32_t k, float scale,
+                      fd::Distribution dist, const double* norm_sq, int num_threads);
+Status fd_perturb_cuda(const int64_t* desc, const int64_t* sources, int64_t num_tensors,
+                       int64_t total_groups, uint64_t seed, uint32_t k, float scale,
+                       fd::Distribution dist, const double* norm_sq, void* stream);
 
 // theta <- round(theta - lr * (g + weight_decay * theta)), g = sum_j c_j z(seed_j, k_j, t, i)
 // accumulated in float32 in the order of `terms` (from 0). 0 < num_terms <= kFdMaxUpdateTerms;

@@ -20,7 +20,7 @@ bool valid_distribution(fd::Distribution d) {
   return static_cast<int>(d) >= 0 && static_cast<int>(d) < fd::kNumDistributions;
 }
 
-// f(row, j) for every group of every tensor.
+// f(row, r, j) for every group j of every tensor (row r).
 template <class F>
 void for_each_group(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
                     int num_threads, F&& f) {
@@ -33,7 +33,7 @@ void for_each_group(const int64_t* desc, int64_t num_tensors, int64_t total_grou
     for (int64_t g = begin; g < end; ++g) {
       r = fd::advance_row(desc, num_tensors, r, g);
       const Row row = fd::read_row(desc, r);
-      f(row, g - row.first_group);
+      f(row, r, g - row.first_group);
     }
   }
 }
@@ -44,18 +44,19 @@ bool valid_list(const int64_t* desc, int64_t num_tensors, int64_t total_groups) 
 
 }  // namespace
 
-Status fd_perturb_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
-                      uint64_t seed, uint32_t k, float scale, fd::Distribution dist,
-                      const double* norm_sq, int num_threads) {
+Status fd_perturb_cpu(const int64_t* desc, const int64_t* sources, int64_t num_tensors,
+                      int64_t total_groups, uint64_t seed, uint32_t k, float scale,
+                      fd::Distribution dist, const double* norm_sq, int num_threads) {
   if (!valid_list(desc, num_tensors, total_groups) || !valid_distribution(dist))
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
   const float s = fd::mul_rn(scale, fd::inverse_norm(norm_sq));
   for_each_group(desc, num_tensors, total_groups, resolve_num_threads(num_threads),
-                 [&](const Row& row, int64_t j) {
+                 [&](const Row& row, int64_t r, int64_t j) {
                    fd::with_storage(row.dtype, row.data, [&](auto* p) {
                      using T = std::remove_pointer_t<decltype(p)>;
-                     fd::perturb_group<T>(row, j, seed, k, s, dist);
+                     fd::perturb_group<T>(row, fd::row_source(sources, r, row), j, seed, k, s,
+                                          dist);
                    });
                  });
   return Status::ok;
@@ -70,7 +71,7 @@ Status fd_update_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_gro
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
   for_each_group(desc, num_tensors, total_groups, resolve_num_threads(num_threads),
-                 [&](const Row& row, int64_t j) {
+                 [&](const Row& row, int64_t, int64_t j) {
                    fd::with_storage(row.dtype, row.data, [&](auto* p) {
                      using T = std::remove_pointer_t<decltype(p)>;
                      fd::update_group<T>(row, j, terms, num_terms, lr, weight_decay, dist,

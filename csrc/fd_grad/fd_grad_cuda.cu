@@ -42,31 +42,38 @@ struct Terms {
   int count;
 };
 
-// A thread's position in the descriptor list: its current row and where the next starts.
+// A thread's position in the descriptor list: its current row, where the next starts, and
+// the row's source (its own data unless `sources` is given).
 struct RowCursor {
   int64_t r;
   int64_t next_first;
   Row row;
+  const void* source;
 };
 
-__device__ __forceinline__ void load_cursor(const int64_t* desc, int64_t num_rows, int64_t r,
-                                            RowCursor& c) {
+__device__ __forceinline__ void load_cursor(const int64_t* desc, const int64_t* sources,
+                                            int64_t num_rows, int64_t r, RowCursor& c) {
   c.r = r;
   c.row = fd::read_row(desc, r);
+  c.source = fd::row_source(sources, r, c.row);
   c.next_first = r + 1 < num_rows ? fd::first_group(desc, r + 1) : INT64_MAX;
 }
 
 // Moves the cursor forward to group g's row (g never decreases for a thread).
-__device__ __forceinline__ void seek(const int64_t* desc, int64_t num_rows, int64_t g,
-                                     RowCursor& c) {
+__device__ __forceinline__ void seek(const int64_t* desc, const int64_t* sources,
+                                     int64_t num_rows, int64_t g, RowCursor& c) {
   if (g < c.next_first) return;
-  load_cursor(desc, num_rows, fd::advance_row(desc, num_rows, c.r, g), c);
+  load_cursor(desc, sources, num_rows, fd::advance_row(desc, num_rows, c.r, g), c);
 }
 
-// The storage dtype switch around a load or store of one group.
-__device__ __forceinline__ int load_any(const Row& row, int64_t j, float (&x)[4]) {
+// The storage dtype switch around a load (from `source`, of row's dtype) or a store.
+__device__ __forceinline__ int load_any(const Row& row, const void* source, int64_t j,
+                                        float (&x)[4]) {
   int count = 0;
-  fd::with_storage(row.dtype, row.data, [&](auto* p) { count = fd::load_group(p, row.numel, j, x); });
+  fd::with_storage(row.dtype, const_cast<void*>(source), [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    count = fd::load_group(static_cast<const T*>(p), row.numel, j, x);
+  });
   return count;
 }
 __device__ __forceinline__ void store_any(const Row& row, int64_t j, int count,
@@ -75,16 +82,17 @@ __device__ __forceinline__ void store_any(const Row& row, int64_t j, int count,
 }
 
 // Runs op(row, j, x) on every group of block b's range [b * per_block, ...), x holding the
-// group's elements as float (op rewrites them in place).
+// group's elements as float, read from the row's source (op rewrites them; they are
+// stored into the row).
 template <class Op>
 __global__ void __launch_bounds__(kThreads)
-groups_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total,
-              int64_t per_block, Op op) {
+groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sources,
+              int64_t num_rows, int64_t total, int64_t per_block, Op op) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
   if (begin + threadIdx.x >= end) return;
   RowCursor c;
-  load_cursor(desc, num_rows, fd::find_row(desc, num_rows, begin + threadIdx.x), c);
+  load_cursor(desc, sources, num_rows, fd::find_row(desc, num_rows, begin + threadIdx.x), c);
   op.prepare();
   for (int64_t base = begin + threadIdx.x; base < end; base += kThreads * kUnroll) {
     float x[kUnroll][4];
@@ -96,10 +104,10 @@ groups_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total,
       const int64_t g = base + u * kThreads;
       count[u] = 0;
       if (g < end) {
-        seek(desc, num_rows, g, c);
+        seek(desc, sources, num_rows, g, c);
         row[u] = c.row;
         j[u] = g - c.row.first_group;
-        count[u] = load_any(row[u], j[u], x[u]);
+        count[u] = load_any(row[u], c.source, j[u], x[u]);
       }
     }
 #pragma unroll
@@ -209,9 +217,9 @@ bool valid_list(const int64_t* desc, int64_t num_tensors, int64_t total_groups) 
 
 }  // namespace
 
-Status fd_perturb_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
-                       uint64_t seed, uint32_t k, float scale, fd::Distribution dist,
-                       const double* norm_sq, void* stream) {
+Status fd_perturb_cuda(const int64_t* desc, const int64_t* sources, int64_t num_tensors,
+                       int64_t total_groups, uint64_t seed, uint32_t k, float scale,
+                       fd::Distribution dist, const double* norm_sq, void* stream) {
   if (!valid_list(desc, num_tensors, total_groups) || !valid_distribution(dist))
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
@@ -219,7 +227,7 @@ Status fd_perturb_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_g
   const Status st = groups_grid(total_groups, grid);
   if (st != Status::ok) return st;
   groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      desc, num_tensors, total_groups, grid.per_block,
+      desc, sources, num_tensors, total_groups, grid.per_block,
       PerturbOp{seed, k, scale, dist, norm_sq, 0.0f});
   return last_launch_status();
 }
@@ -239,7 +247,7 @@ Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   const Status st = groups_grid(total_groups, grid);
   if (st != Status::ok) return st;
   groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      desc, num_tensors, total_groups, grid.per_block,
+      desc, nullptr, num_tensors, total_groups, grid.per_block,
       UpdateOp{t, lr, weight_decay, dist, norm_sq, norm_stride});
   return last_launch_status();
 }

@@ -4,7 +4,7 @@
 
 namespace diffkern {
 
-Status fd_perturb_cuda(const int64_t*, int64_t, int64_t, uint64_t, uint32_t, float,
+Status fd_perturb_cuda(const int64_t*, const int64_t*, int64_t, int64_t, uint64_t, uint32_t, float,
                        fd::Distribution, const double*, void*) {
   return Status::unsupported;
 }

@@ -145,15 +145,21 @@ DK_HOST_DEVICE void update_values(const Row& row, int64_t j, const FdTerm* terms
   for (int l = 0; l < 4; ++l) x[l] = sub_rn(x[l], mul_rn(lr, add_rn(g[l], mul_rn(wd, x[l]))));
 }
 
-// Load, transform, store one group in storage type T (the CPU kernels' path).
+// Load (from `source`, of row's numel and dtype), transform, store (into the row) one
+// group in storage type T (the CPU kernels' path).
 template <class T>
-DK_HOST_DEVICE void perturb_group(const Row& row, int64_t j, uint64_t seed, uint32_t k,
-                                  float scale, Distribution dist) {
-  T* data = static_cast<T*>(row.data);
+DK_HOST_DEVICE void perturb_group(const Row& row, const void* source, int64_t j, uint64_t seed,
+                                  uint32_t k, float scale, Distribution dist) {
   float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const int count = load_group(data, row.numel, j, x);
+  const int count = load_group(static_cast<const T*>(source), row.numel, j, x);
   perturb_values(row, j, seed, k, scale, dist, x);
-  store_group(data, j, count, x);
+  store_group(static_cast<T*>(row.data), j, count, x);
+}
+
+// Row r's source: its own data (in place) or sources[r].
+DK_HOST_DEVICE const void* row_source(const int64_t* sources, int64_t r, const Row& row) {
+  return sources == nullptr ? row.data
+                            : reinterpret_cast<const void*>(static_cast<uintptr_t>(sources[r]));
 }
 
 template <class T>

@@ -119,25 +119,34 @@ def _check_ids(fn: str, tensor_ids, count: int) -> list[int]:
     return [_check_int(fn, f"tensor_ids[{n}]", t, _U32) for n, t in enumerate(ids)]
 
 
-def _descriptors(params: list[torch.Tensor], ids: list[int]) -> tuple[torch.Tensor, int]:
+def _descriptors(params: list[torch.Tensor], ids: list[int],
+                 sources: Optional[list[torch.Tensor]] = None):
+    """The descriptor array (and total groups) of ``params``; with ``sources``, also the
+    array of their data pointers, packed with the descriptors into one allocation (one
+    copy to the GPU on a cache miss)."""
     rows, first = [], 0
     for p, t in zip(params, ids):
         n = p.numel()
         rows.append((p.data_ptr(), n, _DTYPE_CODES[p.dtype], t, first))
         first += (n + 3) // 4
     device = params[0].device
-    key = (device, tuple(rows))
+    src = () if sources is None else tuple(s.data_ptr() for s in sources)
+    key = (device, tuple(rows), src)
     hit = _DESC_CACHE.get(key)
     if hit is not None:
         _DESC_CACHE.move_to_end(key)
-        return hit
-    desc = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _C.FD_DESCRIPTOR_COLUMNS)
+        return hit if sources is not None else hit[:2]
+    flat = [v for row in rows for v in row] + list(src)
+    packed = torch.tensor(flat, dtype=torch.int64)
     if device.type == "cuda":
-        desc = desc.to(device)  # stream-ordered on the current stream
-    _DESC_CACHE[key] = (desc, first)
+        packed = packed.to(device)  # stream-ordered on the current stream
+    cols = _C.FD_DESCRIPTOR_COLUMNS
+    desc = packed[:len(rows) * cols].view(len(rows), cols)
+    entry = (desc, first, packed[len(rows) * cols:] if sources is not None else None)
+    _DESC_CACHE[key] = entry
     if len(_DESC_CACHE) > _DESC_CACHE_SIZE:
         _DESC_CACHE.popitem(last=False)
-    return desc, first
+    return entry if sources is not None else entry[:2]
 
 
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
@@ -183,8 +192,66 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, k: int, scale: float,
         norm = None
         if distribution == "sphere":
             norm = _sum_sq_buffer(desc, total, seed, k, code, threads, stream, params[0].device)
-        _C.fd_perturb(desc, total, seed, k, scale, code, norm, threads, stream)
+        _C.fd_perturb(desc, total, seed, k, scale, code, norm, None, threads, stream)
         _bump_versions(params)
+
+
+def perturb_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], seed: int, k: int,
+                 scale: float, distribution: str = "gaussian", *,
+                 tensor_ids: Optional[Sequence[int]] = None,
+                 norm_sq: Optional[torch.Tensor] = None) -> None:
+    """``dst_t[i] = src_t[i] + scale * z(seed, k, t, i)`` (float32 math, rounded once), one
+    launch: each element is read once and written once, half the traffic of a copy followed
+    by :func:`perturb_`. ``dst[t]`` and ``src[t]`` have the same shape, dtype and device and
+    do not overlap (``dst[t] is src[t]`` is the in-place case). With ``"sphere"``, ``norm_sq``
+    (a float64 tensor whose first element is the squared norm of the whole parameter set's
+    Gaussian direction, e.g. ``sum_sq(all_params, seed, k)``) normalises over more tensors
+    than this call sees; without it the norm is over ``dst``'s list."""
+    fn = "perturb_into"
+    dst = _check_params(fn, dst)
+    try:
+        src = list(src)
+    except TypeError:
+        raise TypeError(_err(fn, f"src: expected a list of tensors, got {type(src).__name__}")) from None
+    if len(src) != len(dst):
+        raise ValueError(_err(fn, f"src: expected {len(dst)} tensors (one per dst tensor), "
+                                  f"got {len(src)}"))
+    for n, (d, s_) in enumerate(zip(dst, src)):
+        if not isinstance(s_, torch.Tensor):
+            raise TypeError(_err(fn, f"src[{n}]: expected a tensor, got {type(s_).__name__}"))
+        if s_.shape != d.shape or s_.dtype != d.dtype or s_.device != d.device:
+            raise ValueError(_err(fn, f"src[{n}]: expected shape {tuple(d.shape)}, dtype "
+                                      f"{d.dtype}, device {d.device} (those of dst[{n}]), got "
+                                      f"{tuple(s_.shape)}, {s_.dtype}, {s_.device}"))
+        if not s_.is_contiguous():
+            raise ValueError(_err(fn, f"src[{n}]: expected a contiguous tensor"))
+        if s_.data_ptr() != d.data_ptr() and d.numel() > 0:
+            lo, hi = d.data_ptr(), d.data_ptr() + d.numel() * d.element_size()
+            slo, shi = s_.data_ptr(), s_.data_ptr() + s_.numel() * s_.element_size()
+            if slo < hi and lo < shi:
+                raise ValueError(_err(fn, f"src[{n}]: overlaps dst[{n}] without being the same "
+                                          f"tensor"))
+    seed = _check_int(fn, "seed", seed, _U64)
+    k = _check_int(fn, "k", k, _U32)
+    scale = _check_float(fn, "scale", scale)
+    distribution = _check_distribution(fn, distribution)
+    ids = _check_ids(fn, tensor_ids, len(dst))
+    desc, total, sources = _descriptors(dst, ids, src)
+    threads, stream = _launch_args(dst)
+    code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
+    with torch.no_grad():
+        norm = None
+        if distribution == "sphere":
+            if norm_sq is None:
+                norm = _sum_sq_buffer(desc, total, seed, k, code, threads, stream, dst[0].device)
+            else:
+                if (not isinstance(norm_sq, torch.Tensor) or norm_sq.dtype != torch.float64
+                        or norm_sq.device != dst[0].device or norm_sq.numel() < 1):
+                    raise ValueError(_err(fn, "norm_sq: expected a float64 tensor with at least "
+                                              f"one element on {dst[0].device}"))
+                norm = norm_sq.reshape(-1)
+        _C.fd_perturb(desc, total, seed, k, scale, code, norm, sources, threads, stream)
+        _bump_versions(dst)
 
 
 def update_(params: Sequence[torch.Tensor], seeds_ks_coeffs: Sequence[tuple[int, int, float]],
