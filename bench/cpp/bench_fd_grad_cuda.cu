@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "cuda_timer.h"
 #include "fd_grad/fd_grad.h"
 
@@ -21,36 +22,16 @@ namespace {
 using namespace diffkern;
 
 struct Options {
-  int repeats = 20;
-  int warmup = 3;
-  int layers = 24;
+  long long repeats = 20;
+  long long warmup = 3;
+  long long layers = 24;
   std::string json;
 };
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    auto next = [&](const char* flag) -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", flag);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (!std::strcmp(argv[i], "--repeats")) o.repeats = std::atoi(next("--repeats"));
-    else if (!std::strcmp(argv[i], "--warmup")) o.warmup = std::atoi(next("--warmup"));
-    else if (!std::strcmp(argv[i], "--layers")) o.layers = std::atoi(next("--layers"));
-    else if (!std::strcmp(argv[i], "--json")) o.json = next("--json");
-    else {
-      std::fprintf(stderr, "usage: %s [--repeats R] [--warmup W] [--layers L] [--json PATH]\n",
-                   argv[0]);
-      std::exit(2);
-    }
-  }
-  if (o.repeats <= 0 || o.warmup < 0 || o.layers <= 0) {
-    std::fprintf(stderr, "--repeats and --layers must be positive, --warmup non-negative\n");
-    std::exit(2);
-  }
+  o.json = bench::parse_args(argc, argv, {{"repeats", &o.repeats, 1}, {"warmup", &o.warmup, 0},
+                                          {"layers", &o.layers, 1}});
   return o;
 }
 
@@ -114,12 +95,12 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   DK_BENCH_CUDA(cudaStreamCreate(&stream));
 
-  std::printf("fd_grad on %s (sm_%d%d): %lld fp16 elements in %lld tensors, %d repeats after %d warm-up\n",
+  std::printf("fd_grad on %s (sm_%d%d): %lld fp16 elements in %lld tensors, %lld repeats after %lld warm-up\n",
               prop.name, prop.major, prop.minor, static_cast<long long>(payload),
               static_cast<long long>(n_tensors), o.repeats, o.warmup);
   std::printf("%-22s %12s %12s %14s %10s\n", "op", "median_ms", "min_ms", "bytes/s", "of_copy");
   const double moved = 2.0 * static_cast<double>(payload) * 2;  // read + write, fp16
-  const bench::CudaTiming copy = bench::time_launches(stream, o.warmup, o.repeats, [&](int) {
+  const bench::CudaTiming copy = bench::time_launches(stream, static_cast<int>(o.warmup), static_cast<int>(o.repeats), [&](int) {
     DK_BENCH_CUDA(cudaMemcpyAsync(copy_dst, params, static_cast<size_t>(payload) * 2,
                                   cudaMemcpyDeviceToDevice, stream));
   });
@@ -136,7 +117,7 @@ int main(int argc, char** argv) {
                             std::pair{fd::Distribution::rademacher, "perturb_rademacher"}}) {
     const fd::Distribution dist = entry.first;  // (a lambda may not capture a structured binding)
     const char* name = entry.second;
-    const bench::CudaTiming t = bench::time_launches(stream, o.warmup, o.repeats, [&](int i) {
+    const bench::CudaTiming t = bench::time_launches(stream, static_cast<int>(o.warmup), static_cast<int>(o.repeats), [&](int i) {
       const Status s = fd_perturb_cuda(desc_dev, nullptr, n_tensors, total_groups, 1234, static_cast<uint32_t>(i),
                                        1e-3f, dist, nullptr, stream);
       if (s != Status::ok) {
@@ -147,7 +128,7 @@ int main(int argc, char** argv) {
     report(name, t);
   }
   // Into a scratch copy (what dk.zo's module hooks do): reads params, writes copy_dst.
-  const bench::CudaTiming into = bench::time_launches(stream, o.warmup, o.repeats, [&](int i) {
+  const bench::CudaTiming into = bench::time_launches(stream, static_cast<int>(o.warmup), static_cast<int>(o.repeats), [&](int i) {
     const Status s = fd_perturb_cuda(into_desc_dev, sources_dev, n_tensors, total_groups, 1234,
                                      static_cast<uint32_t>(i), 1e-3f, fd::Distribution::gaussian,
                                      nullptr, stream);
@@ -158,7 +139,7 @@ int main(int argc, char** argv) {
   });
   report("perturb_gaussian_into", into);
   const FdTerm terms[2] = {{1234, 0, 0.5f}, {1234, 1, -0.25f}};
-  const bench::CudaTiming upd = bench::time_launches(stream, o.warmup, o.repeats, [&](int) {
+  const bench::CudaTiming upd = bench::time_launches(stream, static_cast<int>(o.warmup), static_cast<int>(o.repeats), [&](int) {
     const Status s = fd_update_cuda(desc_dev, n_tensors, total_groups, terms, 2, 1e-6f, 0.0f,
                                     fd::Distribution::gaussian, nullptr, 0, stream);
     if (s != Status::ok) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "bench_inputs.h"
 #include "cuda_timer.h"
 
@@ -20,35 +21,16 @@ namespace {
 using namespace diffkern;
 
 struct Options {
-  int64_t n = int64_t(1) << 22;
-  int repeats = 50;
-  int warmup = 5;
+  long long n = 1LL << 22;
+  long long repeats = 50;
+  long long warmup = 5;
   std::string json;
 };
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    auto next = [&](const char* flag) -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", flag);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (!std::strcmp(argv[i], "--n")) o.n = std::atoll(next("--n"));
-    else if (!std::strcmp(argv[i], "--repeats")) o.repeats = std::atoi(next("--repeats"));
-    else if (!std::strcmp(argv[i], "--warmup")) o.warmup = std::atoi(next("--warmup"));
-    else if (!std::strcmp(argv[i], "--json")) o.json = next("--json");
-    else {
-      std::fprintf(stderr, "usage: %s [--n N] [--repeats R] [--warmup W] [--json PATH]\n", argv[0]);
-      std::exit(2);
-    }
-  }
-  if (o.n <= 0 || o.repeats <= 0 || o.warmup < 0) {
-    std::fprintf(stderr, "--n and --repeats must be positive, --warmup non-negative\n");
-    std::exit(2);
-  }
+  o.json = bench::parse_args(argc, argv, {{"n", &o.n, 1}, {"repeats", &o.repeats, 1},
+                                          {"warmup", &o.warmup, 0}});
   return o;
 }
 
@@ -84,7 +66,7 @@ void run_dtype(const Options& o, int l2_bytes, cudaStream_t stream,
         std::exit(1);
       }
     };
-    const bench::CudaTiming t = bench::time_launches(stream, o.warmup, o.repeats, launch);
+    const bench::CudaTiming t = bench::time_launches(stream, static_cast<int>(o.warmup), static_cast<int>(o.repeats), launch);
     const double items_per_s = static_cast<double>(o.n) / (t.median_ms * 1e-3);
     std::printf("%-12s %-8s %12.4f %12.4f %14.4g\n", kLogBesselOpNames[op], dtype_name,
                 t.median_ms, t.min_ms, items_per_s);
@@ -110,7 +92,7 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   DK_BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
-  std::printf("log_bessel_cuda on %s (sm_%d%d), n = %lld, %d repeats after %d warm-up\n",
+  std::printf("log_bessel_cuda on %s (sm_%d%d), n = %lld, %lld repeats after %lld warm-up\n",
               prop.name, prop.major, prop.minor, static_cast<long long>(o.n), o.repeats, o.warmup);
   std::printf("%-12s %-8s %12s %12s %14s\n", "op", "dtype", "median_ms", "min_ms", "items/s");
   std::vector<bench::JsonObject> rows;

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "cuda_timer.h"
 #include "sinkhorn/sinkhorn.h"
 #include "sinkhorn_problem.h"
@@ -92,15 +93,7 @@ void run_dtype(std::vector<bench::JsonObject>& rows, cudaStream_t stream, double
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string json;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
-      json = argv[++i];
-    } else {
-      std::fprintf(stderr, "usage: %s [--json PATH]\n", argv[0]);
-      return 2;
-    }
-  }
+  const std::string json = bench::parse_args(argc, argv, {});
   const cudaDeviceProp prop = bench::current_device();
   int device = 0;
   DK_BENCH_CUDA(cudaGetDevice(&device));
