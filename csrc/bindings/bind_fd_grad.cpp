@@ -184,6 +184,15 @@ std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> fd_philox(
   return {r.v[0], r.v[1], r.v[2], r.v[3]};
 }
 
+// z of each 32-bit word by the Gaussian map of directions.cuh (host table): for the tests,
+// which check the map on chosen words (the far tail, level edges) against erfcinv.
+std::vector<float> fd_gaussian_from_words(const std::vector<uint32_t>& words) {
+  std::vector<float> out(words.size());
+  for (size_t i = 0; i < words.size(); ++i)
+    out[i] = fd::gaussian_from_word(words[i], fd::gaussian_table());
+  return out;
+}
+
 }  // namespace
 
 void bind_fd_grad(nb::module_& m) {
@@ -223,6 +232,8 @@ void bind_fd_grad(nb::module_& m) {
         nb::arg("stream") = 0,
         "out[0] = sum of z^2 over the listed tensors (float64, deterministic order);\n"
         "out[1:] the FD_SUM_SQ_PARTIALS partial sums.");
+  m.def("fd_gaussian_from_words", &fd_gaussian_from_words, nb::arg("words"),
+        "The Gaussian value of each 32-bit word (the map of csrc/fd_grad/directions.cuh).");
   m.def("fd_philox", &fd_philox, nb::arg("counter"), nb::arg("key"),
         "Philox-4x32-10 of a 4-word counter and a 2-word key (the known-answer tests).");
 }

@@ -90,7 +90,8 @@ Status fd_directions_cpu(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t 
   num_threads = resolve_num_threads(num_threads);
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (groups > 1024)
   for (int64_t j = 0; j < groups; ++j) {
-    const fd::Float4 z = fd::group_directions(dist, seed, k, tensor_id, static_cast<uint64_t>(j));
+    const fd::Float4 z =
+        fd::group_directions(dist, seed, k, tensor_id, static_cast<uint64_t>(j), fd::gaussian_table());
     const int64_t rest = numel - 4 * j;
     const int count = rest >= 4 ? 4 : static_cast<int>(rest);
     for (int l = 0; l < count; ++l) out[4 * j + l] = z.v[l];
@@ -116,7 +117,7 @@ Status fd_sum_sq_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_gro
       for (int64_t g = begin; g < end; ++g) {
         r = fd::advance_row(desc, num_tensors, r, g);
         const Row row = fd::read_row(desc, r);
-        s += fd::sum_sq_group(row, g - row.first_group, seed, k, dist);
+        s += fd::sum_sq_group(row, g - row.first_group, seed, k, dist, fd::gaussian_table());
       }
     }
     partials[p] = s;

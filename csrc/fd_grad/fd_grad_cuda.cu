@@ -34,13 +34,27 @@ using fd::Row;
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;             // groups per thread per pass
-constexpr int kBlocksPerSm = 8;        // resident blocks aimed at (256 threads each)
+// At least 4 resident blocks of 256 threads per SM (caps registers at 64 per thread: the
+// generator's latency is hidden by other warps, not by more registers).
+constexpr int kMinBlocksPerSm = 4;
 
 // Terms of an update, by value in the kernel's parameters (graph-capturable, no copies).
 struct Terms {
   FdTerm term[kFdMaxUpdateTerms];
   int count;
 };
+
+// The Gaussian table in shared memory (random per-lane lookups; constant memory would
+// serialize them), filled by the whole block; not needed for Rademacher directions.
+__device__ __forceinline__ const float* shared_gaussian_table(fd::Distribution dist) {
+  __shared__ float table[fd::kGaussianTableFloats];
+  if (dist == fd::Distribution::gaussian) {
+    const float* src = fd::gaussian_table();
+    for (int i = threadIdx.x; i < fd::kGaussianTableFloats; i += blockDim.x) table[i] = src[i];
+  }
+  __syncthreads();
+  return table;
+}
 
 // A thread's position in the descriptor list: its current row, where the next starts, and
 // the row's source (its own data unless `sources` is given).
@@ -66,30 +80,37 @@ __device__ __forceinline__ void seek(const int64_t* desc, const int64_t* sources
   load_cursor(desc, sources, num_rows, fd::advance_row(desc, num_rows, c.r, g), c);
 }
 
-// The storage dtype switch around a load (from `source`, of row's dtype) or a store.
+// The storage dtype switch around a load (from `source`, of row's dtype) or a store,
+// written out rather than through fd::with_storage's lambda, so that x stays in registers.
 __device__ __forceinline__ int load_any(const Row& row, const void* source, int64_t j,
                                         float (&x)[4]) {
-  int count = 0;
-  fd::with_storage(row.dtype, const_cast<void*>(source), [&](auto* p) {
-    using T = std::remove_pointer_t<decltype(p)>;
-    count = fd::load_group(static_cast<const T*>(p), row.numel, j, x);
-  });
-  return count;
+  switch (static_cast<DType>(row.dtype)) {
+    case DType::float16: return fd::load_group(static_cast<const Float16*>(source), row.numel, j, x);
+    case DType::bfloat16: return fd::load_group(static_cast<const BFloat16*>(source), row.numel, j, x);
+    case DType::float32: return fd::load_group(static_cast<const float*>(source), row.numel, j, x);
+    default: return 0;  // refused by the bindings
+  }
 }
 __device__ __forceinline__ void store_any(const Row& row, int64_t j, int count,
                                           const float (&x)[4]) {
-  fd::with_storage(row.dtype, row.data, [&](auto* p) { fd::store_group(p, j, count, x); });
+  switch (static_cast<DType>(row.dtype)) {
+    case DType::float16: fd::store_group(static_cast<Float16*>(row.data), j, count, x); break;
+    case DType::bfloat16: fd::store_group(static_cast<BFloat16*>(row.data), j, count, x); break;
+    case DType::float32: fd::store_group(static_cast<float*>(row.data), j, count, x); break;
+    default: break;
+  }
 }
 
 // Runs op(row, j, x) on every group of block b's range [b * per_block, ...), x holding the
 // group's elements as float, read from the row's source (op rewrites them; they are
 // stored into the row).
 template <class Op>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sources,
               int64_t num_rows, int64_t total, int64_t per_block, Op op) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
+  const float* table = shared_gaussian_table(op.dist);  // before any thread leaves
   if (begin + threadIdx.x >= end) return;
   RowCursor c;
   load_cursor(desc, sources, num_rows, fd::find_row(desc, num_rows, begin + threadIdx.x), c);
@@ -112,7 +133,7 @@ groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sour
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (count[u] > 0) op(row[u], j[u], x[u]);
+      if (count[u] > 0) op(row[u], j[u], table, x[u]);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
       if (count[u] > 0) store_any(row[u], j[u], count[u], x[u]);
@@ -127,8 +148,9 @@ struct PerturbOp {
   const double* norm_sq;
   float s;
   __device__ __forceinline__ void prepare() { s = fd::mul_rn(scale, fd::inverse_norm(norm_sq)); }
-  __device__ __forceinline__ void operator()(const Row& row, int64_t j, float (&x)[4]) const {
-    fd::perturb_values(row, j, seed, k, s, dist, x);
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const float* table,
+                                             float (&x)[4]) const {
+    fd::perturb_values(row, j, seed, k, s, dist, table, x);
   }
 };
 
@@ -142,23 +164,30 @@ struct UpdateOp {
   // terms would live in local memory); sphere directions rescale each coefficient by its
   // inverse norm where it is used.
   __device__ __forceinline__ void prepare() {}
-  __device__ __forceinline__ void operator()(const Row& row, int64_t j, float (&x)[4]) const {
-    fd::update_values(row, j, terms.term, terms.count, lr, wd, dist, norm_sq, norm_stride, x);
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const float* table,
+                                             float (&x)[4]) const {
+    fd::update_values(row, j, terms.term, terms.count, lr, wd, dist, norm_sq, norm_stride, table,
+                      x);
   }
 };
 
-// Grid of the groups kernels: a few blocks per SM, each a whole number of passes.
+// Grid of the groups kernels: exactly one wave (every block resident at once, each owning
+// an equal whole number of passes), so no SM idles through a partial last wave.
 struct GroupsGrid {
   unsigned blocks;
   int64_t per_block;
 };
+template <class Op>
 Status groups_grid(int64_t total, GroupsGrid& grid) {
-  int device = 0, sm_count = 0;
+  int device = 0, sm_count = 0, per_sm = 0;
   DK_CUDA_TRY(cudaGetDevice(&device));
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  DK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, groups_kernel<Op>,
+                                                             kThreads, 0));
   constexpr int64_t pass = static_cast<int64_t>(kThreads) * kUnroll;
   const int64_t passes = ceil_div(total, pass);
-  const int64_t blocks = std::min<int64_t>(passes, static_cast<int64_t>(sm_count) * kBlocksPerSm);
+  const int64_t wave = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
+  const int64_t blocks = std::min<int64_t>(passes, wave);
   grid.per_block = ceil_div(passes, blocks) * pass;
   grid.blocks = static_cast<unsigned>(ceil_div(total, grid.per_block));
   return Status::ok;
@@ -168,9 +197,10 @@ __global__ void __launch_bounds__(kThreads)
 directions_kernel(uint64_t seed, uint32_t k, uint32_t t, int64_t numel, fd::Distribution dist,
                   float* __restrict__ out) {
   const int64_t groups = (numel + 3) / 4;
+  const float* table = shared_gaussian_table(dist);
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < groups;
        j += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const fd::Float4 z = fd::group_directions(dist, seed, k, t, static_cast<uint64_t>(j));
+    const fd::Float4 z = fd::group_directions(dist, seed, k, t, static_cast<uint64_t>(j), table);
     float x[4] = {z.v[0], z.v[1], z.v[2], z.v[3]};
     const int64_t rest = numel - 4 * j;
     fd::store_group(out, j, rest >= 4 ? 4 : static_cast<int>(rest), x);
@@ -183,6 +213,7 @@ __global__ void __launch_bounds__(kThreads)
 sum_sq_partials_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total,
                        uint64_t seed, uint32_t k, fd::Distribution dist, double* partials) {
   __shared__ double scratch[kThreads / 32];
+  const float* table = shared_gaussian_table(dist);
   const int64_t begin = fd::partition_begin(total, blockIdx.x);
   const int64_t end = fd::partition_begin(total, blockIdx.x + 1);
   double s = 0.0;
@@ -191,7 +222,7 @@ sum_sq_partials_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64
     for (int64_t g = begin + threadIdx.x; g < end; g += kThreads) {
       r = fd::advance_row(desc, num_rows, r, g);
       const Row row = fd::read_row(desc, r);
-      s += fd::sum_sq_group(row, g - row.first_group, seed, k, dist);
+      s += fd::sum_sq_group(row, g - row.first_group, seed, k, dist, table);
     }
   }
   s = block_sum<kThreads>(s, scratch);
@@ -224,7 +255,7 @@ Status fd_perturb_cuda(const int64_t* desc, const int64_t* sources, int64_t num_
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
   GroupsGrid grid;
-  const Status st = groups_grid(total_groups, grid);
+  const Status st = groups_grid<PerturbOp>(total_groups, grid);
   if (st != Status::ok) return st;
   groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       desc, sources, num_tensors, total_groups, grid.per_block,
@@ -244,7 +275,7 @@ Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   for (int m = 0; m < num_terms; ++m) t.term[m] = terms[m];
   t.count = num_terms;
   GroupsGrid grid;
-  const Status st = groups_grid(total_groups, grid);
+  const Status st = groups_grid<UpdateOp>(total_groups, grid);
   if (st != Status::ok) return st;
   groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       desc, nullptr, num_tensors, total_groups, grid.per_block,
