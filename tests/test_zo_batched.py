@@ -7,6 +7,7 @@ matmul may sum in another order than the unbatched one, so a float32 loss can mo
 few units in its last place; the tests bound the estimate by that measured difference.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -171,7 +172,6 @@ def test_batched_module_sees_parameters_read_outside_forward():
     weight = net.emb.weight
     ref = dk.zo.grad(lambda w, b: nn.functional.linear(x, w).tanh().sum(), [weight, net.emb.bias],
                      batch_size=3, seed=4, num_directions=3)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         res = dk.zo.grad(lambda: net(x).sum(), net, batch_size=3, seed=4, num_directions=3)

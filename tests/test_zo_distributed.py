@@ -7,6 +7,7 @@ Checked: (a) the distributed results equal the single-process ones bit for bit, 
 replicas are identical, (c) each step made exactly one collective call, an all_gather of a
 float64 vector of a few scalars, and failures reach every rank as errors.
 """
+import copy
 import json
 import os
 import subprocess
@@ -129,3 +130,125 @@ def test_group_argument_errors():
         dk.zo.ZOSGD([theta], lr=0.1, group=object())
     # "auto" without torch.distributed initialised: this process alone.
     assert dk.zo.grad(lambda: theta.sum(), [theta], seed=0, group="auto").losses.numel() == 2
+
+
+# ---------------------------------------------------------------- any world size, simulated
+# Real processes cost seconds each; the split and the exchange are pure logic around one
+# all_gather, so W ranks are simulated by W threads sharing a fake all_gather (a barrier
+# collecting every thread's vector). This covers world sizes 3 to 5, blocks of uneven size
+# and ranks with nothing to evaluate.
+
+class _FakeGroup:
+    def __init__(self, world):
+        import threading
+        self.world, self.rows = world, [None] * world
+        self.barrier = threading.Barrier(world)
+        self.calls = 0
+
+
+def _fake_all_gather(out, vec, group=None):
+    rank = _THREAD.rank
+    group.rows[rank] = vec.clone()
+    group.barrier.wait()
+    for r in range(group.world):
+        out[r].copy_(group.rows[r])
+    if rank == 0:
+        group.calls += 1
+    group.barrier.wait()  # nobody overwrites rows before everyone has read them
+
+
+import threading  # noqa: E402
+
+_THREAD = threading.local()
+
+
+def _simulate(world, fn, monkeypatch):
+    from diffkern import _zo_distributed as D
+    group = _FakeGroup(world)
+    monkeypatch.setattr(torch.distributed, "all_gather", _fake_all_gather)
+    monkeypatch.setattr(D, "resolve", lambda fname, g: None if g is None else D.Split(
+        group, _THREAD.rank, world, torch.device("cpu")))
+    results, errors = [None] * world, [None] * world
+
+    def run(rank):
+        _THREAD.rank = rank
+        try:
+            results[rank] = fn()
+        except BaseException as e:  # noqa: B036 - reported below
+            errors[rank] = e
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    first = [e for e in errors if e is not None and
+             not isinstance(e, threading.BrokenBarrierError)] + [e for e in errors if e]
+    if first:
+        raise first[0]
+    return results, group.calls
+
+
+def test_split_blocks_partition_every_count():
+    from diffkern._zo_distributed import Split
+    for world in range(1, 7):
+        for count in range(0, 14):
+            blocks = [Split(None, r, world, torch.device("cpu")).block(count)
+                      for r in range(world)]
+            assert blocks[0][0] == 0 and blocks[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            sizes = [hi - lo for lo, hi in blocks]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("world", [3, 4, 5])
+@pytest.mark.parametrize("kw", [
+    dict(num_directions=1),                                        # 2 points < world
+    dict(num_directions=4, distribution="sphere", estimator="rge"),
+    dict(num_directions=3, estimator="rge", mode="forward", batch_size=2),
+    dict(estimator="cge", coordinates=[torch.tensor([1, 3]), None]),
+], ids=["spsa-1", "sphere-4", "forward-batched-3", "cge"])
+def test_any_world_size_equals_one_process(world, kw, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randn(2, 3, generator=g).to(torch.bfloat16), torch.randn(3, generator=g)]
+    batched = "batch_size" in kw
+
+    def loss(*args):
+        a, b = args if batched else ps
+        return (a.float().sin() * 2).sum() + (b * b).sum()
+
+    import diffkern as dk
+    kw = dict(kw, seed=6) if kw.get("estimator") != "cge" else kw
+    ref = dk.zo.grad(loss, ps, group=None, **kw)
+    results, calls = _simulate(world, lambda: dk.zo.grad(loss, ps, group="auto", **kw),
+                               monkeypatch)
+    assert calls == 1
+    for res in results:
+        assert torch.equal(res.losses, ref.losses)
+        assert _same_bits(res.grads, ref.grads)
+
+
+@pytest.mark.parametrize("world", [3])
+def test_any_world_size_zosgd_steps_equal_one_process(world, monkeypatch):
+    import diffkern as dk
+
+    torch.manual_seed(0)  # the model is built here: threads share torch's generator
+    initial = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                  torch.nn.Linear(4, 1)).to(torch.float16)
+    x = torch.randn(8, 3).to(torch.float16)
+    copies = [copy.deepcopy(initial) for _ in range(world + 1)]
+
+    def run(group):
+        net = copies[_THREAD.rank if group else world]
+        opt = dk.zo.ZOSGD(net, lr=0.1, momentum=0.5, num_directions=2, seed=2, group=group)
+        for _ in range(3):
+            opt.step(lambda: net(x).float().square().mean())
+        return [p.detach().clone() for p in net.parameters()]
+
+    ref = run(None)
+    results, calls = _simulate(world, lambda: run("auto"), monkeypatch)
+    assert calls == 3
+    for r in results:
+        assert _same_bits(r, ref)

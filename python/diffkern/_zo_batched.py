@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import List, Optional
 
 import torch
@@ -45,7 +46,6 @@ class _LossCall(nn.Module):
 
 def check_options(fname, batch_size, batch_memory):
     """(size, memory) or None when batching is off."""
-    import numbers
     if batch_size is None:
         if batch_memory is not None:
             raise ValueError(f"{fname}: batch_memory is only used with batch_size (batched "

@@ -28,6 +28,19 @@ weights back). How:
 
 Either way ``loss_fn`` runs under ``torch.no_grad()`` and the parameters are restored before
 any error (from ``loss_fn`` or about its value) propagates.
+
+Scaling out (both described in ``grad``'s docstring):
+
+- ``batch_size`` (``_zo_batched``): the perturbed points are built as stacks by the same
+  kernel and evaluated by ``torch.func.vmap`` (``functional_call`` for a module, or a loss
+  taking the parameters as arguments), chunked; the stored weights are only read.
+- ``group`` (``_zo_distributed``): with torch.distributed initialised, each rank evaluates a
+  block of the points and one all_gather of scalars completes the losses everywhere, so the
+  estimate, the update and the replicas are the same bits on every rank and in one process.
+
+Every estimator is written as a list of evaluation points in a fixed order, the losses at
+them (evaluated one by one, batched, or split across ranks: the same floats either way
+when the forward is deterministic), then pure Python float arithmetic on those losses.
 """
 from __future__ import annotations
 
