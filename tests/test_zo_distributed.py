@@ -212,17 +212,21 @@ def test_split_blocks_partition_every_count():
 ], ids=["spsa-1", "sphere-4", "forward-batched-3", "cge"])
 def test_any_world_size_equals_one_process(world, kw, monkeypatch):
     g = torch.Generator().manual_seed(3)
-    ps = [torch.randn(2, 3, generator=g).to(torch.bfloat16), torch.randn(3, generator=g)]
+    initial = [torch.randn(2, 3, generator=g).to(torch.bfloat16), torch.randn(3, generator=g)]
+    # One replica per simulated rank: the list path perturbs its tensors in place.
+    replicas = [[p.clone() for p in initial] for _ in range(world + 1)]
     batched = "batch_size" in kw
 
-    def loss(*args):
-        a, b = args if batched else ps
-        return (a.float().sin() * 2).sum() + (b * b).sum()
+    def estimate(ps, group):
+        def loss(*args):
+            a, b = args if batched else ps
+            return (a.float().sin() * 2).sum() + (b * b).sum()
+        return dk.zo.grad(loss, ps, group=group, **kw)
 
     import diffkern as dk
     kw = dict(kw, seed=6) if kw.get("estimator") != "cge" else kw
-    ref = dk.zo.grad(loss, ps, group=None, **kw)
-    results, calls = _simulate(world, lambda: dk.zo.grad(loss, ps, group="auto", **kw),
+    ref = estimate(replicas[world], None)
+    results, calls = _simulate(world, lambda: estimate(replicas[_THREAD.rank], "auto"),
                                monkeypatch)
     assert calls == 1
     for res in results:
