@@ -367,7 +367,8 @@ def _shapes(groups):
 
 def _exchange(ev, split, groups, count, local, fingerprint):
     """(losses, aux) of all ``count`` evaluations: ``local()`` gives this process's
-    [(loss, aux)] for its block; with a split, one all_gather brings the others' blocks."""
+    [(loss, aux)] for its block; with a split, one all_gather brings the others' blocks.
+    ``fingerprint()``: the digest of the call's arguments (only computed with a split)."""
     if split is None:
         values = local()
         return [v[0] for v in values], [v[1] for v in values]
@@ -377,7 +378,22 @@ def _exchange(ev, split, groups, count, local, fingerprint):
         values, error = local(), None
     except Exception as e:  # still join the all_gather, so no rank waits forever
         values, error = [], e
-    return split.exchange(ev.fname, count, values, fingerprint, checksum, error)
+    return split.exchange(ev.fname, count, values, fingerprint(), checksum, error)
+
+
+def _evaluate_points(ev, loss_fn, perturbation, points):
+    """Losses at ``points`` in order; their perturbation objects are made a slice at a time
+    (a full CGE has millions of points). Slices are a multiple of a batched evaluator's
+    batch_size, so chunks stay full; a loss does not depend on which chunk it was in
+    except through the forward's own rounding."""
+    step = 4096
+    size = getattr(ev, "size", None)
+    if size:
+        step = -(-step // size) * size
+    out = []
+    for i in range(0, len(points), step):
+        out.extend(ev.evaluate_many(loss_fn, [perturbation(p) for p in points[i:i + step]]))
+    return out
 
 
 def _batch_options(fname, batch_size, batch_memory):
@@ -431,14 +447,14 @@ def _directional(ev, loss_fn, groups, seeds, n, eps, distribution, mode, *, grou
 
     def local():
         mine = points[lo:hi]
-        losses = ev.evaluate_many(loss_fn, [perturbation(p) for p in mine])
+        losses = _evaluate_points(ev, loss_fn, perturbation, mine)
         # aux: the norm of the direction, sent with its "+" evaluation (sphere only).
         return [(loss, norm(p[0]) if sphere and p is not None and p[1] > 0 else 0.0)
                 for loss, p in zip(losses, mine)]
 
     losses, aux = _exchange(ev, split, groups, len(points), local,
-                            _fingerprint("directional", seeds, n, eps, distribution, mode,
-                                         _shapes(groups)))
+                            lambda: _fingerprint("directional", seeds, n, eps, distribution,
+                                                 mode, _shapes(groups)))
     coeffs = []
     first = 1 if mode == "forward" else 0
     base = losses[0] if mode == "forward" else None
@@ -549,13 +565,23 @@ def _shifted(v, step):
     return w
 
 
+def _unravel(j, shape):
+    """The index tuple of flat (row-major) index j."""
+    index = []
+    for size in reversed(shape):
+        j, i = divmod(j, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
 def _cge(ev, loss_fn, flat, coords, eps, mode, *, group="auto"):
     """Coordinate-wise differences; the step actually taken is the rounded difference of
     the stored values, so fp16/bf16 coordinates divide by what was really added.
     Evaluations in order: [theta,] then per coordinate +[, -]; split across ranks like
     ``_directional``'s."""
     central = mode == "central"
-    # Per coordinate: (t, flat index j, index tuple, value, up, down); the values come
+    # Per coordinate: (t, flat index j, value, up, down) as Python floats (exact for every
+    # float dtype, turned back into the parameter's dtype when evaluated); the values come
     # from one host copy per parameter.
     entries = []
     for t, (p, idxs) in enumerate(zip(flat, coords)):
@@ -563,11 +589,9 @@ def _cge(ev, loss_fn, flat, coords, eps, mode, *, group="auto"):
             continue
         host = p.detach().reshape(-1).cpu()
         for j in idxs:
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(j), p.shape)) \
-                if p.dim() else ()
             v = host[j]
-            entries.append((t, j, index, v, _shifted(v, eps),
-                            _shifted(v, -eps) if central else None))
+            entries.append((t, j, float(v), float(_shifted(v, eps)),
+                            float(_shifted(v, -eps)) if central else None))
     signs = (1, -1) if central else (1,)
     points = ([None] if mode == "forward" else []) + [(e, s) for e in range(len(entries))
                                                       for s in signs]
@@ -577,30 +601,31 @@ def _cge(ev, loss_fn, flat, coords, eps, mode, *, group="auto"):
     def perturbation(point):
         if point is None:
             return None
-        t, j, index, _, up, down = entries[point[0]]
+        t, j, _, up, down = entries[point[0]]
         value, text = (up, "+") if point[1] > 0 else (down, "-")
-        return _Coordinate(0, t, index, value.to(flat[t].device),
+        p = flat[t]
+        return _Coordinate(0, t, _unravel(j, p.shape), torch.tensor(value, dtype=p.dtype),
                            f"parameter {t}[{j}] {text} eps")
 
     def local():
-        losses = ev.evaluate_many(loss_fn, [perturbation(p) for p in points[lo:hi]])
+        losses = _evaluate_points(ev, loss_fn, perturbation, points[lo:hi])
         return [(loss, 0.0) for loss in losses]
 
     losses, _ = _exchange(ev, split, [flat], len(points), local,
-                          _fingerprint("cge", eps, mode, _shapes([flat]),
-                                       tuple(tuple(c) if not isinstance(c, range) else c
-                                             for c in coords)))
+                          lambda: _fingerprint("cge", eps, mode, _shapes([flat]),
+                                               tuple(tuple(c) if not isinstance(c, range)
+                                                     else c for c in coords)))
     grads = [torch.zeros(p.shape, device=p.device,
                          dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
              for p in flat]
     first = 1 if mode == "forward" else 0
     values = [{} for _ in flat]
-    for e, (t, j, _, v, up, down) in enumerate(entries):
+    for e, (t, j, v, up, down) in enumerate(entries):
         plus = losses[first + len(signs) * e]
         if central:
-            values[t][j] = (plus - losses[first + 2 * e + 1]) / (float(up) - float(down))
+            values[t][j] = (plus - losses[first + 2 * e + 1]) / (up - down)
         else:
-            values[t][j] = (plus - losses[0]) / (float(up) - float(v))
+            values[t][j] = (plus - losses[0]) / (up - v)
     for t, vals in enumerate(values):
         if vals:
             flat_grad = grads[t].view(-1)
