@@ -17,6 +17,10 @@ header turns the usual ways of breaking that into errors raised on every rank to
 rank is left waiting in a collective): a rank whose loss_fn raised, parameters that differ
 across ranks (checked at every step, before evaluating: the cost is one integer reduction
 over the parameters), arguments that differ (e.g. ``seed=None`` drawn differently).
+Not caught: arguments that change the number of evaluations (num_directions, mode,
+coordinates) make the ranks' vectors differ in length, which the all_gather itself
+rejects (gloo) or may wait on (NCCL); and an invalid argument raises on its rank before
+the collective while the others wait. Every rank must make the same call.
 """
 from __future__ import annotations
 
