@@ -3,9 +3,10 @@
 DeepZero's forward parallelization. The points of an estimate (theta + s eps z_k, one
 coordinate moved for CGE, or theta itself) are cut into chunks of at most ``batch_size``
 points (fewer if ``batch_memory`` caps the bytes of the perturbed copies). For a chunk the
-perturbed parameters are built as a stack [B, *shape] per parameter: each slice starts as a
-copy of theta and receives its perturbation from the fused kernel (``perturb_`` with the
-parameter's id, so z(seed, k, t, i) is the very value the sequential path adds), or one
+perturbed parameters are built as a stack [B, *shape] per parameter: each slice is written
+once as theta + s z by the fused kernel (``perturb_into`` with the parameter's id, so
+z(seed, k, t, i) is the very value the sequential path adds, rounded the same way; a
+non-contiguous parameter takes a copy and ``perturb_``), or is a copy of theta with one
 element set for CGE. ``torch.func.vmap`` then evaluates the loss over the stack dimension:
 
 - ``params`` a module: ``loss_fn()`` unchanged; while it runs, the module's trainable
@@ -155,18 +156,27 @@ class Batched:
     @torch.no_grad()
     def _batch(self, indices, perts):
         B = len(perts)
+        # Directions: each slice written once, theta + s z by the fused kernel (one read of
+        # theta, one write); coordinates: a copy of theta with one element set.
+        one_pass = (all(hasattr(p, "apply_into") for p in perts)
+                    and all(self.flat[i].is_contiguous() for i in indices))
         stacks = {}
         for i in indices:
             p = self.flat[i].detach()
             s = torch.empty((B,) + tuple(p.shape), dtype=p.dtype, device=p.device)
-            s.copy_(p.unsqueeze(0).expand_as(s))
+            if not one_pass:
+                s.copy_(p.unsqueeze(0).expand_as(s))
             stacks[i] = s
         for b, pert in enumerate(perts):
             if pert is None:
                 continue
             if hasattr(pert, "apply_inplace"):  # a direction: the fused kernel on slices
-                pert.apply_inplace([[stacks[self.offsets[g] + t][b] for t in range(len(ps))]
-                                    for g, ps in enumerate(self.groups)])
+                slices = [[stacks[self.offsets[g] + t][b] for t in range(len(ps))]
+                          for g, ps in enumerate(self.groups)]
+                if one_pass:
+                    pert.apply_into(slices, self.groups)
+                else:
+                    pert.apply_inplace(slices)
             else:  # a coordinate
                 stacks[self.offsets[pert.g] + pert.t][b][pert.index] = pert.value
         order = sorted(stacks)

@@ -200,6 +200,18 @@ class _Direction:
                 for t, p in enumerate(ps):
                     p.copy_(self.scratch(g, t, p))
 
+    def apply_into(self, dst_groups, src_groups):
+        """dst = src + scale * z in one pass per group (the batched evaluator's stacks),
+        the same bits as ``apply_inplace`` on a copy of src."""
+        K = _kernels()
+        for g, (ds, ss) in enumerate(zip(dst_groups, src_groups)):
+            if all(p.dtype in _KERNEL_DTYPES for p in ss):
+                K.perturb_into(ds, [p.detach() for p in ss], self.seeds[g], self.k,
+                               self.scale, self.dist)
+            else:
+                for t, (d, p) in enumerate(zip(ds, ss)):
+                    d.copy_(self.scratch(g, t, p))
+
     def perturbs(self, g, t):
         return True
 
