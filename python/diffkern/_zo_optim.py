@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .zo import (_DISTRIBUTIONS, _Evaluator, _check_choice, _check_count, _check_eps,
-                 _check_params, _check_seed, _directional, _kernel_distribution, _update_,
-                 _MASK64)
+                 _check_group, _check_params, _check_seed, _directional,
+                 _kernel_distribution, _update_, _MASK64)
 
 
 class HistoryEntry(NamedTuple):
@@ -103,10 +103,16 @@ class ZOSGD(torch.optim.Optimizer):
     ``diffkern.zo.replay(initial params, history)`` then rebuilds the final weights bit for
     bit, rebuilding momentum buffers as it goes (so a momentum run's replay needs their
     memory too). ``state_dict`` carries the step counter, the seed and the history.
+
+    ``group``: as in ``diffkern.zo.grad`` ("auto": split the directions of each step across
+    the ranks of torch.distributed's default group when it is initialised; None: this
+    process alone; or a process group). Every rank runs the same steps on identical
+    replicas; only scalars cross the network and the replicas stay bit-identical.
     """
 
     def __init__(self, params, lr, *, momentum=0.0, weight_decay=0.0, eps=1e-3,
-                 num_directions=1, distribution="gaussian", seed=0, history=True):
+                 num_directions=1, distribution="gaussian", seed=0, history=True,
+                 group="auto"):
         fname = "diffkern.zo.ZOSGD"
         module = None
         if isinstance(params, nn.Module):
@@ -122,6 +128,8 @@ class ZOSGD(torch.optim.Optimizer):
         if seed is None:
             raise TypeError(f"{fname}: seed must be an int (a run is replayed from it)")
         self.seed = _check_seed(fname, seed)
+        _check_group(fname, group)
+        self.group = group  # the directions of a step split across ranks: see zo.grad
         self._module = module
         self._step_count = 0
         self.history = [] if history else None
@@ -142,7 +150,8 @@ class ZOSGD(torch.optim.Optimizer):
         seeds = [_mix(self.seed, self._step_count, g) for g in range(len(groups))]
         with _Evaluator(groups, self._module, fname, "closure") as ev:
             coeffs, losses = _directional(ev, closure, groups, seeds, self.num_directions,
-                                          self.eps, self.distribution, "central")
+                                          self.eps, self.distribution, "central",
+                                          group=self.group)
         kdist = _kernel_distribution(self.distribution)
         for g, (group, ps) in enumerate(zip(self.param_groups, groups)):
             lr, wd, m = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])

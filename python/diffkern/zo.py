@@ -28,6 +28,19 @@ weights back). How:
 
 Either way ``loss_fn`` runs under ``torch.no_grad()`` and the parameters are restored before
 any error (from ``loss_fn`` or about its value) propagates.
+
+Scaling out (both described in ``grad``'s docstring):
+
+- ``batch_size`` (``_zo_batched``): the perturbed points are built as stacks by the same
+  kernel and evaluated by ``torch.func.vmap`` (``functional_call`` for a module, or a loss
+  taking the parameters as arguments), chunked; the stored weights are only read.
+- ``group`` (``_zo_distributed``): with torch.distributed initialised, each rank evaluates a
+  block of the points and one all_gather of scalars completes the losses everywhere, so the
+  estimate, the update and the replicas are the same bits on every rank and in one process.
+
+Every estimator is written as a list of evaluation points in a fixed order, the losses at
+them (evaluated one by one, batched, or split across ranks: the same floats either way
+when the forward is deterministic), then pure Python float arithmetic on those losses.
 """
 from __future__ import annotations
 
@@ -187,6 +200,18 @@ class _Direction:
                 for t, p in enumerate(ps):
                     p.copy_(self.scratch(g, t, p))
 
+    def apply_into(self, dst_groups, src_groups):
+        """dst = src + scale * z in one pass per group (the batched evaluator's stacks),
+        the same bits as ``apply_inplace`` on a copy of src."""
+        K = _kernels()
+        for g, (ds, ss) in enumerate(zip(dst_groups, src_groups)):
+            if all(p.dtype in _KERNEL_DTYPES for p in ss):
+                K.perturb_into(ds, [p.detach() for p in ss], self.seeds[g], self.k,
+                               self.scale, self.dist)
+            else:
+                for t, (d, p) in enumerate(zip(ds, ss)):
+                    d.copy_(self.scratch(g, t, p))
+
     def perturbs(self, g, t):
         return True
 
@@ -289,6 +314,11 @@ class _Evaluator:
                 RuntimeWarning, stacklevel=3)
         return False
 
+    def evaluate_many(self, loss_fn, perts):
+        """Losses at each of ``perts`` in order (the protocol the batched evaluator of
+        ``_zo_batched`` shares)."""
+        return [self.evaluate(loss_fn, pert) for pert in perts]
+
     def evaluate(self, loss_fn, pert):
         """The loss at the perturbation ``pert`` (None: unperturbed), parameters restored."""
         self.count += 1
@@ -343,35 +373,120 @@ def _sum_sq(ps, seed, k):
                for t, p in enumerate(ps))
 
 
-def _directional(ev, loss_fn, groups, seeds, n, eps, distribution, mode):
+def _shapes(groups):
+    return tuple((tuple(p.shape), str(p.dtype)) for ps in groups for p in ps)
+
+
+def _exchange(ev, split, groups, count, local, fingerprint):
+    """(losses, aux) of all ``count`` evaluations: ``local()`` gives this process's
+    [(loss, aux)] for its block; with a split, one all_gather brings the others' blocks.
+    ``fingerprint()``: the digest of the call's arguments (only computed with a split)."""
+    if split is None:
+        values = local()
+        return [v[0] for v in values], [v[1] for v in values]
+    from . import _zo_distributed
+    checksum = _zo_distributed.checksum([p for ps in groups for p in ps])
+    try:
+        values, error = local(), None
+    except Exception as e:  # still join the all_gather, so no rank waits forever
+        values, error = [], e
+    return split.exchange(ev.fname, count, values, fingerprint(), checksum, error)
+
+
+def _evaluate_points(ev, loss_fn, perturbation, points):
+    """Losses at ``points`` in order; their perturbation objects are made a slice at a time
+    (a full CGE has millions of points). Slices are a multiple of a batched evaluator's
+    batch_size, so chunks stay full; a loss does not depend on which chunk it was in
+    except through the forward's own rounding."""
+    step = 4096
+    size = getattr(ev, "size", None)
+    if size:
+        step = -(-step // size) * size
+    out = []
+    for i in range(0, len(points), step):
+        out.extend(ev.evaluate_many(loss_fn, [perturbation(p) for p in points[i:i + step]]))
+    return out
+
+
+def _batch_options(fname, batch_size, batch_memory):
+    from ._zo_batched import check_options
+    return check_options(fname, batch_size, batch_memory)
+
+
+def _check_group(fname, group):
+    from ._zo_distributed import check_group
+    check_group(fname, group)
+
+
+def _split(fname, group):
+    from . import _zo_distributed
+    return _zo_distributed.resolve(fname, group)
+
+
+def _directional(ev, loss_fn, groups, seeds, n, eps, distribution, mode, *, group="auto"):
     """(coefficients c_k, losses): the estimate is sum_k c_k z_k (z_k regenerated).
 
     Gaussian/Rademacher z: c_k = D_k / n, D_k = (L(theta+eps z) - L(theta-eps z)) / (2 eps)
     (central) or (L(theta+eps z) - L(theta)) / eps (forward).
     Sphere: u = z/||z|| over all parameters (d elements), theta is moved by eps*u and
     c_k = d * D_k / (n ||z_k||), i.e. the estimate (d/n) sum_k D_k u_k of RGE.
+
+    The evaluations, in order ([theta,] +0, [-0,] +1, ...), go through ``ev.evaluate_many``
+    (one at a time, or batched). ``group`` (see ``grad``): with a split, this process
+    evaluates its block of them and one all_gather of scalars brings the rest; the
+    coefficients are then computed from the same floats in the same order everywhere.
     """
     kdist = _kernel_distribution(distribution)
+    sphere = distribution == "sphere"
     d = sum(p.numel() for ps in groups for p in ps)
-    losses, coeffs = [], []
-    if mode == "forward":
-        base = ev.evaluate(loss_fn, None)
-        losses.append(base)
+    signs = (1, -1) if mode == "central" else (1,)
+    points = ([None] if mode == "forward" else []) + [(k, s) for k in range(n) for s in signs]
+    split = _split(ev.fname, group)
+    lo, hi = split.block(len(points)) if split is not None else (0, len(points))
+    norms = {}
+
+    def norm(k):
+        if k not in norms:
+            norms[k] = math.sqrt(sum(_sum_sq(ps, seeds[g], k) for g, ps in enumerate(groups)))
+        return norms[k]
+
+    def perturbation(point):
+        if point is None:
+            return None
+        k, sign = point
+        scale = eps / norm(k) if sphere else eps
+        return _Direction(seeds, k, sign * scale, kdist, "+" if sign > 0 else "-")
+
+    def local():
+        mine = points[lo:hi]
+        losses = _evaluate_points(ev, loss_fn, perturbation, mine)
+        # aux: the norm of the direction, sent with its "+" evaluation (sphere only).
+        return [(loss, norm(p[0]) if sphere and p is not None and p[1] > 0 else 0.0)
+                for loss, p in zip(losses, mine)]
+
+    losses, aux = _exchange(ev, split, groups, len(points), local,
+                            lambda: _fingerprint("directional", seeds, n, eps, distribution,
+                                                 mode, _shapes(groups)))
+    coeffs = []
+    first = 1 if mode == "forward" else 0
+    base = losses[0] if mode == "forward" else None
     for k in range(n):
-        scale, factor = eps, 1.0
-        if distribution == "sphere":
-            norm = math.sqrt(sum(_sum_sq(ps, seeds[g], k) for g, ps in enumerate(groups)))
-            scale, factor = eps / norm, d / norm
-        plus = ev.evaluate(loss_fn, _Direction(seeds, k, scale, kdist, "+"))
-        losses.append(plus)
+        at = first + len(signs) * k
+        plus = losses[at]
+        factor = 1.0
+        if sphere:
+            factor = d / aux[at]
         if mode == "central":
-            minus = ev.evaluate(loss_fn, _Direction(seeds, k, -scale, kdist, "-"))
-            losses.append(minus)
-            projected = (plus - minus) / (2.0 * eps)
+            projected = (plus - losses[at + 1]) / (2.0 * eps)
         else:
             projected = (plus - base) / eps
         coeffs.append(projected * factor / n)
     return coeffs, losses
+
+
+def _fingerprint(*values):
+    from . import _zo_distributed
+    return _zo_distributed.fingerprint(*values)
 
 
 def _update_(ps, triples, lr, weight_decay, kdist):
@@ -462,38 +577,72 @@ def _shifted(v, step):
     return w
 
 
-def _cge(ev, loss_fn, flat, coords, eps, mode):
+def _unravel(j, shape):
+    """The index tuple of flat (row-major) index j."""
+    index = []
+    for size in reversed(shape):
+        j, i = divmod(j, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def _cge(ev, loss_fn, flat, coords, eps, mode, *, group="auto"):
     """Coordinate-wise differences; the step actually taken is the rounded difference of
-    the stored values, so fp16/bf16 coordinates divide by what was really added."""
+    the stored values, so fp16/bf16 coordinates divide by what was really added.
+    Evaluations in order: [theta,] then per coordinate +[, -]; split across ranks like
+    ``_directional``'s."""
+    central = mode == "central"
+    # Per coordinate: (t, flat index j, value, up, down) as Python floats (exact for every
+    # float dtype, turned back into the parameter's dtype when evaluated); the values come
+    # from one host copy per parameter.
+    entries = []
+    for t, (p, idxs) in enumerate(zip(flat, coords)):
+        if not len(idxs):
+            continue
+        host = p.detach().reshape(-1).cpu()
+        for j in idxs:
+            v = host[j]
+            entries.append((t, j, float(v), float(_shifted(v, eps)),
+                            float(_shifted(v, -eps)) if central else None))
+    signs = (1, -1) if central else (1,)
+    points = ([None] if mode == "forward" else []) + [(e, s) for e in range(len(entries))
+                                                      for s in signs]
+    split = _split(ev.fname, group)
+    lo, hi = split.block(len(points)) if split is not None else (0, len(points))
+
+    def perturbation(point):
+        if point is None:
+            return None
+        t, j, _, up, down = entries[point[0]]
+        value, text = (up, "+") if point[1] > 0 else (down, "-")
+        p = flat[t]
+        return _Coordinate(0, t, _unravel(j, p.shape), torch.tensor(value, dtype=p.dtype),
+                           f"parameter {t}[{j}] {text} eps")
+
+    def local():
+        losses = _evaluate_points(ev, loss_fn, perturbation, points[lo:hi])
+        return [(loss, 0.0) for loss in losses]
+
+    losses, _ = _exchange(ev, split, [flat], len(points), local,
+                          lambda: _fingerprint("cge", eps, mode, _shapes([flat]),
+                                               tuple(tuple(c) if not isinstance(c, range)
+                                                     else c for c in coords)))
     grads = [torch.zeros(p.shape, device=p.device,
                          dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
              for p in flat]
-    losses = []
-    if mode == "forward":
-        base = ev.evaluate(loss_fn, None)
-        losses.append(base)
-    for t, (p, idxs) in enumerate(zip(flat, coords)):
-        values = {}
-        for j in idxs:
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(j), p.shape)) \
-                if p.dim() else ()
-            v = p.detach()[index].cpu()
-            up = _shifted(v, eps)
-            plus = ev.evaluate(loss_fn, _Coordinate(0, t, index, up.to(p.device),
-                                                    f"parameter {t}[{j}] + eps"))
-            losses.append(plus)
-            if mode == "central":
-                down = _shifted(v, -eps)
-                minus = ev.evaluate(loss_fn, _Coordinate(0, t, index, down.to(p.device),
-                                                         f"parameter {t}[{j}] - eps"))
-                losses.append(minus)
-                values[j] = (plus - minus) / (float(up) - float(down))
-            else:
-                values[j] = (plus - base) / (float(up) - float(v))
-        if values:
+    first = 1 if mode == "forward" else 0
+    values = [{} for _ in flat]
+    for e, (t, j, v, up, down) in enumerate(entries):
+        plus = losses[first + len(signs) * e]
+        if central:
+            values[t][j] = (plus - losses[first + 2 * e + 1]) / (up - down)
+        else:
+            values[t][j] = (plus - losses[0]) / (up - v)
+    for t, vals in enumerate(values):
+        if vals:
             flat_grad = grads[t].view(-1)
-            flat_grad[torch.tensor(list(values.keys()), device=p.device)] = torch.tensor(
-                list(values.values()), dtype=grads[t].dtype, device=p.device)
+            flat_grad[torch.tensor(list(vals.keys()), device=flat[t].device)] = torch.tensor(
+                list(vals.values()), dtype=grads[t].dtype, device=flat[t].device)
     return grads, losses
 
 
@@ -502,7 +651,8 @@ def _cge(ev, loss_fn, flat, coords, eps, mode):
 def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
          num_directions: int = 1, eps: float = 1e-3, seed: Optional[int] = None,
          distribution: str = "gaussian", mode: str = "central",
-         coordinates: Optional[Sequence] = None) -> GradEstimate:
+         coordinates: Optional[Sequence] = None, batch_size: Optional[int] = None,
+         batch_memory: Optional[int] = None, group="auto") -> GradEstimate:
     """Zeroth-order gradient estimate of ``loss_fn()`` with respect to ``params``.
 
     ``loss_fn()`` takes no argument and evaluates the model as it currently is (it runs under
@@ -533,6 +683,33 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
     parameters), shaped like the parameters; ``losses`` float64 in evaluation order:
     central [L+_0, L-_0, L+_1, L-_1, ...], forward [L(theta), L+_0, L+_1, ...], cge per
     coordinate (parameter order, then flat index order) in the same pattern.
+
+    Batched evaluation (DeepZero's forward parallelization), ``batch_size=B``: up to B of the
+    perturbed points are evaluated as one call of ``torch.func.vmap`` over a stack of
+    perturbed parameters (built by the same fused kernel from the same z(seed, k, t, i), so
+    the points are bit-identical to the sequential path's; only the forward's own rounding
+    may differ in a batched call). The loss must then be a function of the parameters:
+
+    - ``params`` an ``nn.Module``: ``loss_fn()`` as above; the module's trainable parameters
+      are replaced through ``torch.func.functional_call`` while it runs.
+    - ``params`` a list of tensors: ``loss_fn(*params)`` receives them as arguments.
+
+    and vmap-compatible (no ``.item()``, no data-dependent Python branches, no in-place
+    writes to captured tensors: put BatchNorm in eval mode). ``batch_memory`` (bytes) caps
+    the perturbed copies of a chunk: B is lowered to fit (activations are not counted).
+    Parameters are only read. For CGE a chunk holds coordinates of one tensor and only that
+    tensor is stacked.
+
+    Distributed, ``group``: ``"auto"`` (default) uses torch.distributed's default group when
+    it is initialised with more than one process; a process group uses that group; ``None``
+    evaluates everything here. With a group, every rank must call with the same arguments
+    and hold the same parameters (checked, an error on every rank otherwise): the
+    evaluations are split into contiguous blocks, one per rank (any world size), each rank
+    evaluates its block (batched if ``batch_size``), one ``all_gather`` of scalars (losses,
+    sphere norms, a status flag and checksums of the parameters and arguments) gives every
+    rank all the losses, and every rank returns the same estimate, bit for bit the one a
+    single process computes from the same losses. ``seed=None`` draws a seed per rank: pass
+    ``seed=`` (a mismatch is reported).
     """
     fname = "diffkern.zo.grad"
     if not callable(loss_fn):
@@ -549,13 +726,20 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
         raise ValueError(f"{fname}: coordinates is only used by estimator='cge'")
     flat, module = _check_params(fname, params)
     coords = _coordinates(fname, coordinates, flat) if estimator == "cge" else None
+    batch = _batch_options(fname, batch_size, batch_memory)
+    _check_group(fname, group)
     seed = _check_seed(fname, seed)
-    with _Evaluator([flat], module, fname) as ev:
+    if batch is None:
+        ev = _Evaluator([flat], module, fname)
+    else:
+        from ._zo_batched import Batched
+        ev = Batched(fname, loss_fn, [flat], module, *batch)
+    with ev:
         if estimator == "cge":
-            grads, losses = _cge(ev, loss_fn, flat, coords, eps, mode)
+            grads, losses = _cge(ev, loss_fn, flat, coords, eps, mode, group=group)
         else:
             coeffs, losses = _directional(ev, loss_fn, [flat], [seed], n, eps,
-                                          distribution, mode)
+                                          distribution, mode, group=group)
     if estimator != "cge":
         with torch.no_grad():
             grads = _assemble([flat], [seed], coeffs, _kernel_distribution(distribution))
