@@ -262,6 +262,37 @@ def test_cbo_reproducible_chunked_and_resumable():
     assert x0.shape == (30, 4) and not torch.equal(x0, a.particles)  # input not modified
 
 
+def test_cbo_trains_a_module_through_module_loss():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(64, 3)
+    with torch.no_grad():
+        y = teacher(x)
+    mse = lambda model: (model(x) - y).square().mean()
+    f = dk.zo.module_loss(net, mse)
+    assert f.dim == sum(p.numel() for p in net.parameters())
+    x0 = f.flatten()[None] + torch.randn(60, f.dim, generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in net.parameters()]
+    # vmap and the row loop agree; neither touches the module's own parameters.
+    loop = dk.zo.module_loss(net, mse, vectorize=False)
+    torch.testing.assert_close(f(x0), loop(x0), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    with torch.no_grad():
+        start = float(mse(net))
+    cbo = dk.zo.CBO(f, x0, alpha=1e5, sigma=1.0, dt=0.05, batch_size=20, chunk_size=25, seed=0)
+    for _ in range(200):
+        cbo.step()
+    f.load_(cbo.best)
+    with torch.no_grad():
+        end = float(mse(net))
+    assert end == pytest.approx(cbo.best_loss, rel=1e-5) and end < 0.05 * start
+    with pytest.raises(ValueError, match="module_loss: X must have shape \\(N, 21\\)"):
+        f(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="trainable"):
+        dk.zo.module_loss(nn.Linear(2, 2).requires_grad_(False), mse)
+
+
 def test_cbo_errors():
     x0 = torch.randn(8, 3)
     f = lambda X: X.square().sum(1)
@@ -287,6 +318,8 @@ def test_cbo_errors():
         dk.zo.CBO(lambda X: X.sum(), x0).step()
     with pytest.raises(TypeError, match="must return a tensor"):
         dk.zo.CBO(lambda X: [1.0] * 8, x0).step()
+    with pytest.raises(TypeError, match="CBO.step: CBO takes no closure"):
+        dk.zo.CBO(f, x0).step(lambda: 0.0)
 
 
 # ------------------------------------------------------------------ blackbox

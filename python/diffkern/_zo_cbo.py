@@ -6,7 +6,7 @@ import numbers
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._zo_optim import _number
 
@@ -37,7 +37,9 @@ class CBO:
     ``f``: the batched loss: ``f(X)`` with X of shape (N, d) (one particle a row) returns N
     real losses, shape (N,). All N particles are one call (``chunk_size``: at most that
     many rows a call, for memory). To optimize the parameters of a module, write ``f`` with
-    ``diffkern.zo.module_loss`` (``torch.func.functional_call`` + ``vmap`` over rows).
+    ``diffkern.zo.module_loss`` (``torch.func.functional_call`` + ``vmap`` over rows):
+    ``f = dk.zo.module_loss(net, lambda model: F.mse_loss(model(x), y))``, then
+    ``CBO(f, f.flatten()[None] + spread * torch.randn(N, f.dim))``; ``f.load_(cbo.best)``.
     ``particles``: the initial swarm, a float tensor (N, d), N >= 1; the swarm lives in a
     copy on its device and dtype. Spread it over the region to search: CBO finds minima
     that the swarm can see, not ones far outside it.
@@ -153,9 +155,12 @@ class CBO:
 
     @torch.no_grad()
     def step(self, closure=None) -> Tensor:
-        """One consensus step (see the class docstring). ``closure`` is not used (accepted
-        for the ``torch.optim`` calling convention): the loss is ``f``."""
+        """One consensus step (see the class docstring): one evaluation of the N particles.
+        There is no closure: the loss is the ``f`` given to the constructor."""
         fname = f"{self._NAME}.step"
+        if closure is not None:
+            raise TypeError(f"{fname}: CBO takes no closure; it evaluates the batched loss "
+                            f"f given to the constructor")
         self._check_hyper(fname)
         X = self.particles
         losses = self.evaluate(X)
@@ -217,3 +222,92 @@ class CBO:
         self.best = None if sd["best"] is None else sd["best"].to(device).clone()
         self.best_loss = float(sd["best_loss"])
         self.consensus = None if sd["consensus"] is None else sd["consensus"].to(device).clone()
+
+
+class ModuleLoss:
+    """A batched loss over a module's parameters, for ``CBO``: see ``module_loss``."""
+
+    def __init__(self, module, loss_fn, *, vectorize=True):
+        fname = "diffkern.zo.module_loss"
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{fname}: module must be an nn.Module, got "
+                            f"{type(module).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"{fname}: loss_fn must be callable (model -> scalar loss), got "
+                            f"{type(loss_fn).__name__}")
+        self.module, self.loss_fn, self.vectorize = module, loss_fn, bool(vectorize)
+        self.names, self.params = [], []
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                if not p.is_floating_point():
+                    raise TypeError(f"{fname}: parameter {name!r} has dtype {p.dtype}; "
+                                    f"particles need floating-point parameters")
+                self.names.append(name)
+                self.params.append(p)
+        if not self.params:
+            raise ValueError(f"{fname}: module has no trainable parameters (none has "
+                             f"requires_grad=True)")
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+
+    def unflatten(self, row: Tensor) -> dict:
+        """{name: tensor shaped and typed like the parameter} from one row of length dim."""
+        parts = torch.split(row, self.sizes)
+        return {n: x.reshape(p.shape).to(p.dtype) for n, x, p in zip(self.names, parts,
+                                                                       self.params)}
+
+    def flatten(self) -> Tensor:
+        """The module's current trainable parameters as one row (float32, or float64 if
+        any is float64): the centre to spread a start swarm around."""
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) \
+            else torch.float32
+        return torch.cat([p.detach().reshape(-1).to(dtype) for p in self.params])
+
+    @torch.no_grad()
+    def load_(self, row: Tensor) -> None:
+        """Writes one row (e.g. ``cbo.best`` or ``cbo.consensus``) into the parameters."""
+        if not isinstance(row, Tensor) or row.shape != (self.dim,):
+            raise ValueError(f"diffkern.zo.ModuleLoss.load_: row must be a tensor of shape "
+                             f"({self.dim},), got "
+                             f"{tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}")
+        for p, x in zip(self.params, self.unflatten(row.to(self.params[0].device)).values()):
+            p.copy_(x)
+
+    def _one(self, row):
+        from torch.func import functional_call
+        params = self.unflatten(row)
+        model = lambda *args, **kwargs: functional_call(self.module, params, args, kwargs)
+        out = self.loss_fn(model)
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise ValueError(f"diffkern.zo.module_loss: loss_fn must return a scalar tensor, "
+                             f"got {type(out).__name__ if not isinstance(out, Tensor) else tuple(out.shape)}")
+        return out.reshape(())
+
+    def __call__(self, X: Tensor) -> Tensor:
+        if X.dim() != 2 or X.shape[1] != self.dim:
+            raise ValueError(f"diffkern.zo.module_loss: X must have shape (N, {self.dim}) "
+                             f"(one row per particle, all trainable parameters), got "
+                             f"{tuple(X.shape)}")
+        with torch.no_grad():
+            if self.vectorize:
+                return torch.func.vmap(self._one)(X)
+            return torch.stack([self._one(row) for row in X])
+
+
+def module_loss(module: nn.Module, loss_fn: Callable, *, vectorize: bool = True) -> ModuleLoss:
+    """The batched loss f(X) of a module's trainable parameters, for ``CBO``.
+
+    Row i of X (shape (N, dim)) holds all trainable parameters (``requires_grad=True``, in
+    ``named_parameters()`` order, flattened) of particle i; f(X)_i = loss_fn(model_i) where
+    ``model_i(*inputs)`` runs ``module`` with those parameters
+    (``torch.func.functional_call``; the module's own parameters and buffers are not
+    touched). ``vectorize=True`` evaluates all rows as one ``torch.func.vmap`` call, so
+    loss_fn must be vmappable (no ``.item()``, no data-dependent Python branching; modules
+    that update buffers in the forward, like BatchNorm in training mode, are not);
+    ``vectorize=False`` loops over rows (same values). ``CBO(..., chunk_size=k)`` bounds
+    the memory of the vmapped call to k particles.
+
+    The returned object also has ``dim``, ``flatten()`` (current parameters as one row),
+    ``unflatten(row)`` and ``load_(row)`` (write a particle, e.g. ``cbo.best``, back).
+    """
+    return ModuleLoss(module, loss_fn, vectorize=vectorize)
