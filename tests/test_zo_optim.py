@@ -355,6 +355,21 @@ def test_blackbox_cge_composes_like_autograd():
     assert not any(rg or ge for rg, ge in calls)
 
 
+def test_blackbox_cge_low_precision_divides_by_the_step_taken():
+    """fp16 x with eps below its resolution: every step is one ulp, and the quotient uses
+    the ulp actually taken, so the estimate is still the gradient (to O(ulp^2))."""
+    torch.manual_seed(4)
+    a = torch.randn(3, 5, dtype=F64)
+    fn = lambda z: torch.sin(z.double() @ a.T)  # fp16 in, float64 out
+    x = (torch.rand(5) + 0.5).half().requires_grad_()
+    g = torch.randn(3, dtype=F64)
+    est, = torch.autograd.grad(dk.zo.blackbox(fn, estimator="cge", eps=1e-7)(x), x, g)
+    x64 = x.detach().double().requires_grad_()
+    true, = torch.autograd.grad(fn(x64), x64, g)
+    assert est.dtype == torch.float16
+    torch.testing.assert_close(est.double(), true, rtol=5e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("kw", [dict(estimator="spsa"),
                                 dict(estimator="rge", mode="forward", eps=1e-4),
                                 dict(estimator="rge", distribution="sphere"),

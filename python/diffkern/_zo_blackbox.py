@@ -37,6 +37,17 @@ def _call(box, x, label, shape=None):
     return y.detach()
 
 
+def _shifted_all(v, step):
+    """v + step rounded to v's dtype, elementwise, at least one unit in the last place away
+    from v: the vectorized common case, and ``zo._shifted`` for the entries where adding
+    step rounds back to v."""
+    w = (v.double() + step).to(v.dtype)
+    stuck = torch.nonzero(w == v).reshape(-1)
+    for i in stuck.tolist():
+        w[i] = _shifted(v[i].cpu(), step).to(v.device)
+    return w
+
+
 def _project(g, y, rows):
     """<g, y> in float64: one number, or one per row (shape (rows,)) when ``rows``."""
     p = g.double() * y.double()
@@ -151,12 +162,12 @@ class BlackBox(nn.Module):
         base = self._phi(x0, g, "fn(x)") if self.mode == "forward" else None
         for j in range(width):
             cols = x0.reshape(flat_g.shape[0], width)[:, j]
-            up = torch.stack([_shifted(v, self.eps) for v in cols.cpu()]).to(x.device)
+            up = _shifted_all(cols, self.eps)
             xp = x0.clone(memory_format=torch.contiguous_format)
             xp.view(flat_g.shape)[:, j] = up
             plus = self._phi(xp, g, f"x + eps at coordinate {j}")
             if self.mode == "central":
-                down = torch.stack([_shifted(v, -self.eps) for v in cols.cpu()]).to(x.device)
+                down = _shifted_all(cols, -self.eps)
                 xm = x0.clone(memory_format=torch.contiguous_format)
                 xm.view(flat_g.shape)[:, j] = down
                 minus = self._phi(xm, g, f"x - eps at coordinate {j}")
@@ -194,7 +205,9 @@ def blackbox(fn: Callable[[Tensor], Tensor], *, estimator: str = "spsa",
     ``requires_grad`` tensors) in x's dtype and device; it must return a floating-point
     tensor of a fixed shape, finite (else ``TypeError`` / ``ValueError`` naming fn). The
     backward runs 2n (central), n + 1 (forward) or 2 * coordinates calls of fn; its math is
-    float64, its result is cast to x's dtype. Not twice differentiable.
+    float64, its result is cast to x's dtype. Not twice differentiable. fp16/bf16 inputs:
+    x + eps z is rounded to x's dtype before fn sees it, so take eps well above the
+    resolution of x (CGE divides by the step rounding actually left, at least one ulp).
     """
     return BlackBox(fn, estimator=estimator, num_directions=num_directions, eps=eps,
                     seed=seed, distribution=distribution, mode=mode, batched=batched)
