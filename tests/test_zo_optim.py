@@ -355,6 +355,19 @@ def test_blackbox_cge_composes_like_autograd():
     assert not any(rg or ge for rg, ge in calls)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_blackbox_cge_forward_differences(batched):
+    torch.manual_seed(6)
+    a = torch.randn(3, 4, dtype=F64)
+    fn = _smooth(a)
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    g = torch.randn(5, 3, dtype=F64)
+    box = dk.zo.blackbox(fn, estimator="cge", mode="forward", eps=1e-7, batched=batched)
+    est, = torch.autograd.grad(box(x), x, g)
+    true, = torch.autograd.grad(fn(x), x, g)
+    torch.testing.assert_close(est, true, rtol=1e-5, atol=1e-5)  # O(eps) + O(1e-16 / eps)
+
+
 def test_blackbox_cge_low_precision_divides_by_the_step_taken():
     """fp16 x with eps below its resolution: every step is one ulp, and the quotient uses
     the ulp actually taken, so the estimate is still the gradient (to O(ulp^2))."""
@@ -411,6 +424,29 @@ def test_blackbox_batched_rows_and_seeds():
     assert torch.equal(first, est)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(estimator="rge", mode="forward"),
+                                dict(distribution="sphere")], ids=["spsa", "forward", "sphere"])
+def test_blackbox_stacked_calls_give_the_same_estimate(kw):
+    torch.manual_seed(5)
+    a = torch.randn(3, 4, dtype=F64)
+    fn = _smooth(a)
+    x = torch.randn(16, 4, dtype=F64, requires_grad=True)
+    g = torch.randn(16, 3, dtype=F64)
+    sizes = []
+
+    def counted(z):
+        sizes.append(z.shape[0])
+        return fn(z)
+
+    one, = torch.autograd.grad(dk.zo.blackbox(fn, num_directions=6, batched=True, **kw)(x), x, g)
+    box = dk.zo.blackbox(counted, num_directions=6, batched=True, max_rows=16 * 5, **kw)
+    stacked, = torch.autograd.grad(box(x), x, g)
+    torch.testing.assert_close(stacked, one, rtol=1e-12, atol=1e-12)
+    copies = 12 if kw.get("mode") != "forward" else 6  # forward: fn(x) is reused
+    # the forward's call, then the copies in calls of at most 5 copies (80 rows)
+    assert sizes == [16] + [80] * (copies // 5) + ([16 * (copies % 5)] if copies % 5 else [])
+
+
 def test_blackbox_trains_an_encoder_through_a_simulator():
     """ZO-AE-DS pattern: only the encoder is differentiable; the loss goes down."""
     torch.manual_seed(3)
@@ -446,6 +482,11 @@ def test_blackbox_errors():
     for kw, exc, match in cases:
         with pytest.raises(exc, match="diffkern.zo.blackbox: " + match):
             dk.zo.blackbox(torch.sin, **kw)
+    with pytest.raises(ValueError, match="blackbox: max_rows .*batched=True"):
+        dk.zo.blackbox(torch.sin, max_rows=10)
+    with pytest.raises(ValueError, match="blackbox: batched=True needs fn's output"):
+        dk.zo.blackbox(lambda z: z.sum(0), batched=True)(torch.randn(4, 2,
+                                                                    requires_grad=True)).sum().backward()
     with pytest.raises(TypeError, match="blackbox: fn must be callable"):
         dk.zo.blackbox(3)
     with pytest.raises(TypeError, match="blackbox: x must be floating"):

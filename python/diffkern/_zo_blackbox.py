@@ -58,22 +58,23 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, box):
         ctx.box = box
-        ctx.save_for_backward(x)
-        return _call(box, x, "fn(x)")
+        y = _call(box, x, "fn(x)")
+        # Forward differences reuse fn(x) rather than calling fn at x again.
+        ctx.save_for_backward(x, y if box.mode == "forward" else None)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        box = ctx.box
-        return box.vjp(x, g), None
+        x, y = ctx.saved_tensors
+        return ctx.box.vjp(x, g, y), None
 
 
 class BlackBox(nn.Module):
     """See ``diffkern.zo.blackbox``."""
 
     def __init__(self, fn, *, estimator, num_directions, eps, seed, distribution, mode,
-                 batched):
+                 batched, max_rows):
         super().__init__()
         self.fname = "diffkern.zo.blackbox"
         if not callable(fn):
@@ -89,6 +90,14 @@ class BlackBox(nn.Module):
         self.eps = _check_eps(self.fname, eps)
         self.seed = None if seed is None else _check_seed(self.fname, seed)
         self.batched = bool(batched)
+        if max_rows is not None:
+            if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+                raise ValueError(f"{self.fname}: max_rows must be None or an int >= 1, got "
+                                 f"{max_rows!r}")
+            if not self.batched:
+                raise ValueError(f"{self.fname}: max_rows stacks perturbed copies of x along "
+                                 f"its rows, which needs batched=True (fn row by row)")
+        self.max_rows = max_rows
         self.calls = 0  # backward calls so far: call c uses seed mix(seed, c)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,63 +112,105 @@ class BlackBox(nn.Module):
 
     def extra_repr(self):
         return (f"estimator={self.estimator!r}, num_directions={self.num_directions}, "
-                f"eps={self.eps}, distribution={self.distribution!r}, batched={self.batched}")
+                f"eps={self.eps}, distribution={self.distribution!r}, batched={self.batched}, "
+                f"max_rows={self.max_rows}")
 
     # ------------------------------------------------------------------ estimates
-    def vjp(self, x: Tensor, g: Tensor) -> Tensor:
-        """The estimate of d<g, fn(x)>/dx, shaped and typed like x (math in float64)."""
+    def vjp(self, x: Tensor, g: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The estimate of d<g, fn(x)>/dx, shaped and typed like x (math in float64);
+        ``y``: fn(x) if known (forward differences use it instead of calling fn at x)."""
         if self.batched and g.shape[:1] != x.shape[:1]:
             raise ValueError(f"{self.fname}: batched=True needs fn's output to keep x's "
                              f"leading (batch) dimension {x.shape[0]}, got output shape "
                              f"{tuple(g.shape)}")
+        base = None
+        if self.mode == "forward":
+            if y is None:
+                y = _call(self, x, "fn(x)")
+            if y.shape != g.shape or not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{self.fname}: fn(x) must be finite and shaped like its "
+                                 f"output gradient for forward differences")
+            base = _project(g, y, self.batched)
         if self.estimator == "cge":
-            out = self._cge(x, g)
+            out = self._cge(x, g, base)
         else:
-            out = self._directional(x, g)
+            out = self._directional(x, g, base)
         return out.to(x.dtype)
 
     def _phi(self, x, g, label):
         return _project(g, _call(self, x, label, g.shape), self.batched)
 
-    def _directional(self, x, g):
+    def _unit(self, x, seed, k, rows):
+        """(z_k in float64 shaped like x, factor): the direction and the scale of its term."""
+        dist = "gaussian" if self.distribution == "sphere" else self.distribution
+        z = _direction(0, x, seed, k, dist).double()
+        if self.distribution != "sphere":
+            return z, 1.0
+        # u = z / ||z|| (per row when batched); the estimate is d * mean_k D_k u_k.
+        zr = z.reshape(rows, -1)
+        norm = torch.linalg.vector_norm(zr, dim=1, keepdim=True)
+        return (zr / norm).reshape(x.shape), float(zr.shape[1])
+
+    def _stacked(self, points, labels, g):
+        """<g, fn(.)> per row for each point (a perturbed copy of x), whole copies stacked
+        along dim 0 into calls of at most ``max_rows`` rows (at least one copy a call)."""
+        rows = points[0].shape[0]
+        per = max(1, self.max_rows // max(rows, 1))
+        out = []
+        for s in range(0, len(points), per):
+            chunk = points[s:s + per]
+            label = f"{labels[s]} .. {labels[s + len(chunk) - 1]} (stacked)"
+            y = _call(self, torch.cat(chunk), label, (len(chunk) * rows,) + tuple(g.shape[1:]))
+            out.extend(_project(g, part, True) for part in y.split(rows))
+        return out
+
+    def _directional(self, x, g, base):
         c = self.calls
         self.calls += 1
         seed = _check_seed(self.fname, None) if self.seed is None else _mix(self.seed, c)
-        dist = "gaussian" if self.distribution == "sphere" else self.distribution
         rows = x.shape[0] if self.batched else 1
-        d = x.numel() // max(rows, 1)
         x64 = x.detach().double()
         grad = torch.zeros_like(x64)
-        base = self._phi(x, g, "fn(x)") if self.mode == "forward" else None
+        central = self.mode == "central"
+        shape = (rows,) + (1,) * (x.dim() - 1) if self.batched else ()
+        stack = self.batched and self.max_rows is not None
+        if stack:  # every perturbed copy first, then few large calls of fn
+            units = [self._unit(x, seed, k, rows) for k in range(self.num_directions)]
+            points, labels = [], []
+            for k, (z, _) in enumerate(units):
+                points.append((x64 + self.eps * z).to(x.dtype))
+                labels.append(f"x + eps*z (direction {k})")
+                if central:
+                    points.append((x64 - self.eps * z).to(x.dtype))
+                    labels.append(f"x - eps*z (direction {k})")
+            values = self._stacked(points, labels, g)
+            for k, (z, factor) in enumerate(units):
+                if central:
+                    diff = (values[2 * k] - values[2 * k + 1]) / (2.0 * self.eps)
+                else:
+                    diff = (values[k] - base) / self.eps
+                grad += diff.reshape(shape) * factor * z
+            return grad / self.num_directions
+        # One call per perturbed copy, one direction alive at a time.
         for k in range(self.num_directions):
-            z = _direction(0, x, seed, k, dist).double()
-            factor = 1.0
-            if self.distribution == "sphere":
-                # u = z / ||z|| (per row when batched); g = d * mean_k D_k u_k.
-                zr = z.reshape(rows, -1)
-                norm = torch.linalg.vector_norm(zr, dim=1, keepdim=True)
-                z = (zr / norm).reshape(x.shape)
-                factor = float(d)
+            z, factor = self._unit(x, seed, k, rows)
             step = self.eps * z
             plus = self._phi((x64 + step).to(x.dtype), g, f"x + eps*z (direction {k})")
-            if self.mode == "central":
+            if central:
                 minus = self._phi((x64 - step).to(x.dtype), g, f"x - eps*z (direction {k})")
                 diff = (plus - minus) / (2.0 * self.eps)
             else:
                 diff = (plus - base) / self.eps
-            if self.batched:
-                diff = diff.reshape((rows,) + (1,) * (x.dim() - 1))
-            grad += diff * factor * z
+            grad += diff.reshape(shape) * factor * z
         return grad / self.num_directions
 
-    def _cge(self, x, g):
+    def _cge(self, x, g, base):
         """Per coordinate (per coordinate of every row at once when batched): central or
         forward differences with the steps rounding to x's dtype actually leaves."""
         x0 = x.detach()
         grad = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         flat_g = grad.view(x.shape[0], -1) if self.batched else grad.view(1, -1)
         width = flat_g.shape[1]
-        base = self._phi(x0, g, "fn(x)") if self.mode == "forward" else None
         for j in range(width):
             cols = x0.reshape(flat_g.shape[0], width)[:, j]
             up = _shifted_all(cols, self.eps)
@@ -180,7 +231,7 @@ class BlackBox(nn.Module):
 def blackbox(fn: Callable[[Tensor], Tensor], *, estimator: str = "spsa",
              num_directions: int = 16, eps: float = 1e-3, seed: Optional[int] = 0,
              distribution: str = "gaussian", mode: str = "central",
-             batched: bool = False) -> BlackBox:
+             batched: bool = False, max_rows: Optional[int] = None) -> BlackBox:
     """Wraps ``y = fn(x)`` (tensor in, tensor out; a simulator, a quantized or remote model,
     anything without a gradient) as a module whose backward is a zeroth-order estimate of
     the vector-Jacobian product, so it composes with differentiable parts (ZO-AE-DS:
@@ -198,16 +249,23 @@ def blackbox(fn: Callable[[Tensor], Tensor], *, estimator: str = "spsa",
       classifier on a batch): every row gets its own direction from the same calls and D_k
       is taken per row, so the variance scales with one row's size, not the whole batch's;
       "cge" then needs 2 calls per coordinate of one row.
+    - ``max_rows`` (``batched=True``): stack the perturbed copies of x along dim 0 and call
+      fn on up to ``max_rows`` rows at once (at least one copy a call), e.g. all 2n copies
+      in one call: fewer, larger calls for a batched simulator or model. The n directions
+      are then held at once (n copies of x in float64). Same estimate as one call a copy.
+      Used by "spsa" and "rge"; "cge" calls fn once per perturbed coordinate.
     - ``seed``: backward call c uses the directions of seed mix(seed, c) (deterministic, new
       each call); None draws one from torch's default generator each call.
 
     fn is called with detached inputs under ``torch.no_grad()`` (never with
     ``requires_grad`` tensors) in x's dtype and device; it must return a floating-point
     tensor of a fixed shape, finite (else ``TypeError`` / ``ValueError`` naming fn). The
-    backward runs 2n (central), n + 1 (forward) or 2 * coordinates calls of fn; its math is
+    backward runs 2n (central), n (forward: fn(x) is kept from the forward pass) or
+    2 * coordinates (forward: 1 per coordinate) calls of fn; its math is
     float64, its result is cast to x's dtype. Not twice differentiable. fp16/bf16 inputs:
     x + eps z is rounded to x's dtype before fn sees it, so take eps well above the
     resolution of x (CGE divides by the step rounding actually left, at least one ulp).
     """
     return BlackBox(fn, estimator=estimator, num_directions=num_directions, eps=eps,
-                    seed=seed, distribution=distribution, mode=mode, batched=batched)
+                    seed=seed, distribution=distribution, mode=mode, batched=batched,
+                    max_rows=max_rows)
