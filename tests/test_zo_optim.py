@@ -298,7 +298,8 @@ def test_cbo_errors():
     f = lambda X: X.square().sum(1)
     cases = [(dict(particles=torch.randn(0, 3)), ValueError, "N .*>= 1"),
              (dict(particles=torch.randn(3)), ValueError, "particles must have shape"),
-             (dict(particles=torch.arange(6).reshape(3, 2)), TypeError, "particles must be floating"),
+             (dict(particles=torch.arange(6).reshape(3, 2)), TypeError,
+              "particles must be floating"),
              (dict(dt=0.0), ValueError, "dt"),
              (dict(alpha=-1.0), ValueError, "alpha"),
              (dict(sigma=math.inf), ValueError, "sigma"),
@@ -485,8 +486,8 @@ def test_blackbox_errors():
     with pytest.raises(ValueError, match="blackbox: max_rows .*batched=True"):
         dk.zo.blackbox(torch.sin, max_rows=10)
     with pytest.raises(ValueError, match="blackbox: batched=True needs fn's output"):
-        dk.zo.blackbox(lambda z: z.sum(0), batched=True)(torch.randn(4, 2,
-                                                                    requires_grad=True)).sum().backward()
+        x2 = torch.randn(4, 2, requires_grad=True)
+        dk.zo.blackbox(lambda z: z.sum(0), batched=True)(x2).sum().backward()
     with pytest.raises(TypeError, match="blackbox: fn must be callable"):
         dk.zo.blackbox(3)
     with pytest.raises(TypeError, match="blackbox: x must be floating"):

@@ -2,7 +2,6 @@
 autograd function whose backward is a zeroth-order estimate of the vector-Jacobian product."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch

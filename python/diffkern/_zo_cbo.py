@@ -48,6 +48,15 @@ class CBO:
     particle (the Laplace principle), small alpha the plain mean. ``lam`` (>= 0): drift
     towards v. ``sigma`` (>= 0): exploration noise. ``dt`` (> 0): step. Any of these can be
     changed between steps (e.g. an alpha schedule); ``state_dict`` carries them.
+    ``batch_size`` (random-batch CBO, Carrillo et al. 2021): each step partitions the
+    particles at random into batches of that size and moves each particle towards its own
+    batch's consensus point; this keeps the swarm from collapsing on the first good basin
+    and is what finds the global minimum of multimodal functions (tests: shifted Rastrigin
+    d=10 and Ackley d=20 from a uniform start on [-3, 3]^d with N=200, batch_size=20,
+    alpha=1e5, lam=1, sigma=1.3, dt=0.02, 800 steps; full consensus stalls a unit away, in a
+    neighbouring basin). Tuning: with anisotropic noise the swarm contracts on average only
+    if sigma^2 < 2 lam (less dt lam^2); sigma just below that explores longest.
+    ``consensus`` is always the whole swarm's v.
     ``seed``: the noise comes from a ``torch.Generator`` on the particles' device seeded
     with it, so a run is reproducible bit for bit on one device (``state_dict`` keeps the
     generator's state too).
@@ -267,9 +276,9 @@ class ModuleLoss:
     def load_(self, row: Tensor) -> None:
         """Writes one row (e.g. ``cbo.best`` or ``cbo.consensus``) into the parameters."""
         if not isinstance(row, Tensor) or row.shape != (self.dim,):
+            got = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
             raise ValueError(f"diffkern.zo.ModuleLoss.load_: row must be a tensor of shape "
-                             f"({self.dim},), got "
-                             f"{tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}")
+                             f"({self.dim},), got {got}")
         for p, x in zip(self.params, self.unflatten(row.to(self.params[0].device)).values()):
             p.copy_(x)
 
@@ -279,8 +288,9 @@ class ModuleLoss:
         model = lambda *args, **kwargs: functional_call(self.module, params, args, kwargs)
         out = self.loss_fn(model)
         if not isinstance(out, Tensor) or out.numel() != 1:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"diffkern.zo.module_loss: loss_fn must return a scalar tensor, "
-                             f"got {type(out).__name__ if not isinstance(out, Tensor) else tuple(out.shape)}")
+                             f"got {got}")
         return out.reshape(())
 
     def __call__(self, X: Tensor) -> Tensor:
