@@ -53,9 +53,11 @@ class CBO:
     batch's consensus point; this keeps the swarm from collapsing on the first good basin
     and is what finds the global minimum of multimodal functions (tests: shifted Rastrigin
     d=10 and Ackley d=20 from a uniform start on [-3, 3]^d with N=200, batch_size=20,
-    alpha=1e5, lam=1, sigma=1.3, dt=0.02, 800 steps; full consensus stalls a unit away, in a
-    neighbouring basin). Tuning: with anisotropic noise the swarm contracts on average only
-    if sigma^2 < 2 lam (less dt lam^2); sigma just below that explores longest.
+    alpha=1e5, lam=1, sigma=1.3, dt=0.02, 800 steps; without batches the same runs stopped
+    in a neighbouring Rastrigin basin, a coordinate one unit off). Tuning: with anisotropic
+    noise a coordinate's distance to a fixed v contracts in mean square only if
+    (1 - lam dt)^2 + sigma^2 dt < 1, i.e. sigma^2 < 2 lam - lam^2 dt; sigma just below
+    that explores longest.
     ``consensus`` is always the whole swarm's v.
     ``seed``: the noise comes from a ``torch.Generator`` on the particles' device seeded
     with it, so a run is reproducible bit for bit on one device (``state_dict`` keeps the
