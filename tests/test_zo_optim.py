@@ -436,6 +436,7 @@ def test_blackbox_stacked_calls_give_the_same_estimate(kw):
     sizes = []
 
     def counted(z):
+        assert not z.requires_grad and not torch.is_grad_enabled()
         sizes.append(z.shape[0])
         return fn(z)
 
@@ -455,12 +456,14 @@ def test_blackbox_trains_an_encoder_through_a_simulator():
     sim = lambda z: torch.round(z * 1e6) / 1e6 @ target  # rounding: no autograd path
     enc = nn.Linear(3, 4)
     box = dk.zo.blackbox(sim, num_directions=8, eps=1e-2, batched=True, seed=1)
+    model = nn.Sequential(enc, box)  # a module without parameters of its own
+    assert list(model.parameters()) == list(enc.parameters())
     x, y = torch.randn(64, 3), torch.randn(64, 2)
-    opt = torch.optim.Adam(enc.parameters(), lr=0.05)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
     losses = []
     for _ in range(60):
         opt.zero_grad()
-        loss = (box(enc(x)) - y).square().mean()
+        loss = (model(x) - y).square().mean()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
