@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .zo import (_DISTRIBUTIONS, _Evaluator, _check_choice, _check_count, _check_eps,
-                 _check_group, _check_params, _check_seed, _directional,
-                 _kernel_distribution, _update_, _MASK64)
+                 _check_group, _check_params, _check_seed, _direction, _directional,
+                 _kernel_distribution, _kernels, _update_, _MASK64)
 
 
 class HistoryEntry(NamedTuple):
@@ -41,6 +41,25 @@ def _mix(*values):
 
 def _buffer_dtype(p):
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def _estimate_tensor(p, t, seed, coeffs, kdist):
+    """sum_k c_k z(seed, k, t, .) for parameter t of a group alone: the gradient estimate of
+    one tensor (float32; float64 for float64 parameters), so an optimizer that needs it
+    explicitly (ZOAdam) holds one tensor's estimate at a time, never the whole model's."""
+    buf = torch.zeros(p.shape, dtype=_buffer_dtype(p), device=p.device)
+    if buf.dtype == torch.float32:
+        # 0 - 1 * (sum of -c z) = sum c z, in chunks of what one launch takes.
+        kernels = _kernels()
+        terms = [(seed, k, -c) for k, c in enumerate(coeffs)]
+        step = kernels.MAX_UPDATE_TERMS
+        for start in range(0, len(terms), step):
+            kernels.update_([buf], terms[start:start + step], 1.0, 0.0, kdist, tensor_ids=[t])
+    else:
+        for k, c in enumerate(coeffs):
+            buf += c * _direction(t, p, seed, k, kdist).double()
+    return buf
 
 
 @torch.no_grad()
@@ -78,7 +97,90 @@ def _number(fname, name, value, low=0.0, high=math.inf, high_open=False):
     return value
 
 
-class ZOSGD(torch.optim.Optimizer):
+class _ZOOptimizer(torch.optim.Optimizer):
+    """What every optimizer on the directional estimate shares (ZOSGD, ZOAdam): argument
+    checks, the module / list strategies of ``_Evaluator``, the per-step seeds
+    mix(seed, step, group), one estimate per step, and the ``"zo"`` entry of the state dict.
+    A subclass sets ``_NAME`` and implements ``_apply(group_index, group, params, seed,
+    coefficients, kernel distribution)``."""
+
+    _NAME = "diffkern.zo._ZOOptimizer"
+
+    def __init__(self, params, defaults, *, eps, num_directions, distribution, seed,
+                 group="auto"):
+        fname = self._NAME
+        module = None
+        if isinstance(params, nn.Module):
+            module = params
+            params, _ = _check_params(fname, module)
+        self.eps = _check_eps(fname, eps)
+        self.num_directions = _check_count(fname, "num_directions", num_directions)
+        _check_choice(fname, "distribution", distribution, _DISTRIBUTIONS)
+        self.distribution = distribution
+        if seed is None:
+            raise TypeError(f"{fname}: seed must be an int (a run is repeated from it)")
+        self.seed = _check_seed(fname, seed)
+        _check_group(fname, group)
+        self.group = group  # the directions of a step split across ranks: see zo.grad
+        self._module = module
+        self._step_count = 0
+        super().__init__(params, defaults)
+        for g, group in enumerate(self.param_groups):
+            _check_params(fname, group["params"], f"param_groups[{g}]['params']")
+
+    def _groups(self):
+        return [list(group["params"]) for group in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        fname = f"{self._NAME}.step"
+        if closure is None:
+            raise TypeError(f"{fname}: closure is required: a function returning the loss "
+                            f"(zeroth-order steps evaluate it, no backward)")
+        groups = self._groups()
+        seeds = [_mix(self.seed, self._step_count, g) for g in range(len(groups))]
+        with _Evaluator(groups, self._module, fname, "closure") as ev:
+            coeffs, losses = _directional(ev, closure, groups, seeds, self.num_directions,
+                                          self.eps, self.distribution, "central",
+                                          group=self.group)
+        kdist = _kernel_distribution(self.distribution)
+        for g, (group, ps) in enumerate(zip(self.param_groups, groups)):
+            self._apply(g, group, ps, seeds[g], coeffs, kdist)
+        self._step_count += 1
+        return torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+
+    def _apply(self, g, group, ps, seed, coeffs, kdist):
+        raise NotImplementedError
+
+    def _zo_state(self):
+        return dict(step=self._step_count, seed=self.seed)
+
+    def _load_zo_state(self, zo):
+        self._step_count, self.seed = int(zo["step"]), int(zo["seed"])
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["zo"] = self._zo_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        # torch casts floating state to the parameter's dtype: keep the float32 buffers
+        # of fp16/bf16 parameters in float32.
+        buffers = {i: {k: v for k, v in s.items() if isinstance(v, Tensor) and v.dim() > 0}
+                   for i, s in state_dict.get("state", {}).items()}
+        super().load_state_dict(state_dict)
+        flat = [p for group in self.param_groups for p in group["params"]]
+        for i, bufs in buffers.items():
+            p = flat[i]
+            for name, b in bufs.items():
+                self.state[p][name] = b.to(device=p.device, dtype=_buffer_dtype(p)).clone()
+        if zo is not None:
+            self._load_zo_state(zo)
+
+
+class ZOSGD(_ZOOptimizer):
     """SGD on the SPSA (MeZO) estimate: forward passes only, no gradient tensors.
 
     ``params``: an ``nn.Module`` (its trainable parameters, perturbed through forward hooks:
@@ -98,98 +200,52 @@ class ZOSGD(torch.optim.Optimizer):
     (float32; float64 for float64 parameters) in ``state``: b <- m b + sum c z + wd theta,
     theta <- theta - lr b. Without momentum nothing but scalars is kept between steps.
 
+    ``group``: as in ``diffkern.zo.grad`` ("auto": split the directions of each step across
+    the ranks of torch.distributed's default group when it is initialised; None: this
+    process alone; or a process group). Every rank runs the same steps on identical
+    replicas; only scalars cross the network and the replicas stay bit-identical.
+
     ``history=True`` appends one ``HistoryEntry`` per (step, group, direction) to
     ``self.history`` (a few hundred bytes each; ``history=False`` keeps none):
     ``diffkern.zo.replay(initial params, history)`` then rebuilds the final weights bit for
     bit, rebuilding momentum buffers as it goes (so a momentum run's replay needs their
     memory too). ``state_dict`` carries the step counter, the seed and the history.
-
-    ``group``: as in ``diffkern.zo.grad`` ("auto": split the directions of each step across
-    the ranks of torch.distributed's default group when it is initialised; None: this
-    process alone; or a process group). Every rank runs the same steps on identical
-    replicas; only scalars cross the network and the replicas stay bit-identical.
     """
+
+    _NAME = "diffkern.zo.ZOSGD"
 
     def __init__(self, params, lr, *, momentum=0.0, weight_decay=0.0, eps=1e-3,
                  num_directions=1, distribution="gaussian", seed=0, history=True,
                  group="auto"):
-        fname = "diffkern.zo.ZOSGD"
-        module = None
-        if isinstance(params, nn.Module):
-            module = params
-            params, _ = _check_params(fname, module)
+        fname = self._NAME
         lr = _number(fname, "lr", lr)
         momentum = _number(fname, "momentum", momentum, 0.0, 1.0, high_open=True)
         weight_decay = _number(fname, "weight_decay", weight_decay)
-        self.eps = _check_eps(fname, eps)
-        self.num_directions = _check_count(fname, "num_directions", num_directions)
-        _check_choice(fname, "distribution", distribution, _DISTRIBUTIONS)
-        self.distribution = distribution
-        if seed is None:
-            raise TypeError(f"{fname}: seed must be an int (a run is replayed from it)")
-        self.seed = _check_seed(fname, seed)
-        _check_group(fname, group)
-        self.group = group  # the directions of a step split across ranks: see zo.grad
-        self._module = module
-        self._step_count = 0
         self.history = [] if history else None
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        for g, group in enumerate(self.param_groups):
-            _check_params(fname, group["params"], f"param_groups[{g}]['params']")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
+                         eps=eps, num_directions=num_directions, distribution=distribution,
+                         seed=seed, group=group)
 
-    def _groups(self):
-        return [list(group["params"]) for group in self.param_groups]
+    def _apply(self, g, group, ps, seed, coeffs, kdist):
+        lr, wd, m = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])
+        triples = [(seed, k, c) for k, c in enumerate(coeffs)]
+        buffers = [self.state[p].get("momentum_buffer") for p in ps] if m else None
+        _apply_step(ps, triples, lr, wd, m, buffers, kdist)
+        if m:
+            for p, b in zip(ps, buffers):
+                self.state[p]["momentum_buffer"] = b
+        if self.history is not None:
+            self.history.extend(HistoryEntry(self._step_count, g, s, k, c, lr, wd, m, kdist)
+                                for s, k, c in triples)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        fname = "diffkern.zo.ZOSGD.step"
-        if closure is None:
-            raise TypeError(f"{fname}: closure is required: a function returning the loss "
-                            f"(zeroth-order steps evaluate it, no backward)")
-        groups = self._groups()
-        seeds = [_mix(self.seed, self._step_count, g) for g in range(len(groups))]
-        with _Evaluator(groups, self._module, fname, "closure") as ev:
-            coeffs, losses = _directional(ev, closure, groups, seeds, self.num_directions,
-                                          self.eps, self.distribution, "central",
-                                          group=self.group)
-        kdist = _kernel_distribution(self.distribution)
-        for g, (group, ps) in enumerate(zip(self.param_groups, groups)):
-            lr, wd, m = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])
-            triples = [(seeds[g], k, c) for k, c in enumerate(coeffs)]
-            buffers = [self.state[p].get("momentum_buffer") for p in ps] if m else None
-            _apply_step(ps, triples, lr, wd, m, buffers, kdist)
-            if m:
-                for p, b in zip(ps, buffers):
-                    self.state[p]["momentum_buffer"] = b
-            if self.history is not None:
-                self.history.extend(HistoryEntry(self._step_count, g, s, k, c, lr, wd, m, kdist)
-                                    for s, k, c in triples)
-        self._step_count += 1
-        return torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+    def _zo_state(self):
+        return dict(super()._zo_state(), history=None if self.history is None
+                    else [tuple(e) for e in self.history])
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["zo"] = dict(step=self._step_count, seed=self.seed,
-                        history=None if self.history is None
-                        else [tuple(e) for e in self.history])
-        return sd
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        zo = state_dict.pop("zo", None)
-        # torch casts floating state to the parameter's dtype: keep fp32 momentum buffers.
-        buffers = {i: s["momentum_buffer"] for i, s in state_dict.get("state", {}).items()
-                   if "momentum_buffer" in s}
-        super().load_state_dict(state_dict)
-        flat = [p for group in self.param_groups for p in group["params"]]
-        for i, b in buffers.items():
-            p = flat[i]
-            self.state[p]["momentum_buffer"] = b.to(device=p.device,
-                                                    dtype=_buffer_dtype(p)).clone()
-        if zo is not None:
-            self._step_count, self.seed = int(zo["step"]), int(zo["seed"])
-            self.history = None if zo["history"] is None else [HistoryEntry(*e)
-                                                               for e in zo["history"]]
+    def _load_zo_state(self, zo):
+        super()._load_zo_state(zo)
+        self.history = None if zo["history"] is None else [HistoryEntry(*e)
+                                                           for e in zo["history"]]
 
 
 def replay(params, history) -> None:

@@ -52,7 +52,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["grad", "GradEstimate", "ZOSGD", "HistoryEntry", "replay"]
+__all__ = ["grad", "GradEstimate", "ZOSGD", "HistoryEntry", "replay", "ZOAdam", "CBO",
+           "consensus_weights", "module_loss", "ModuleLoss", "blackbox", "BlackBox"]
 
 _ESTIMATORS = ("spsa", "rge", "cge")
 _DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
@@ -747,3 +748,6 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
 
 
 from ._zo_optim import ZOSGD, HistoryEntry, replay  # noqa: E402
+from ._zo_adam import ZOAdam  # noqa: E402
+from ._zo_cbo import CBO, ModuleLoss, consensus_weights, module_loss  # noqa: E402
+from ._zo_blackbox import blackbox, BlackBox  # noqa: E402
