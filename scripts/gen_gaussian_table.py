@@ -15,7 +15,7 @@ the resolution 2^-31 of x (|z| <= Qinv(2^-32) = 6.33).
  - t < 64 (x < 3e-8, the far tail): kGaussianTail[t] = Qinv(x) itself.
  - t >= 64, with e = floor(log2 t) in [6, 31]: the level [2^e, 2^(e+1)) is split into 64
    cells by the 6 bits below t's leading one; the e - 6 bits under them give the position
-   f in [0, 1) within the cell, and Qinv = c0 + f (c1 + f (c2 + f c3)) with the cell's
+   f in [0, 1) within the cell (its top 23 bits: one bit is dropped at e = 30), and Qinv = c0 + f (c1 + f (c2 + f c3)) with the cell's
    cubic (kGaussianCells, 4 floats per cell, level-major). Cells are uniform in x within a
    level and halve in width from level to level, so each spans a relative range of x of
    at most 1/64: Qinv is smooth over a cell even in the tail.
@@ -76,10 +76,12 @@ def main():
             bits = e - 6
             n = min(2**bits, 4096)
             low = np.unique(np.linspace(0, 2**bits - 1, n).round().astype(np.int64))
-            f = (low.astype(np.float64) * 2.0**-bits).astype(np.float32)
+            # The kernel keeps 23 bits of the position: f = floor(low 2^(23-bits)) 2^-23.
+            f = (np.floor(low.astype(np.float64) * 2.0**(23 - bits)) * 2.0**-23).astype(np.float32)
             got = horner_f32(k, f).astype(np.float64)
             t = 2.0**e + c * 2.0**bits + low
             want = qinv(t)
+            assert (got > 0).all(), (e, c)  # the kernel ORs the sign bit into |z|
             err = np.abs(got - want)
             worst_abs = max(worst_abs, float(err.max()))
             # Relative to float32's resolution where |z| >= 0.01 (closer to 0 the absolute

@@ -1,18 +1,17 @@
 // CUDA kernels of the finite-difference family: one launch over every tensor of the list.
 //
-// perturb and update are compute-bound on the generator (10 Philox rounds and a Box-Muller
-// transform per 4 elements) as soon as the memory side is organised, so the layout aims at
-// keeping the arithmetic units busy and loads in flight:
-//  - a grid of a few blocks per SM, each owning one contiguous range of the flattened group
-//    space, walked in passes of kThreads x kUnroll groups (thread t takes groups t and
-//    t + kThreads of a pass: each load instruction of a warp covers consecutive memory);
-//  - each thread finds its tensor once by binary search and then only moves forward
-//    (RowCursor), re-reading a descriptor row only when it crosses into the next tensor.
-//    (The first version had one block per 1024 elements, each starting with a serial binary
-//    search by thread 0 behind a __syncthreads: ~10 dependent global loads per block, which
-//    left the kernel latency-bound at 17-22% of the copy bandwidth; bench/NOTES-zo.md.)
-//  - the kUnroll groups of a pass are loaded, then transformed, then stored, so the loads
-//    are in flight together and the two generator evaluations interleave.
+// perturb and update are compute-bound on the generator (10 Philox rounds per 4 elements
+// and the Gaussian map) once the memory side is organised, so the layout aims at keeping
+// the arithmetic units busy and loads in flight (bench/NOTES-zo.md has the measurements):
+//  - one wave of blocks (as many as fit at once), each owning one contiguous range of the
+//    flattened group space: no partial last wave, and each block starts with one binary
+//    search over the descriptors. (The first version had one block per 1024 elements, each
+//    starting with a serial binary search by thread 0 behind a __syncthreads: the kernel
+//    was latency-bound at 17-22% of the copy bandwidth.)
+//  - a block walks the rows its range meets; per row the storage dtype is dispatched once
+//    and the groups are strided over the threads, two in flight per thread, loaded and
+//    stored as one 8- or 16-byte vector each;
+//  - the Gaussian table lives in shared memory (per-lane random lookups).
 // No allocation, no synchronization: everything is on `stream`.
 #include <cuda_runtime.h>
 
@@ -33,7 +32,7 @@ namespace {
 using fd::Row;
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 2;             // groups per thread per pass
+constexpr int kUnroll = 2;             // groups in flight per thread (run_segment)
 // At least 4 resident blocks of 256 threads per SM (caps registers at 64 per thread: the
 // generator's latency is hidden by other warps, not by more registers).
 constexpr int kMinBlocksPerSm = 4;
@@ -56,87 +55,77 @@ __device__ __forceinline__ const float* shared_gaussian_table(fd::Distribution d
   return table;
 }
 
-// A thread's position in the descriptor list: its current row, where the next starts, and
-// the row's source (its own data unless `sources` is given).
-struct RowCursor {
-  int64_t r;
-  int64_t next_first;
-  Row row;
-  const void* source;
-};
-
-__device__ __forceinline__ void load_cursor(const int64_t* desc, const int64_t* sources,
-                                            int64_t num_rows, int64_t r, RowCursor& c) {
-  c.r = r;
-  c.row = fd::read_row(desc, r);
-  c.source = fd::row_source(sources, r, c.row);
-  c.next_first = r + 1 < num_rows ? fd::first_group(desc, r + 1) : INT64_MAX;
-}
-
-// Moves the cursor forward to group g's row (g never decreases for a thread).
-__device__ __forceinline__ void seek(const int64_t* desc, const int64_t* sources,
-                                     int64_t num_rows, int64_t g, RowCursor& c) {
-  if (g < c.next_first) return;
-  load_cursor(desc, sources, num_rows, fd::advance_row(desc, num_rows, c.r, g), c);
-}
-
-// The storage dtype switch around a load (from `source`, of row's dtype) or a store,
-// written out rather than through fd::with_storage's lambda, so that x stays in registers.
-__device__ __forceinline__ int load_any(const Row& row, const void* source, int64_t j,
-                                        float (&x)[4]) {
-  switch (static_cast<DType>(row.dtype)) {
-    case DType::float16: return fd::load_group(static_cast<const Float16*>(source), row.numel, j, x);
-    case DType::bfloat16: return fd::load_group(static_cast<const BFloat16*>(source), row.numel, j, x);
-    case DType::float32: return fd::load_group(static_cast<const float*>(source), row.numel, j, x);
-    default: return 0;  // refused by the bindings
+// Groups [j0, j1) of one row, thread-strided across the block. Whole groups at aligned
+// addresses take the vector path, two at a time (both loads in flight before the
+// generator runs); the rest (a partial last group, an unaligned view) the element path.
+template <class T, class Op>
+__device__ __forceinline__ void run_segment(const Row& row, const void* source, int64_t j0,
+                                            int64_t j1, const Op& op, const float* table) {
+  using V = fd::Group4<T>;
+  struct alignas(sizeof(V)) A { V g; };
+  const T* src = static_cast<const T*>(source);
+  T* dst = static_cast<T*>(row.data);
+  int64_t j = j0 + threadIdx.x;
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % sizeof(V) == 0 &&
+                       reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
+  if (aligned) {
+    const int64_t whole = j1 < row.numel / 4 ? j1 : row.numel / 4;
+    for (; j + kThreads < whole; j += 2 * kThreads) {
+      const V a = reinterpret_cast<const A*>(src + 4 * j)->g;
+      const V b = reinterpret_cast<const A*>(src + 4 * (j + kThreads))->g;
+      float xa[4], xb[4];
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        xa[l] = to_compute(a.v[l]);
+        xb[l] = to_compute(b.v[l]);
+      }
+      op(row, j, table, xa);
+      op(row, j + kThreads, table, xb);
+      A oa, ob;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        oa.g.v[l] = from_compute<T>(xa[l]);
+        ob.g.v[l] = from_compute<T>(xb[l]);
+      }
+      *reinterpret_cast<A*>(dst + 4 * j) = oa;
+      *reinterpret_cast<A*>(dst + 4 * (j + kThreads)) = ob;
+    }
+  }
+  for (; j < j1; j += kThreads) {
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int count = fd::load_group(src, row.numel, j, x);
+    op(row, j, table, x);
+    fd::store_group(dst, j, count, x);
   }
 }
-__device__ __forceinline__ void store_any(const Row& row, int64_t j, int count,
-                                          const float (&x)[4]) {
-  switch (static_cast<DType>(row.dtype)) {
-    case DType::float16: fd::store_group(static_cast<Float16*>(row.data), j, count, x); break;
-    case DType::bfloat16: fd::store_group(static_cast<BFloat16*>(row.data), j, count, x); break;
-    case DType::float32: fd::store_group(static_cast<float*>(row.data), j, count, x); break;
-    default: break;
-  }
-}
 
-// Runs op(row, j, x) on every group of block b's range [b * per_block, ...), x holding the
-// group's elements as float, read from the row's source (op rewrites them; they are
-// stored into the row).
+// Runs op(row, j, table, x) on every group of block b's range [b * per_block, ...), x
+// holding the group's elements as float read from the row's source (op rewrites them; they
+// are stored into the row). The block walks the rows its range meets, the storage dtype
+// dispatched once per row.
 template <class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sources,
               int64_t num_rows, int64_t total, int64_t per_block, Op op) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
-  const float* table = shared_gaussian_table(op.dist);  // before any thread leaves
-  if (begin + threadIdx.x >= end) return;
-  RowCursor c;
-  load_cursor(desc, sources, num_rows, fd::find_row(desc, num_rows, begin + threadIdx.x), c);
-  op.prepare();
-  for (int64_t base = begin + threadIdx.x; base < end; base += kThreads * kUnroll) {
-    float x[kUnroll][4];
-    int count[kUnroll];
-    Row row[kUnroll];
-    int64_t j[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t g = base + u * kThreads;
-      count[u] = 0;
-      if (g < end) {
-        seek(desc, sources, num_rows, g, c);
-        row[u] = c.row;
-        j[u] = g - c.row.first_group;
-        count[u] = load_any(row[u], c.source, j[u], x[u]);
-      }
+  const float* table = shared_gaussian_table(op.dist);
+  if (begin >= end) return;
+  int64_t r = fd::find_row(desc, num_rows, begin);
+  for (int64_t g = begin; g < end && r < num_rows; ++r) {
+    const Row row = fd::read_row(desc, r);
+    const int64_t row_end = row.first_group + (row.numel + 3) / 4;
+    const int64_t seg_end = row_end < end ? row_end : end;
+    if (seg_end <= g) continue;  // an empty row
+    const void* source = fd::row_source(sources, r, row);
+    const int64_t j0 = g - row.first_group, j1 = seg_end - row.first_group;
+    switch (static_cast<DType>(row.dtype)) {
+      case DType::float16: run_segment<Float16>(row, source, j0, j1, op, table); break;
+      case DType::bfloat16: run_segment<BFloat16>(row, source, j0, j1, op, table); break;
+      case DType::float32: run_segment<float>(row, source, j0, j1, op, table); break;
+      default: break;  // refused by the bindings
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (count[u] > 0) op(row[u], j[u], table, x[u]);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (count[u] > 0) store_any(row[u], j[u], count[u], x[u]);
+    g = seg_end;
   }
 }
 
