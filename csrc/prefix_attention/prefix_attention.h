@@ -68,7 +68,9 @@ struct PrefixAttentionShape {
   int num_heads_q = 0;
   int num_heads_kv = 0;
   int head_dim = 0;
-  float scale = 0.f;  // multiplies q.k before the softmax
+  // Multiplies q.k before the softmax. double so that float64 data keeps 1/sqrt(D) exact
+  // (a float scale alone is a 3e-8 relative error); 16-bit kernels read it as float.
+  double scale = 0.0;
   DType dtype = DType::float32;  // of q, k, v, out, dout, dq, dk, dv alike
 };
 
@@ -85,7 +87,10 @@ struct PrefixAttentionBackward {
   PrefixSegments segments;
   PrefixGroups groups;
   AttentionTensor q, k, v, out, dout;
-  const float* lse = nullptr;  // from the forward
+  // From the forward. The CPU backward recomputes each row's log-sum-exp in double
+  // instead (float32 lse would cost float64 gradients their last 9 digits) and may
+  // ignore it.
+  const float* lse = nullptr;
   AttentionTensor dq, dk, dv;  // written in full (not accumulated into)
   // Workspace sized by prefix_attention_backward_workspace_bytes (CUDA: device memory;
   // may be null when that returns 0).
