@@ -452,6 +452,16 @@ def test_cuda_side_stream(cuda_device):
 
 
 @pytest.mark.cuda
+def test_cuda_noncontiguous_and_misaligned_inputs(cuda_device):
+    # Transposed memory, every other element, and a storage offset of 3 elements (not
+    # 16-byte aligned: copied before the kernels, which copy 16-byte vectors).
+    layout = dk.PrefixLayout.from_lengths([40, 9], [[5, 1], [0, 17]], device="cuda")
+    q, k, v = make_inputs(layout, (4, 2), 64, dtype=torch.bfloat16, device="cuda", grad=True)
+    oc.check_noncontiguous(lambda q, k, v: dk.prefix_attention(q, k, v, layout,
+                                                               deterministic=True), q, k, v)
+
+
+@pytest.mark.cuda
 def test_cuda_rejects_unsupported_dtype_and_head_dim(cuda_device):
     layout = dk.PrefixLayout.from_lengths([4], [[2]], device="cuda")
     q, k, v = make_inputs(layout, (2, 2), 64, dtype=torch.float32, device="cuda")

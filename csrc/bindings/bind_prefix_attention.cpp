@@ -36,6 +36,14 @@ AttentionTensor attention_tensor(const ArrayInfo& a, const ArrayInfo& ref, int64
   if (head_dim > 1 && a.strides[2] != 1 && a.numel() != 0)
     fail_value(fn, std::string(a.name) + ": expected a contiguous last (head) dimension, got strides " +
                        describe_shape(a.strides, 3) + " (elements)");
+  // The CUDA kernels copy 16-byte vectors (prefix_attention.h): Python copies a tensor
+  // that does not fit, so reaching this is a caller that skipped diffkern.prefix_attention.
+  if (a.device_type == kDeviceCuda && a.numel() != 0 &&
+      (reinterpret_cast<uintptr_t>(a.data) % 16 != 0 || a.strides[0] % 8 != 0 ||
+       a.strides[1] % 8 != 0))
+    fail_value(fn, std::string(a.name) + ": expected 16-byte aligned data and token/head strides "
+                       "that are multiples of 8 elements on CUDA, got strides " +
+                       describe_shape(a.strides, 3) + " (elements)");
   return AttentionTensor{a.data, a.strides[0], a.strides[1]};
 }
 

@@ -37,11 +37,18 @@ __all__ = ["prefix_attention", "PrefixLayout"]
 _FN = "diffkern.prefix_attention"
 _HALF = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128)
+_CUDA_BUILT = bool(_C.build_info()["cuda"])
 
 
-def _head_dim_ready(x: torch.Tensor) -> torch.Tensor:
-    """x with a contiguous last dimension (the kernels' only stride requirement)."""
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: a contiguous last dimension (other strides are free), and
+    on CUDA 16-byte aligned data with token/head strides multiples of 8 elements (the
+    kernels copy 16-byte vectors). Anything else is copied once."""
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        return x.contiguous()
+    if x.is_cuda and (x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def _cpu_compute(*xs):
@@ -59,7 +66,7 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch
     lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(-math.inf) if lse.numel() else lse
-    q, k, v = (_head_dim_ready(x.detach()) for x in (q, k, v))
+    q, k, v = (_kernel_ready(x.detach()) for x in (q, k, v))
     dst = out
     if q.device.type == "cpu" and q.dtype in _HALF:
         q, k, v = _cpu_compute(q, k, v)
@@ -95,7 +102,7 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return dq, dk, dv
     if Hq == 0:
         return dq, dk.zero_(), dv.zero_()
-    xs = [_head_dim_ready(x.detach()) for x in (dout, q, k, v, out)]
+    xs = [_kernel_ready(x.detach()) for x in (dout, q, k, v, out)]
     dst = (dq, dk, dv)
     if q.device.type == "cpu" and q.dtype in _HALF:
         xs = _cpu_compute(*xs)
@@ -183,7 +190,7 @@ def _check(q, k, v, layout, scale):
         raise ValueError(f"{_FN}: q: expected {layout.total_tokens} tokens (the layout's total), "
                          f"got shape {tuple(q.shape)}")
     if q.is_cuda:
-        if not _C.build_info()["cuda"]:
+        if not _CUDA_BUILT:
             raise RuntimeError(f"{_FN}: q is on {q.device}, but this diffkern build has no CUDA "
                                f"kernels (rebuild with nvcc available)")
         if q.dtype not in _HALF:
@@ -213,8 +220,9 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
     Args:
         q: (T, Hq, D); k, v: (T, Hkv, D), Hkv dividing Hq (GQA/MQA: query head h reads KV
-            head h // (Hq // Hkv)). One dtype and device; any strides (a non-contiguous
-            last dimension is copied once).
+            head h // (Hq // Hkv)). One dtype and device; token and head strides are free
+            (e.g. slices of a fused qkv projection), a non-contiguous last dimension (and on
+            CUDA, data not 16-byte aligned or strides not multiples of 8) is copied once.
         layout: a :class:`PrefixLayout` on q's device with T tokens.
         scale: multiplies q . k (default 1/sqrt(D)).
         return_lse: also return lse (Hq, T) float32, the natural-log log-sum-exp of each
