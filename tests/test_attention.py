@@ -271,10 +271,17 @@ def test_compile_does_not_recompile_when_lengths_change():
 
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True, dynamic=True, backend=counting_backend)
-    for P, S in [([5, 3], [[2, 4], [3, 3, 1]]), ([7, 2], [[5, 2], [1, 2, 6]]),
-                 ([3, 9], [[3, 3], [2, 7, 3]])]:
+    # Lengths, token counts, and the numbers of groups and segments all change: the
+    # layout's tensors are op inputs, so nothing about them is baked into the graph. The
+    # first layout's variable sizes (T=43, 16 segments, 17 tile offsets, 5 groups) differ
+    # from each other and from the fixed ones (heads 6/3, head dim 8, the index tensors'
+    # 4/2/3 rows): dynamo's duck sizing would otherwise guard on a coincidence (e.g. 2
+    # groups == the 2 rows of order_tiles), and none is 0 or 1 (specialized).
+    for P, S in [([5, 3, 4, 6, 2], [[2, 4], [3, 3, 1], [1, 2], [2], [3, 1, 1]]),
+                 ([7, 2, 4], [[5, 2], [1, 2, 6], [2, 2]]),
+                 ([3, 9, 1, 1], [[3, 3, 5, 1], [2, 7, 3], [4, 4], [2, 9]])]:
         layout = dk.PrefixLayout.from_lengths(P, S)
-        q, k, v = make_inputs(layout, (4, 2), 8, grad=True)
+        q, k, v = make_inputs(layout, (6, 3), 8, grad=True)
         out = cf(q, k, v, layout)
         torch.testing.assert_close(out, 2 * dense_prefix_attention(q, k, v, P, S),
                                    rtol=1e-12, atol=1e-12)

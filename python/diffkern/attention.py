@@ -16,9 +16,14 @@ The CPU results are the same bits for every run and thread count; on CUDA
 
 The op is ``torch.ops.diffkern.prefix_attention_fwd`` (backward:
 ``prefix_attention_bwd``), a custom op with a fake implementation: ``torch.compile``
-(fullgraph) traces it, and the layout's index tensors are op inputs, so a compiled model
-with ``dynamic=True`` does not recompile when the lengths change. No call synchronizes with
-the host; CUDA graphs can capture it.
+(fullgraph) traces it, and the layout's index tensors are op inputs (no length is a Python
+constant of the graph), so a model compiled with ``dynamic=True`` does not recompile when
+the lengths, or the numbers of groups and completions, change. (With the default automatic
+dynamic shapes the second layout costs one recompile, then none. Dynamo's duck sizing
+guards on sizes that happened to be equal at the first compile, e.g. 2 groups and the 2
+rows of ``order_tiles``: compile first on a layout without such coincidences, or mark the
+sizes dynamic with ``torch._dynamo.mark_dynamic``.) No call synchronizes with the host;
+CUDA graphs can capture it.
 """
 from __future__ import annotations
 
