@@ -154,6 +154,7 @@ def test_layout_index_tensors():
         want64.append(want64[-1] + math.ceil(lengths[i] / 64))
     assert layout.order_tiles[0].tolist() == want64
     assert layout.order_tiles[1].tolist() == want64  # every length < 64
+    assert layout.segment_index.shape == (7 * 5 + 2,) and layout.group_index.shape == (6,)
     assert layout.total_tokens == 12 and layout.num_members == 3
     assert layout.member_lengths() == [5, 3, 7]
     assert all(t.dtype == torch.int64 for t in (layout.segments, layout.order,
@@ -235,14 +236,13 @@ def _small():
 
 def test_opcheck():
     layout, (q, k, v) = _small()
-    args = (q, k, v, layout.segments, layout.order, layout.order_tiles, layout.groups, 0.35,
-            False)
+    args = (q, k, v, layout.segment_index, layout.group_index, 0.35, False)
     oc.check_opcheck(torch.ops.diffkern.prefix_attention_fwd.default, args)
     out = dk.prefix_attention(q, k, v, layout)
     _, lse = dk.prefix_attention(q, k, v, layout, return_lse=True)
     dout = torch.randn_like(out)
-    bargs = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, layout.segments,
-             layout.order, layout.order_tiles, layout.groups, 0.35, True)
+    bargs = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, layout.segment_index,
+             layout.group_index, 0.35, True)
     oc.check_opcheck(torch.ops.diffkern.prefix_attention_bwd.default, bargs)
 
 
@@ -272,16 +272,14 @@ def test_compile_does_not_recompile_when_lengths_change():
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True, dynamic=True, backend=counting_backend)
     # Lengths, token counts, and the numbers of groups and segments all change: the
-    # layout's tensors are op inputs, so nothing about them is baked into the graph. The
-    # first layout's variable sizes (T=43, 16 segments, 17 tile offsets, 5 groups) differ
-    # from each other and from the fixed ones (heads 6/3, head dim 8, the index tensors'
-    # 4/2/3 rows): dynamo's duck sizing would otherwise guard on a coincidence (e.g. 2
-    # groups == the 2 rows of order_tiles), and none is 0 or 1 (specialized).
-    for P, S in [([5, 3, 4, 6, 2], [[2, 4], [3, 3, 1], [1, 2], [2], [3, 1, 1]]),
+    # layout's tensors are op inputs, so nothing about them is baked into the graph. (The
+    # first layout's sizes, T=21, 7 S + 2 = 51, 3 NG = 6, heads 4/2, head dim 8, are all
+    # different: dynamo's duck sizing would tie two equal sizes, and none is 0 or 1.)
+    for P, S in [([5, 3], [[2, 4], [3, 3, 1]]),
                  ([7, 2, 4], [[5, 2], [1, 2, 6], [2, 2]]),
                  ([3, 9, 1, 1], [[3, 3, 5, 1], [2, 7, 3], [4, 4], [2, 9]])]:
         layout = dk.PrefixLayout.from_lengths(P, S)
-        q, k, v = make_inputs(layout, (6, 3), 8, grad=True)
+        q, k, v = make_inputs(layout, (4, 2), 8, grad=True)
         out = cf(q, k, v, layout)
         torch.testing.assert_close(out, 2 * dense_prefix_attention(q, k, v, P, S),
                                    rtol=1e-12, atol=1e-12)
@@ -358,20 +356,27 @@ def test_bindings_refuse_out_of_range_layouts():
     from diffkern import _C
     layout, (q, k, v) = _small()
     q, k, v = q.detach(), k.detach(), v.detach()
-    seg = layout.segments.clone()
-    seg[1, 1] = 100  # a segment past the end of the tokens
+    S = layout.num_segments
+    seg = layout.segment_index.clone()
+    seg[S + 1] = 100  # segment 1's length: past the end of the tokens
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
-    with pytest.raises(ValueError, match="prefix_attention_forward: segments: segment 1"):
-        _C.prefix_attention_forward(q, k, v, out, lse, seg, layout.order, layout.order_tiles,
-                                    layout.groups, 0.5)
+    gi = layout.group_index
+    with pytest.raises(ValueError, match="prefix_attention_forward: segment_index: segment 1"):
+        _C.prefix_attention_forward(q, k, v, out, lse, seg, gi, 0.5)
+    with pytest.raises(ValueError, match="segment_index: expected shape"):
+        _C.prefix_attention_forward(q, k, v, out, lse, seg[:-1], gi, 0.5)
+    bad_groups = gi.clone()
+    bad_groups[layout.num_groups] = S  # group 0's first suffix: past the segments
+    with pytest.raises(ValueError, match="group_index: group 0"):
+        _C.prefix_attention_forward(q, k, v, out, lse, layout.segment_index, bad_groups, 0.5)
     with pytest.raises(ValueError, match="prefix_attention_forward: lse: expected shape"):
-        _C.prefix_attention_forward(q, k, v, out, lse.t(), layout.segments, layout.order,
-                                    layout.order_tiles, layout.groups, 0.5)
+        _C.prefix_attention_forward(q, k, v, out, lse.t(), layout.segment_index, gi, 0.5)
     with pytest.raises(ValueError, match="q: expected a contiguous last"):
         _C.prefix_attention_forward(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, out,
-                                    lse, layout.segments, layout.order, layout.order_tiles,
-                                    layout.groups, 0.5)
+                                    lse, layout.segment_index, gi, 0.5)
+    with pytest.raises(TypeError, match="k: expected dtype float64"):
+        _C.prefix_attention_forward(q, k.float(), v, out, lse, layout.segment_index, gi, 0.5)
 
 
 def test_self_check_rows_pass():

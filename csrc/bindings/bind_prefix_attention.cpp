@@ -58,32 +58,33 @@ void require_int64(const ArrayInfo& a, const ArrayInfo& ref, const int64_t* shap
   require_c_contiguous(a, fn);
 }
 
-// The layout's index arrays: segments (4, S), order (S,), order_tiles (2, S + 1), groups
-// (3, NG), int64, C-contiguous, on the device of q.
+// The layout's two flat index arrays (diffkern/_prefix_layout.py): segment_index
+// (7 S + 2,) = q_start, length, prefix_start, prefix_length, order (S each), order_tiles_64,
+// order_tiles_128 (S + 1 each); group_index (3 NG,) = prefix_segment, first_suffix,
+// num_suffixes (NG each). int64, C-contiguous, on the device of q.
 struct Layout {
   PrefixSegments segments;
   PrefixGroups groups;
 };
 
-Layout layout_args(nb::handle seg_o, nb::handle order_o, nb::handle tiles_o, nb::handle groups_o,
-                   const ArrayInfo& q, int64_t tokens, const char* fn) {
-  const ArrayInfo seg = array_arg(seg_o, "segments", fn), order = array_arg(order_o, "order", fn),
-                  tiles = array_arg(tiles_o, "order_tiles", fn),
-                  groups = array_arg(groups_o, "groups", fn);
-  const int64_t S = seg.ndim == 2 ? seg.shape[1] : -1;
-  const int64_t NG = groups.ndim == 2 ? groups.shape[1] : -1;
-  const int64_t seg_shape[2] = {4, S < 0 ? 0 : S}, order_shape[1] = {S < 0 ? 0 : S},
-                tiles_shape[2] = {2, (S < 0 ? 0 : S) + 1}, groups_shape[2] = {3, NG < 0 ? 0 : NG};
-  require_int64(seg, q, seg_shape, 2, "(4, num_segments)", fn);
-  require_int64(order, q, order_shape, 1, "(num_segments,)", fn);
-  require_int64(tiles, q, tiles_shape, 2, "(2, num_segments + 1)", fn);
-  require_int64(groups, q, groups_shape, 2, "(3, num_groups)", fn);
+Layout layout_args(nb::handle seg_o, nb::handle groups_o, const ArrayInfo& q, int64_t tokens,
+                   const char* fn) {
+  const ArrayInfo seg = array_arg(seg_o, "segment_index", fn),
+                  groups = array_arg(groups_o, "group_index", fn);
+  const int64_t seg_n = seg.ndim == 1 ? seg.shape[0] : -1, grp_n = groups.ndim == 1 ? groups.shape[0] : -1;
+  if (seg_n < 2 || (seg_n - 2) % 7 != 0)
+    fail_value(fn, "segment_index: expected shape (7 * num_segments + 2,), got " + describe_shape(seg));
+  if (grp_n < 0 || grp_n % 3 != 0)
+    fail_value(fn, "group_index: expected shape (3 * num_groups,), got " + describe_shape(groups));
+  const int64_t S = (seg_n - 2) / 7, NG = grp_n / 3;
+  const int64_t seg_shape[1] = {seg_n}, grp_shape[1] = {grp_n};
+  require_int64(seg, q, seg_shape, 1, "(7 * num_segments + 2,)", fn);
+  require_int64(groups, q, grp_shape, 1, "(3 * num_groups,)", fn);
   const auto* s = static_cast<const int64_t*>(seg.data);
   const auto* g = static_cast<const int64_t*>(groups.data);
-  const auto* t = static_cast<const int64_t*>(tiles.data);
   Layout l;
-  l.segments = PrefixSegments{s, s + S, s + 2 * S, s + 3 * S, S,
-                              static_cast<const int64_t*>(order.data), t, t + S + 1};
+  l.segments = PrefixSegments{s, s + S, s + 2 * S, s + 3 * S, S, s + 4 * S, s + 5 * S,
+                              s + 6 * S + 1};
   l.groups = PrefixGroups{g, g + NG, g + 2 * NG, NG};
   if (q.device_type == kDeviceCpu) {
     // Every range the core will index must lie inside the tensors.
@@ -91,16 +92,17 @@ Layout layout_args(nb::handle seg_o, nb::handle order_o, nb::handle tiles_o, nb:
       const int64_t qs = s[i], len = s[S + i], ps = s[2 * S + i], pl = s[3 * S + i];
       if (qs < 0 || len < 0 || qs > tokens - len || ps < 0 || pl < 0 || ps > tokens - pl ||
           l.segments.order[i] < 0 || l.segments.order[i] >= S)
-        fail_value(fn, "segments: segment " + std::to_string(i) + " (start " + std::to_string(qs) +
-                           ", length " + std::to_string(len) + ", prefix start " +
-                           std::to_string(ps) + ", prefix length " + std::to_string(pl) +
-                           ") does not lie inside the " + std::to_string(tokens) +
+        fail_value(fn, "segment_index: segment " + std::to_string(i) + " (start " +
+                           std::to_string(qs) + ", length " + std::to_string(len) +
+                           ", prefix start " + std::to_string(ps) + ", prefix length " +
+                           std::to_string(pl) + ") does not lie inside the " +
+                           std::to_string(tokens) +
                            " tokens (build layouts with diffkern.PrefixLayout)");
     }
     for (int64_t i = 0; i < NG; ++i) {
       const int64_t ps = g[i], first = g[NG + i], n = g[2 * NG + i];
       if (ps < 0 || ps >= S || first < 0 || n < 0 || first > S - n)
-        fail_value(fn, "groups: group " + std::to_string(i) + " names segments outside [0, " +
+        fail_value(fn, "group_index: group " + std::to_string(i) + " names segments outside [0, " +
                            std::to_string(S) + ") (build layouts with diffkern.PrefixLayout)");
     }
   }
@@ -144,8 +146,8 @@ float* lse_arg(const ArrayInfo& lse, const ArrayInfo& q, const PrefixAttentionSh
 }
 
 void forward(nb::handle q_o, nb::handle k_o, nb::handle v_o, nb::handle out_o, nb::handle lse_o,
-             nb::handle seg_o, nb::handle order_o, nb::handle tiles_o, nb::handle groups_o,
-             double scale, int num_threads, uintptr_t stream) {
+             nb::handle seg_o, nb::handle groups_o, double scale, int num_threads,
+             uintptr_t stream) {
   constexpr const char* fn = "prefix_attention_forward";
   const ArrayInfo q = array_arg(q_o, "q", fn), k = array_arg(k_o, "k", fn), v = array_arg(v_o, "v", fn),
                   out = array_arg(out_o, "out", fn, Access::write),
@@ -160,7 +162,7 @@ void forward(nb::handle q_o, nb::handle k_o, nb::handle v_o, nb::handle out_o, n
   p.v = attention_tensor(v, q, hkv, d, T, fn);
   p.out = attention_tensor(out, q, hq, d, T, fn);
   p.lse = lse_arg(lse, q, p.shape, fn);
-  const Layout l = layout_args(seg_o, order_o, tiles_o, groups_o, q, T, fn);
+  const Layout l = layout_args(seg_o, groups_o, q, T, fn);
   p.segments = l.segments;
   p.groups = l.groups;
   if (T == 0 || hq == 0) return;
@@ -170,8 +172,8 @@ void forward(nb::handle q_o, nb::handle k_o, nb::handle v_o, nb::handle out_o, n
 }
 
 void backward(nb::handle dout_o, nb::handle q_o, nb::handle k_o, nb::handle v_o, nb::handle out_o,
-              nb::handle lse_o, nb::handle seg_o, nb::handle order_o, nb::handle tiles_o,
-              nb::handle groups_o, nb::handle dq_o, nb::handle dk_o, nb::handle dv_o,
+              nb::handle lse_o, nb::handle seg_o, nb::handle groups_o, nb::handle dq_o,
+              nb::handle dk_o, nb::handle dv_o,
               nb::handle ws_o, double scale, bool deterministic, int num_threads,
               uintptr_t stream) {
   constexpr const char* fn = "prefix_attention_backward";
@@ -195,7 +197,7 @@ void backward(nb::handle dout_o, nb::handle q_o, nb::handle k_o, nb::handle v_o,
   p.dk = attention_tensor(dk, q, hkv, d, T, fn);
   p.dv = attention_tensor(dv, q, hkv, d, T, fn);
   p.lse = lse_arg(lse, q, p.shape, fn);
-  const Layout l = layout_args(seg_o, order_o, tiles_o, groups_o, q, T, fn);
+  const Layout l = layout_args(seg_o, groups_o, q, T, fn);
   p.segments = l.segments;
   p.groups = l.groups;
   p.deterministic = deterministic;
@@ -238,16 +240,16 @@ int64_t workspace_bytes(int64_t tokens, int64_t heads_q, int64_t heads_kv, int64
 
 void bind_prefix_attention(nb::module_& m) {
   m.def("prefix_attention_forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("out"), nb::arg("lse"), nb::arg("segments"), nb::arg("order"),
-        nb::arg("order_tiles"), nb::arg("groups"), nb::arg("scale"), nb::arg("num_threads") = 0,
+        nb::arg("out"), nb::arg("lse"), nb::arg("segment_index"), nb::arg("group_index"),
+        nb::arg("scale"), nb::arg("num_threads") = 0,
         nb::arg("stream") = 0,
         "Shared-prefix attention forward (csrc/prefix_attention/prefix_attention.h): writes\n"
         "out (T, Hq, D) and lse (Hq, T) float32. q (T, Hq, D), k, v (T, Hkv, D): one dtype and\n"
-        "device, head dim contiguous. segments (4, S), order (S,), order_tiles (2, S+1),\n"
-        "groups (3, NG): int64, C-contiguous (diffkern.PrefixLayout builds them).");
+        "device, head dim contiguous. segment_index (7 S + 2,), group_index (3 NG,): int64,\n"
+        "C-contiguous (diffkern.PrefixLayout builds them).");
   m.def("prefix_attention_backward", &backward, nb::arg("dout"), nb::arg("q"), nb::arg("k"),
-        nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("segments"), nb::arg("order"),
-        nb::arg("order_tiles"), nb::arg("groups"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+        nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("segment_index"),
+        nb::arg("group_index"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
         nb::arg("workspace"), nb::arg("scale"), nb::arg("deterministic") = false,
         nb::arg("num_threads") = 0, nb::arg("stream") = 0,
         "Shared-prefix attention backward: writes dq (T, Hq, D), dk, dv (T, Hkv, D) in full.\n"

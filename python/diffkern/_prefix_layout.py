@@ -3,15 +3,22 @@
 Tokens are packed along dim 0, group after group, ``[prefix, suffix_1, ..., suffix_G]``.
 A *member* of a group is one completion with its prompt: ``[prefix, suffix_i]``. The layout
 is built once on the host from the lengths (the only host work of shared-prefix attention)
-and holds the int64 index tensors the kernels read, on the device of the batch:
+and holds the int64 index tensors the kernels read, on the device of the batch, as two
+flat tensors (the op's inputs):
 
-- ``segments`` (4, S): per segment (each prefix, then its group's suffixes) its first
-  token, its length, and the first token and length of the prefix it reads in full (0 for
-  a prefix segment). See csrc/prefix_attention/prefix_attention.h.
-- ``order`` (S,), ``order_tiles`` (2, S + 1): the heaviest-first schedule of the CUDA
-  kernels (segments by decreasing prefix_length + length; exclusive prefix sums of their
-  64- and 128-row query tiles in that order).
-- ``groups`` (3, NG): per group its prefix segment, first suffix segment and G.
+- ``segment_index`` (7 S + 2,): for the S segments (each prefix, then its group's
+  suffixes) their first token, length, and the first token and length of the prefix they
+  read in full (0 for a prefix segment), S each; then the heaviest-first schedule of the
+  CUDA kernels: the segments by decreasing prefix_length + length (S), and the exclusive
+  prefix sums of their 64- and 128-row query tiles in that order (S + 1 each). Views:
+  ``segments`` (4, S), ``order`` (S,), ``order_tiles`` (2, S + 1).
+- ``group_index`` (3 NG,): per group its prefix segment, first suffix segment and G.
+  View: ``groups`` (3, NG).
+
+Two flat tensors, not one per field: under ``torch.compile(dynamic=True)`` each size is a
+symbol, and dynamo's duck sizing ties sizes that are equal at the first compile (the 2 rows
+of a (2, S + 1) tensor and 2 groups, say), so a later layout would recompile. 7 S + 2 and
+3 NG are never equal (S >= NG). See csrc/prefix_attention/prefix_attention.h.
 
 The helpers (position ids, pack/unpack/expand, per-completion log-probs) build their own
 index tensors on first use and keep them.
@@ -97,23 +104,41 @@ class PrefixLayout:
     # ------------------------------------------------------------------- the kernels'
     @property
     def device(self) -> torch.device:
-        return self._t["segments"].device
+        return self._t["segment_index"].device
+
+    @property
+    def num_segments(self) -> int:
+        return (self._t["segment_index"].shape[0] - 2) // 7
+
+    @property
+    def segment_index(self) -> torch.Tensor:
+        return self._t["segment_index"]
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        return self._t["group_index"]
 
     @property
     def segments(self) -> torch.Tensor:
-        return self._t["segments"]
+        """(4, S) view: q_start, length, prefix_start, prefix_length."""
+        n = self.num_segments
+        return self.segment_index[:4 * n].view(4, n)
 
     @property
     def order(self) -> torch.Tensor:
-        return self._t["order"]
+        n = self.num_segments
+        return self.segment_index[4 * n:5 * n]
 
     @property
     def order_tiles(self) -> torch.Tensor:
-        return self._t["order_tiles"]
+        """(2, S + 1) view: the 64-row, then the 128-row tile offsets."""
+        n = self.num_segments
+        return self.segment_index[5 * n:].view(2, n + 1)
 
     @property
     def groups(self) -> torch.Tensor:
-        return self._t["groups"]
+        """(3, NG) view: prefix_segment, first_suffix, num_suffixes."""
+        return self.group_index.view(3, self.num_groups)
 
     def member_lengths(self) -> list:
         """len(prefix) + len(suffix_i) of every member, group after group."""
@@ -311,11 +336,8 @@ def _index_tensors(P: tuple, S: list, device: torch.device) -> dict:
     for i in order:
         tiles[0].append(tiles[0][-1] + _ceil_div(length[i], 64))
         tiles[1].append(tiles[1][-1] + _ceil_div(length[i], 128))
-    i64 = dict(dtype=torch.int64)
-    out = dict(
-        segments=torch.tensor([q_start, length, prefix_start, prefix_length], **i64).view(4, n),
-        order=torch.tensor(order, **i64).view(n),
-        order_tiles=torch.tensor(tiles, **i64).view(2, n + 1),
-        groups=torch.tensor([g_prefix, g_first, g_num], **i64).view(3, len(P)),
-    )
+    flat = q_start + length + prefix_start + prefix_length + order + tiles[0] + tiles[1]
+    out = dict(segment_index=torch.tensor(flat, dtype=torch.int64).view(7 * n + 2),
+               group_index=torch.tensor(g_prefix + g_first + g_num, dtype=torch.int64)
+               .view(3 * len(P)))
     return {k: v.to(device) for k, v in out.items()}

@@ -20,10 +20,10 @@ The op is ``torch.ops.diffkern.prefix_attention_fwd`` (backward:
 constant of the graph), so a model compiled with ``dynamic=True`` does not recompile when
 the lengths, or the numbers of groups and completions, change. (With the default automatic
 dynamic shapes the second layout costs one recompile, then none. Dynamo's duck sizing
-guards on sizes that happened to be equal at the first compile, e.g. 2 groups and the 2
-rows of ``order_tiles``: compile first on a layout without such coincidences, or mark the
-sizes dynamic with ``torch._dynamo.mark_dynamic``.) No call synchronizes with the host;
-CUDA graphs can capture it.
+also guards on sizes that happened to be equal at the first compile: the layout's two
+flat index tensors never tie with each other, but one could tie with a size of q, e.g. T
+tokens = 7 S + 2; mark_dynamic or a first compile without the tie avoids that recompile.)
+No call synchronizes with the host; CUDA graphs can capture it.
 """
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def _cpu_compute(*xs):
 
 
 # ------------------------------------------------------------------------------ the ops
-def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
-         order: torch.Tensor, order_tiles: torch.Tensor, groups: torch.Tensor, scale: float,
-         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_index: torch.Tensor,
+              group_index: torch.Tensor, scale: float,
+              deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """out (T, Hq, D) of q's dtype, lse (Hq, T) float32."""
     T, Hq, D = q.shape
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
@@ -76,8 +76,8 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch
     if q.device.type == "cpu" and q.dtype in _HALF:
         q, k, v = _cpu_compute(q, k, v)
         dst = torch.empty((T, Hq, D), dtype=torch.float32)
-    _C.prefix_attention_forward(q, k, v, dst, lse, segments, order, order_tiles, groups,
-                                float(scale), num_threads(), current_stream_handle(q))
+    _C.prefix_attention_forward(q, k, v, dst, lse, segment_index, group_index, float(scale),
+                                num_threads(), current_stream_handle(q))
     if dst is not out:
         out.copy_(dst)
     return out, lse
@@ -88,15 +88,15 @@ _fwd = torch.library.custom_op("diffkern::prefix_attention_fwd", _fwd_impl, muta
 
 
 @_fwd.register_fake
-def _(q, k, v, segments, order, order_tiles, groups, scale, deterministic):
+def _(q, k, v, segment_index, group_index, scale, deterministic):
     T, Hq, D = q.shape
     return q.new_empty((T, Hq, D)), q.new_empty((Hq, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("diffkern::prefix_attention_bwd", mutates_args=())
 def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         out: torch.Tensor, lse: torch.Tensor, segments: torch.Tensor, order: torch.Tensor,
-         order_tiles: torch.Tensor, groups: torch.Tensor, scale: float,
+         out: torch.Tensor, lse: torch.Tensor, segment_index: torch.Tensor,
+         group_index: torch.Tensor, scale: float,
          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (T, Hq, D), dk, dv (T, Hkv, D), dtype of q."""
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -114,12 +114,12 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dst = tuple(torch.empty(t.shape, dtype=torch.float32) for t in dst)
     if q.is_cuda:
         nbytes = _C.prefix_attention_backward_workspace_bytes(
-            T, Hq, k.shape[1], D, str(q.dtype).removeprefix("torch."), segments.shape[1],
-            groups.shape[1], bool(deterministic))
+            T, Hq, k.shape[1], D, str(q.dtype).removeprefix("torch."),
+            (segment_index.shape[0] - 2) // 7, group_index.shape[0] // 3, bool(deterministic))
     else:
         nbytes = 0
     ws = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
-    _C.prefix_attention_backward(*xs, lse.detach(), segments, order, order_tiles, groups, *dst, ws,
+    _C.prefix_attention_backward(*xs, lse.detach(), segment_index, group_index, *dst, ws,
                                  float(scale), bool(deterministic), num_threads(),
                                  current_stream_handle(q))
     if dst[0] is not dq:
@@ -129,25 +129,25 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @_bwd.register_fake
-def _(dout, q, k, v, out, lse, segments, order, order_tiles, groups, scale, deterministic):
+def _(dout, q, k, v, out, lse, segment_index, group_index, scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segments, order, order_tiles, groups, scale, deterministic = inputs
+    q, k, v, segment_index, group_index, scale, deterministic = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.scale, ctx.deterministic = scale, deterministic
-    ctx.save_for_backward(q, k, v, out, lse, segments, order, order_tiles, groups)
+    ctx.save_for_backward(q, k, v, out, lse, segment_index, group_index)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, segments, order, order_tiles, groups = ctx.saved_tensors
+    q, k, v, out, lse, segment_index, group_index = ctx.saved_tensors
     if dout is None:
-        return (None,) * 9
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, segments, order, order_tiles, groups, ctx.scale,
+        return (None,) * 7
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, segment_index, group_index, ctx.scale,
                       ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -245,8 +245,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         dim other than 64 or 128.
     """
     scale = _check(q, k, v, layout, scale)
-    args = (q, k, v, layout.segments, layout.order, layout.order_tiles, layout.groups, scale,
-            bool(deterministic))
+    args = (q, k, v, layout.segment_index, layout.group_index, scale, bool(deterministic))
     if skips_dispatcher(q, k, v):
         out, lse = _fwd_impl(*args)
     else:
