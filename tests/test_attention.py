@@ -90,6 +90,31 @@ def test_explicit_scale_and_head_dim_one():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_large_scores_stay_finite_and_exact():
+    # Scores up to ~1e3: the online softmax rescales by the running maximum (a plain exp
+    # would overflow); one row's weights then sit almost entirely on one key.
+    P, S = LAYOUTS["ragged"]
+    layout = dk.PrefixLayout.from_lengths(P, S)
+    q, k, v = make_inputs(layout, (4, 2), 16, grad=True)
+    with torch.no_grad():
+        q.mul_(40.0)
+    out = dk.prefix_attention(q, k, v, layout)
+    ref = dense_prefix_attention(q, k, v, P, S)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_layout_to_keeps_cached_helpers():
+    layout = dk.PrefixLayout.from_lengths([2], [[1, 3]])
+    pos = layout.position_ids()
+    moved = layout.to("meta")
+    assert moved.device.type == "meta" and moved.position_ids().device.type == "meta"
+    assert moved.segment_index.shape == layout.segment_index.shape
+    assert layout.to("cpu").position_ids().tolist() == pos.tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_on_cpu_computes_in_float32(dtype):
     P, S = LAYOUTS["ragged"]
