@@ -14,6 +14,15 @@
 namespace diffkern {
 namespace prefix_cpu {
 
+// Clones of the tile functions for wider vector units, picked at load time (the build
+// targets baseline x86-64). Floating-point contraction stays off (ISO C++ mode), so a
+// clone changes speed, not the order of operations, on a given machine.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DK_PREFIX_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DK_PREFIX_CPU_CLONES
+#endif
+
 constexpr int64_t kQueryTile = 32;  // query rows that share one pass over a key block
 constexpr int64_t kKeyTile = 64;    // keys loaded (as double) once per block
 

@@ -16,7 +16,7 @@ namespace {
 using namespace prefix_cpu;
 
 template <class T>
-void forward_tile(const PrefixAttentionForward& p, const Tile& t, int head, double* q,
+DK_PREFIX_CPU_CLONES void forward_tile(const PrefixAttentionForward& p, const Tile& t, int head, double* q,
                   double* k, double* v, double* x, double* acc, RowSoftmax* rows) {
   const PrefixSegments& s = p.segments;
   const int d = p.shape.head_dim;

@@ -34,7 +34,7 @@ struct RowStats {
 };
 
 template <class T>
-void dq_tile(const PrefixAttentionBackward& p, const Tile& t, int head, double* buf,
+DK_PREFIX_CPU_CLONES void dq_tile(const PrefixAttentionBackward& p, const Tile& t, int head, double* buf,
              RowStats& st) {
   const PrefixSegments& s = p.segments;
   const int d = p.shape.head_dim;
@@ -93,7 +93,7 @@ void dq_tile(const PrefixAttentionBackward& p, const Tile& t, int head, double* 
 // `first_key_offset`: the keys' offset within `seg` when they are its own (causal), or -1
 // when they are its prefix (all visible).
 template <class T>
-void dkv_rows(const PrefixAttentionBackward& p, int head, int64_t seg, int64_t r0, int64_t r1,
+DK_PREFIX_CPU_CLONES void dkv_rows(const PrefixAttentionBackward& p, int head, int64_t seg, int64_t r0, int64_t r1,
               int64_t first_key_offset, const double* k, const double* v, int64_t nk,
               double* q, double* dout, const RowStats& st, double* dk, double* dv) {
   const int d = p.shape.head_dim;
