@@ -40,10 +40,12 @@ def make_inputs(layout, heads, d, dtype=torch.float64, device="cpu", seed=0, gra
     return q, k, v
 
 
-def grads(out, inputs, seed=1):
+def grads(out, inputs, seed=1, w_dtype=None):
+    """Gradients of <out, w> for a fixed random w, rounded to ``w_dtype`` (default out's)
+    first: comparisons across precisions then share the exact same upstream gradient."""
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
-                    dtype=torch.float64).to(out.dtype).to(out.device)
-    return torch.autograd.grad((out * w).sum(), inputs)
+                    dtype=torch.float64).to(w_dtype or out.dtype)
+    return torch.autograd.grad((out * w.to(out.dtype).to(out.device)).sum(), inputs)
 
 
 # ----------------------------------------------------------------------- exactness
@@ -427,20 +429,17 @@ def _torch_repeated(q, k, v, layout, dtype):
     return dense_prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), P, S)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("lens", CUDA_SHAPES)
-def test_cuda_flash_attention_error_rule(cuda_device, dtype, d, heads, lens):
+def _flash_attention_rule(device, dtype, d, heads, lens):
+    """FlashAttention's rule: error vs an fp32 reference <= 2x plain torch attention's own
+    error in `dtype` (outputs), <= 3x (gradients), all sharing one upstream gradient."""
     P, S = lens
-    layout = dk.PrefixLayout.from_lengths(P, S, device="cuda")
-    q, k, v = make_inputs(layout, heads, d, dtype=dtype, device="cuda", grad=True)
+    layout = dk.PrefixLayout.from_lengths(P, S, device=device)
+    q, k, v = make_inputs(layout, heads, d, dtype=dtype, device=device, grad=True)
     out = dk.prefix_attention(q, k, v, layout)
     g = grads(out, (q, k, v))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = dense_prefix_attention(q32, k32, v32, P, S)
-    g_ref = grads(ref, (q32, k32, v32))
+    g_ref = grads(ref, (q32, k32, v32), w_dtype=dtype)
     ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
     base = _torch_repeated(ql, kl, vl, layout, dtype)
     g_base = grads(base, (ql, kl, vl))
@@ -450,6 +449,22 @@ def test_cuda_flash_attention_error_rule(cuda_device, dtype, d, heads, lens):
     for name, a, b, c in zip("qkv", g, g_ref, g_base):
         e, eb = (a.float() - b).abs().max().item(), (c.float() - b).abs().max().item()
         assert e <= 3 * eb + 1e-5, f"d{name}: {e} vs torch {eb}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_on_cpu_meets_flash_attention_rule(dtype):
+    # The CPU computes halves in float32: well inside the rule (and this keeps the CUDA
+    # test's code exercised where there is no GPU).
+    _flash_attention_rule("cpu", dtype, 64, (4, 2), ([40, 9], [[5, 1, 0], [17]]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("lens", CUDA_SHAPES)
+def test_cuda_flash_attention_error_rule(cuda_device, dtype, d, heads, lens):
+    _flash_attention_rule("cuda", dtype, d, heads, lens)
 
 
 @pytest.mark.cuda

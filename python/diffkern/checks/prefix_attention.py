@@ -44,9 +44,10 @@ def _inputs(layout, hq, hkv, d, dtype, device, seed=0):
 
 
 def _errors(out, inputs, ref, ref_inputs):
-    """Max abs error of out and of the gradients of <out, w> for one fixed w."""
+    """Max abs error of out and of the gradients of <out, w> for one fixed w (rounded to
+    out's dtype, so that both sides get the same upstream gradient)."""
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                    dtype=torch.float64).to(out.device)
+                    dtype=torch.float64).to(out.dtype).double().to(out.device)
     g = torch.autograd.grad((out.double() * w).sum(), inputs)
     gr = torch.autograd.grad((ref.double() * w).sum(), ref_inputs)
     return ((out.double() - ref.double()).abs().max().item(),
