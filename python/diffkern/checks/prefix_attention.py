@@ -18,8 +18,8 @@ from ._timing import median_time
 
 # bench/attention.py (the peers on the GPU) is written on its own branch; its entry,
 # dict(name="bench-attention", timeout_s=420, argv=["bench/attention.py", "--device", "cuda",
-# "--json", "{results}/bench_attention.json"]), goes here when it lands (tests/test_cli.py
-# requires every listed script to exist).
+# "--json", "{results}/bench_attention.json", "--plot", "{results}/attention.png"]), goes
+# here when it lands (tests/test_cli.py requires every listed script to exist).
 GPU_BENCHMARKS: list[dict] = []
 ALIASES = ("attention",)
 
