@@ -24,6 +24,8 @@ def build_info() -> dict:
 from .special import log_iv, log_kv, log_ive, log_kve, bessel_iv_ratio  # noqa: E402
 from . import special, distributions, ot  # noqa: E402
 from . import zo, fd  # noqa: E402
+from .attention import prefix_attention, PrefixLayout  # noqa: E402
+from . import attention  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -38,4 +40,7 @@ __all__ = [
     "ot",
     "zo",
     "fd",
+    "attention",
+    "prefix_attention",
+    "PrefixLayout",
 ]
