@@ -107,21 +107,27 @@ struct BwdKvConfig {
 template <class T, int D>
 __global__ void __launch_bounds__(kBwdThreads, 2)
     bwd_kv_kernel(const PrefixAttentionBackward p, float scale_log2, const float* delta,
-                  float* dq_accum) {
+                  float* dq_accum, int64_t slots) {
   using C = BwdKvConfig<D>;
   constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + C::kTile, sStages = sV + C::kTile;
   const uint32_t sDs = sStages + 2 * C::kStage;
-  unsigned char* stage_ptr = smem + 2 * C::kTile;
+  const unsigned char* stage_ptr = smem + 2 * C::kTile;
 
   const int hkv = p.shape.num_heads_kv;
   const int R = p.shape.num_heads_q / hkv;
   const int64_t ntok = p.shape.total_tokens;
   const int64_t bid = blockIdx.x;
   const int hk = static_cast<int>(bid % hkv);
-  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_64, bid / hkv);
-  if (tr.seg < 0) return;
+  // Two passes over the schedule: key tiles of prefix segments (seen by their own queries
+  // and by every suffix of the group: the heavy ones here) first, then the rest; a block
+  // of the other pass exits at once.
+  const int64_t pass_slot = bid / hkv;
+  const bool prefix_pass = pass_slot < slots;
+  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_64,
+                               prefix_pass ? pass_slot : pass_slot - slots);
+  if (tr.seg < 0 || (p.segments.prefix_length[tr.seg] == 0) != prefix_pass) return;
   const int64_t kt = tr.tile;  // earlier key tiles are seen by more of their own queries
   const int64_t kseg_start = p.segments.q_start[tr.seg];
   const int64_t k0 = kt * B;
@@ -145,11 +151,12 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     load_tile<D, kBwdThreads>(base + C::kTile,
                               static_cast<const uint16_t*>(p.dout.data) + h * p.dout.head_stride,
                               tok0, p.dout.token_stride, B, valid);
-    float* rows = reinterpret_cast<float*>(stage_ptr + st * C::kStage + 2 * C::kTile);
+    // Asynchronous too: a plain load here would stall every item on global latency.
+    const uint32_t rows = base + 2 * C::kTile;
     for (int i = threadIdx.x; i < B; i += kBwdThreads) {
       const bool ok = i < valid;
-      rows[i] = ok ? p.lse[h * ntok + tok0 + i] * kLog2e : 0.f;
-      rows[B + i] = ok ? delta[h * ntok + tok0 + i] : 0.f;
+      cp_async4(rows + 4 * i, ok ? p.lse + h * ntok + tok0 + i : p.lse, ok);
+      cp_async4(rows + 4 * (B + i), ok ? delta + h * ntok + tok0 + i : delta, ok);
     }
   };
 
@@ -218,7 +225,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       for (int e = 0; e < 4; ++e) {
         const int q = nt * 8 + 2 * t + (e & 1);
         const int key = kr0 + g + (e >> 1) * 8;
-        float pe = exp2f(s[nt][e] * scale_log2 - rows[q]);
+        float pe = exp2f(s[nt][e] * scale_log2 - rows[q] * kLog2e);
         if (need_mask && (key >= kvalid || q >= qvalid || (causal && k0 + key > qoff + q)))
           pe = 0.f;
         s[nt][e] = pe;
@@ -282,8 +289,13 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
             if (q < qvalid) {
               float* dst = dq_accum + ((tok0 + q) * p.shape.num_heads_q + h) * D +
                            (2 * dd + x) * 8 + 2 * t;
-              atomicAdd(dst, acc[x][2 * r] * p.shape.scale);
-              atomicAdd(dst + 1, acc[x][2 * r + 1] * p.shape.scale);
+              const float a0 = acc[x][2 * r] * p.shape.scale, a1 = acc[x][2 * r + 1] * p.shape.scale;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a0, a1));  // one vector red
+#else
+              atomicAdd(dst, a0);
+              atomicAdd(dst + 1, a1);
+#endif
             }
           }
       }
@@ -472,10 +484,10 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
                         : reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
                                                    delta_bytes(s));
   const int64_t slots = ceil_div(s.total_tokens, kBwdTile) + p.segments.count;
-  const int64_t kv_blocks = slots * s.num_heads_kv, q_blocks = slots * s.num_heads_q;
+  const int64_t kv_blocks = 2 * slots * s.num_heads_kv, q_blocks = slots * s.num_heads_q;
   const int64_t delta_blocks = ceil_div(s.total_tokens * s.num_heads_q, 8);
   const int64_t pairs = s.total_tokens * s.num_heads_q * (D / 2);
-  if (q_blocks > 2147483647 || delta_blocks > 2147483647 || ceil_div(pairs, 256) > 2147483647)
+  if (q_blocks > 2147483647 || kv_blocks > 2147483647 || delta_blocks > 2147483647 || ceil_div(pairs, 256) > 2147483647)
     return Status::invalid_argument;
 
   if (dq_accum != nullptr)
@@ -487,7 +499,7 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    BwdKvConfig<D>::kSmem));
   bwd_kv_kernel<T, D><<<static_cast<unsigned>(kv_blocks), kBwdThreads, BwdKvConfig<D>::kSmem,
-                        stream>>>(p, scale_log2, delta, dq_accum);
+                        stream>>>(p, scale_log2, delta, dq_accum, slots);
   if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
 
   if (dq_accum != nullptr) {

@@ -1,7 +1,6 @@
 // Forward kernel (FlashAttention-2 tiling on mma.sync): one block = one query tile of
-// BM = 128 rows of one query head, 8 warps of 16 rows each. Q stays in registers for the
-// whole key loop; K/V tiles of BN = 64 keys stream through shared memory with cp.async,
-// two stages (tile j + 1 loads while tile j is multiplied). The softmax is online in fp32
+// BM = 128 rows of one query head (warps and rows per warp: FwdConfig); K/V tiles of
+// BN keys stream through shared memory with cp.async, two stages (tile j + 1 loads while tile j is multiplied). The softmax is online in fp32
 // and in the log2 domain (scores pre-multiplied by scale * log2 e, exp2): each thread
 // keeps the running maximum and sum of its two rows (OnlineLogSumExp's add/merge, with
 // the merge across the 4 lanes of a row done once at the end).
@@ -13,17 +12,29 @@
 namespace diffkern {
 namespace pa {
 
-template <int D>
+// MT = 16-row m-tiles per warp. MT = 1: 8 warps, Q fragments held in registers. MT = 2:
+// 4 warps of 32 rows, Q re-read from shared memory each key tile, but every K/V fragment
+// loaded from shared memory feeds 4 mma instead of 2 (shared-memory bandwidth, not the
+// tensor cores, bounds the MT = 1 loop on Hopper).
+#ifndef DK_PA_FWD_MT
+#define DK_PA_FWD_MT 2
+#endif
+#ifndef DK_PA_FWD_BN
+#define DK_PA_FWD_BN 64
+#endif
+template <int D, int MT = DK_PA_FWD_MT>
 struct FwdConfig {
-  static constexpr int BM = 128, BN = 64, WARPS = 8, THREADS = WARPS * 32;
+  static constexpr int BM = 128, BN = DK_PA_FWD_BN, WARPS = 8 / MT, THREADS = WARPS * 32;
   static constexpr int kTileQ = BM * D * 2, kTileKV = BN * D * 2;
   static constexpr int kSmem = kTileQ + 4 * kTileKV;  // Q, then K0 V0 K1 V1
+  static constexpr int kMinBlocks = MT == 1 ? 1 : 2;
 };
 
 template <class T, int D>
-__global__ void __launch_bounds__(FwdConfig<D>::THREADS, 1)
+__global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlocks)
     fwd_kernel(const PrefixAttentionForward p, float scale_log2) {
   using C = FwdConfig<D>;
+  constexpr int MT = DK_PA_FWD_MT;
   constexpr int BM = C::BM, BN = C::BN, NT = BN / 8, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem);
@@ -63,13 +74,20 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, 1)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = warp * 16;  // this warp's rows in the tile
+  const int row0 = warp * 16 * MT;  // this warp's rows in the tile
 
-  uint32_t qf[D / 16][4];
-  float o[DT][4];
+  uint32_t qf[MT == 1 ? D / 16 : 1][4];
+  float o[MT][DT][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
 
   for (int64_t j = 0; j < keys.count; ++j) {
     if (j + 1 < keys.count) {
@@ -80,25 +98,41 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, 1)
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (j == 0) {
+    if constexpr (MT == 1) {
+      if (j == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldsm_x4(qf[kk], sQ + swz<D>(row0 + lane % 16, kk * 2 + lane / 16));
+        for (int kk = 0; kk < D / 16; ++kk)
+          ldsm_x4(qf[kk], sQ + swz<D>(row0 + lane % 16, kk * 2 + lane / 16));
+      }
     }
     const uint32_t sK = sKV + static_cast<uint32_t>(j & 1) * 2 * C::kTileKV;
     const uint32_t sV = sK + C::kTileKV;
 
-    float s[NT][4];
+    float s[MT][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (MT == 1) {
+          a[0][0] = qf[kk][0]; a[0][1] = qf[kk][1]; a[0][2] = qf[kk][2]; a[0][3] = qf[kk][3];
+        } else {
+          ldsm_x4(a[mt], sQ + swz<D>(row0 + mt * 16 + lane % 16, kk * 2 + lane / 16));
+        }
+      }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
         ldsm_x4(b, sK + swz<D>(np * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
-        mma16816<T>(s[2 * np], qf[kk], b);
-        mma16816<T>(s[2 * np + 1], qf[kk], b + 2);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(s[mt][2 * np], a[mt], b);
+          mma16816<T>(s[mt][2 * np + 1], a[mt], b + 2);
+        }
       }
     }
 
@@ -107,57 +141,68 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, 1)
     bool causal;
     keys.get(j, kstart, kvalid, causal, koff);
     const bool need_mask = kvalid < BN || (causal && koff + BN - 1 > q0 + row0);
-    float mx[2] = {m_run[0], m_run[1]};
+    float alpha[MT][2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
+      float mx[2] = {m_run[mt][0], m_run[mt][1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * scale_log2;
-        if (need_mask) {
-          const int col = nt * 8 + 2 * t + (e & 1);
-          const int row = row0 + g + (e >> 1) * 8;
-          if (col >= kvalid || (causal && koff + col > q0 + row)) x = -INFINITY;
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][nt][e] * scale_log2;
+          if (need_mask) {
+            const int col = nt * 8 + 2 * t + (e & 1);
+            const int row = row0 + mt * 16 + g + (e >> 1) * 8;
+            if (col >= kvalid || (causal && koff + col > q0 + row)) x = -INFINITY;
+          }
+          s[mt][nt][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
         }
-        s[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
-    }
-    float alpha[2], base[2];
+      float base[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);
-      // A row with no key yet keeps m = -inf: use 0 so exp2 gives 0, not NaN.
-      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-      alpha[r] = exp2f(m_run[r] - base[r]);
-      m_run[r] = mx[r];
-      l_run[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(s[nt][e] - base[e >> 1]);
-        s[nt][e] = pe;
-        l_run[e >> 1] += pe;
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = quad_max(mx[r]);
+        // A row with no key yet keeps m = -inf: use 0 so exp2 gives 0, not NaN.
+        base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+        alpha[mt][r] = exp2f(m_run[mt][r] - base[r]);
+        m_run[mt][r] = mx[r];
+        l_run[mt][r] *= alpha[mt][r];
       }
-    }
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pe = exp2f(s[mt][nt][e] - base[e >> 1]);
+          s[mt][nt][e] = pe;
+          l_run[mt][e >> 1] += pe;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        o[mt][i][0] *= alpha[mt][0]; o[mt][i][1] *= alpha[mt][0];
+        o[mt][i][2] *= alpha[mt][1]; o[mt][i][3] *= alpha[mt][1];
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         uint32_t b[4];
         ldsm_x4_t(b, sV + swz<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, dp * 2 + lane / 16));
-        mma16816<T>(o[2 * dp], a, b);
-        mma16816<T>(o[2 * dp + 1], a, b + 2);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(o[mt][2 * dp], a[mt], b);
+          mma16816<T>(o[mt][2 * dp + 1], a[mt], b + 2);
+        }
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
@@ -165,27 +210,30 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, 1)
 
   // Normalize, write LSE (natural log), stage the warp's rows in its own part of sQ (only
   // this warp read them) and store 16-byte vectors.
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_run[r]);
-    inv[r] = 1.f / l;
-    const int row = row0 + g + r * 8;
-    if (t == 0 && row < q_valid)
-      p.lse[h * p.shape.total_tokens + q_tok0 + row] = (m_run[r] + log2f(l)) * kLn2;
-  }
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) {
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = row0 + g + r * 8;
-      *reinterpret_cast<uint32_t*>(smem + swz<D>(row, dt) + 4 * t) =
-          pack2<T>(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
+      const float l = quad_sum(l_run[mt][r]);
+      inv[r] = 1.f / l;
+      const int row = row0 + mt * 16 + g + r * 8;
+      if (t == 0 && row < q_valid)
+        p.lse[h * p.shape.total_tokens + q_tok0 + row] = (m_run[mt][r] + log2f(l)) * kLn2;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + mt * 16 + g + r * 8;
+        *reinterpret_cast<uint32_t*>(smem + swz<D>(row, dt) + 4 * t) =
+            pack2<T>(o[mt][dt][2 * r] * inv[r], o[mt][dt][2 * r + 1] * inv[r]);
+      }
     }
   }
   __syncwarp();
   store_tile<D>(smem, static_cast<uint16_t*>(p.out.data) + h * p.out.head_stride, q_tok0,
-                p.out.token_stride, row0, 16, q_valid, lane, 32);
+                p.out.token_stride, row0, 16 * MT, q_valid, lane, 32);
 }
 
 template <class T, int D>

@@ -138,16 +138,18 @@ class Kernels:
         a[44] = torch.cuda.current_stream().cuda_stream
         return (ctypes.c_int64 * 45)(*a)
 
+    alloc = staticmethod(lambda x: torch.full_like(x, math.nan))  # NaN-poisoned outputs
+
     def forward(self, q, k, v, L, scale, out=None, lse=None):
         if out is None:  # fresh and NaN-poisoned unless the caller times preallocated ones
-            out = torch.full_like(q, math.nan)
+            out = self.alloc(q)
             lse = torch.full((q.shape[1], L.T), math.nan, device=q.device)
         rc = self.lib.pa_forward(self._args(q, k, v, L, [q, k, v, out], lse), scale)
         assert rc == 0, f"forward status {rc}"
         return out, lse
 
     def backward(self, q, k, v, out, dout, lse, L, scale, deterministic=False, ws=None, grads=None):
-        dq, dk, dv = grads if grads is not None else (torch.full_like(x, math.nan) for x in (q, k, v))
+        dq, dk, dv = grads if grads is not None else (self.alloc(x) for x in (q, k, v))
         a = self._args(q, k, v, L, [q, k, v, out, dout, dq, dk, dv], lse)
         if ws is None:
             nbytes = self.lib.pa_workspace_bytes(a, int(deterministic))
@@ -158,13 +160,24 @@ class Kernels:
         return dq, dk, dv
 
 
-def check_case(K, groups, hq, hkv, d, dtype, seed):
+def big_strided(T, h, d, dtype, fill=None):
+    """A (T, h, d) view whose token stride is 2^20 elements: token * stride passes 2^31."""
+    x = torch.empty(T, 2**20 // d, d, dtype=dtype, device="cuda")[:, :h, :]
+    return x.normal_() if fill is None else x.fill_(fill)
+
+
+def check_case(K, groups, hq, hkv, d, dtype, seed, big=False):
     torch.manual_seed(seed)
     dev = "cuda"
     L = Layout(groups, dev)
     scale = 1.0 / math.sqrt(d)
-    q, k, v = (torch.randn(L.T, h, d, device=dev).to(dtype) for h in (hq, hkv, hkv))
-    dout = torch.randn(L.T, hq, d, device=dev).to(dtype)
+    if big:
+        q, k, v, dout = (big_strided(L.T, h, d, dtype) for h in (hq, hkv, hkv, hq))
+        K.alloc = lambda x: big_strided(x.shape[0], x.shape[1], x.shape[2], x.dtype, math.nan)
+        assert q.stride(0) * (L.T - 1) > 2**31
+    else:
+        q, k, v = (torch.randn(L.T, h, d, device=dev).to(dtype) for h in (hq, hkv, hkv))
+        dout = torch.randn(L.T, hq, d, device=dev).to(dtype)
 
     out, lse = K.forward(q, k, v, L, scale)
     dq, dk, dv = K.backward(q, k, v, out, dout, lse, L, scale)
@@ -206,6 +219,9 @@ def check_case(K, groups, hq, hkv, d, dtype, seed):
             msgs.append(f"det {n} {err:.2e}/{base:.2e} FAIL")
     ok &= det_same
     msgs.append(f"det-bits {'same' if det_same else 'DIFFER'} kv-modes {'same' if kv_same else 'differ'}")
+    K.alloc = Kernels.alloc
+    if big:
+        msgs.append("big strides")
     tag = f"{str(dtype)[6:]:8s} d{d:3d} h{hq}/{hkv} T{L.T:5d} {groups if len(str(groups)) < 60 else str(groups)[:57] + '...'}"
     print(("ok   " if ok else "FAIL ") + tag + " | " + "  ".join(msgs), flush=True)
     return ok
@@ -226,13 +242,14 @@ def cases(tiny):
     ]
 
 
-def timing(K):
+def timing(K, hkv=32):
     from triton.testing import do_bench
 
     P, S, G, H, D = 4096, 512, 8, 32, 128
     L = Layout([(P, [S] * G)], "cuda")
     scale = 1 / math.sqrt(D)
-    q, k, v, dout = (torch.randn(L.T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, dout = (torch.randn(L.T, h, D, device="cuda", dtype=torch.bfloat16)
+                     for h in (H, hkv, hkv, H))
     out, lse = K.forward(q, k, v, L, scale)
     pairs = P * (P + 1) / 2 + G * (S * P + S * (S + 1) / 2)
     f_fwd = 4 * D * H * pairs
@@ -256,6 +273,11 @@ def timing(K):
                         warmup=50, rep=300, return_mode="median")
         t_sfb = do_bench(lambda: F.scaled_dot_product_attention(qe, ke, ve, is_causal=True).backward(de),
                          warmup=50, rep=300, return_mode="median", grad_to_none=[qe, ke, ve])
+    if hkv != H:
+        print(f"timing GQA {H}/{hkv}: fwd {t_fwd:.3f} ms = {f_fwd / t_fwd / 1e9:.0f} TFLOP/s,"
+              f" bwd {t_bwd:.3f} ms, det bwd {t_bwd_det:.3f} ms,"
+              f" fwd+bwd {3.5 * f_fwd / (t_fwd + t_bwd) / 1e9:.0f} TFLOP/s")
+        return
     print(f"timing (P,S,G)=({P},{S},{G}) H={H} D={D} bf16, H200; useful fwd TFLOP = {f_fwd / 1e12:.2f}")
     print(f"  kernel fwd {t_fwd:.3f} ms = {f_fwd / t_fwd / 1e9:.0f} TFLOP/s")
     print(f"  kernel bwd (atomic dQ) {t_bwd:.3f} ms = {2.5 * f_fwd / t_bwd / 1e9:.0f} TFLOP/s;"
@@ -291,6 +313,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--cpu-selftest", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="bf16 only, no 64-bit case, MHA timing only")
     args = ap.parse_args()
     if args.cpu_selftest:
         cpu_selftest()
@@ -298,12 +321,18 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     K = Kernels(args.lib)
     ok = True
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
         for i, (groups, hq, hkv, d) in enumerate(cases(args.tiny)):
             for dd in ((d,) if args.tiny else (64, 128)):
                 ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
+    if not args.tiny and not args.quick:
+        # 64-bit offsets: token stride 2^20 elements, T = 2300 tokens (reads and writes)
+        ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5, big=True)
+        torch.cuda.empty_cache()
     if not args.tiny and not args.no_timing:
         timing(K)
+        if not args.quick:
+            timing(K, hkv=8)
     print("ALL OK" if ok else "SOME FAILED")
     return 0 if ok else 1
 
