@@ -10,6 +10,12 @@
 //   3. Deterministic mode instead: bwd_dq_kernel, query-centric like the forward, recomputes
 //      P and dS for its query tile and sums dQ over the key tiles in a fixed order.
 //   4. dq_convert_kernel (non-deterministic mode): float32 workspace -> dq.
+// Not done yet: splitting a prefix key tile over several blocks when G is large (today one
+// block walks its own tiles and all G suffixes; with many heads, heaviest-first order keeps
+// that from being the long pole at the issue's shapes). Planned form: chunk c of C (C from
+// shapes, <= 4) takes the suffixes [c G / C, (c + 1) G / C) (chunk 0 also the own tiles) and
+// writes float32 partial dK/dV to workspace slot c; a reduce kernel sums c = 0..C-1 in
+// that order (deterministic) and writes dk/dv. Workspace C x T x Hkv x D x 8 bytes.
 #pragma once
 #include "common/cuda_check.cuh"
 #include "common/launch.h"
@@ -225,7 +231,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       for (int e = 0; e < 4; ++e) {
         const int q = nt * 8 + 2 * t + (e & 1);
         const int key = kr0 + g + (e >> 1) * 8;
-        float pe = exp2f(s[nt][e] * scale_log2 - rows[q] * kLog2e);
+        float pe = exp2_fast(s[nt][e] * scale_log2 - rows[q] * kLog2e);
         if (need_mask && (key >= kvalid || q >= qvalid || (causal && k0 + key > qoff + q)))
           pe = 0.f;
         s[nt][e] = pe;
@@ -428,7 +434,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t + (e & 1);
         const int row = row0 + g + (e >> 1) * 8;
-        float pe = exp2f(s[nt][e] * scale_log2 - lse2[e >> 1]);
+        float pe = exp2_fast(s[nt][e] * scale_log2 - lse2[e >> 1]);
         if (need_mask && (col >= kvalid || (causal && koff + col > q0 + row))) pe = 0.f;
         dp[nt][e] = pe * (dp[nt][e] - dl[e >> 1]);
       }

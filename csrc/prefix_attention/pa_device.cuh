@@ -179,6 +179,21 @@ struct KeyTiles {
   }
 };
 
+// 2^x by the hardware approximation (relative error ~2^-22, far under bf16/fp16 rounding;
+// 2^-inf = 0): exp2f without --use_fast_math adds range fixes around it on every score.
+#ifndef DK_PA_EXP2_APPROX
+#define DK_PA_EXP2_APPROX 1
+#endif
+__device__ __forceinline__ float exp2_fast(float x) {
+#if DK_PA_EXP2_APPROX
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // Reduction over the 4 lanes of a quad (the lanes that share a row of an mma tile).
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
         mx[r] = quad_max(mx[r]);
         // A row with no key yet keeps m = -inf: use 0 so exp2 gives 0, not NaN.
         base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-        alpha[mt][r] = exp2f(m_run[mt][r] - base[r]);
+        alpha[mt][r] = exp2_fast(m_run[mt][r] - base[r]);
         m_run[mt][r] = mx[r];
         l_run[mt][r] *= alpha[mt][r];
       }
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pe = exp2f(s[mt][nt][e] - base[e >> 1]);
+          const float pe = exp2_fast(s[mt][nt][e] - base[e >> 1]);
           s[mt][nt][e] = pe;
           l_run[mt][e >> 1] += pe;
         }

@@ -227,6 +227,26 @@ def check_case(K, groups, hq, hkv, d, dtype, seed, big=False):
     return ok
 
 
+def kernels_only(lib):
+    """Only this family's kernels (no torch attention): for compute-sanitizer racecheck and
+    initcheck, whose reports would otherwise include the reference's kernels."""
+    K = Kernels(lib)
+    ok = True
+    for dtype in (torch.bfloat16, torch.float16):
+        for groups, hq, hkv, d in cases(True) + [([(130, [70, 0, 1])], 4, 2, 128)]:
+            torch.manual_seed(0)
+            L = Layout(groups, "cuda")
+            q, k, v, dout = (torch.randn(L.T, h, d, device="cuda").to(dtype) for h in (hq, hkv, hkv, hq))
+            out, lse = K.forward(q, k, v, L, d ** -0.5)
+            res = [out, lse]
+            for det in (False, True):
+                res += K.backward(q, k, v, out, dout, lse, L, d ** -0.5, deterministic=det)
+            torch.cuda.synchronize()
+            ok &= all(bool(torch.isfinite(x).all()) for x in res)
+    print("kernels-only " + ("ok" if ok else "NONFINITE"))
+    return 0 if ok else 1
+
+
 def cases(tiny):
     if tiny:
         return [([(70, [33, 1, 0]), (5, [9])], 2, 1, 64)]
@@ -313,11 +333,14 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--cpu-selftest", action="store_true")
+    ap.add_argument("--kernels-only", action="store_true", help="for compute-sanitizer")
     ap.add_argument("--quick", action="store_true", help="bf16 only, no 64-bit case, MHA timing only")
     args = ap.parse_args()
     if args.cpu_selftest:
         cpu_selftest()
         return 0
+    if args.kernels_only:
+        return kernels_only(args.lib)
     torch.backends.cuda.matmul.allow_tf32 = False
     K = Kernels(args.lib)
     ok = True
