@@ -19,7 +19,9 @@
 //
 // Tensors: q (T, Hq, D), k and v (T, Hkv, D), out (T, Hq, D): element strides for the
 // token and head dims, the head dim contiguous. Hq is a multiple of Hkv; query head h reads
-// KV head h / (Hq / Hkv). lse is float32 (Hq, T) contiguous: log-sum-exp of the scaled
+// KV head h / (Hq / Hkv). CUDA kernels copy 16-byte vectors: every tensor's data pointer
+// 16-byte aligned and its token and head strides multiples of 8 elements, or the CUDA entry
+// points return Status::invalid_argument. lse is float32 (Hq, T) contiguous: log-sum-exp of the scaled
 // scores of each query row (natural log), -inf for a row that sees no key (never happens
 // in a valid layout: every query sees itself).
 //
@@ -54,6 +56,8 @@ struct PrefixGroups {
   const int64_t* prefix_segment = nullptr;  // index of the group's prefix segment
   const int64_t* first_suffix = nullptr;    // index of its first suffix segment
   const int64_t* num_suffixes = nullptr;    // G of the group (suffix segments are consecutive)
+  // Groups are listed in increasing prefix_segment order (the CUDA backward finds the
+  // group of a prefix segment by binary search on it).
   int64_t count = 0;
 };
 

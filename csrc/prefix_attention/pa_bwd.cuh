@@ -1,0 +1,84 @@
+// Backward kernels (FlashAttention-2 style), all on `stream`, no allocation:
+//   1. bwd_delta_kernel: delta = rowsum(dO * O) per (query head, token), float32.
+//   2. bwd_kv_kernel: one block per key tile of BN = 64 keys and KV head, 4 warps of 16
+//      keys. It walks every query tile that sees the key tile -- its own segment's tiles
+//      from the diagonal on (causal), then, for a prefix segment, every tile of every
+//      suffix of its group (no mask) -- for each query head of the KV head (GQA), and
+//      accumulates dK, dV in registers, so a prefix's gradient sums over its G members
+//      without any K/V copy. Q/dO tiles stream through two shared-memory stages.
+//      Non-deterministic mode: dQ += dS K goes to a float32 workspace by atomicAdd.
+//   3. Deterministic mode instead: bwd_dq_kernel, query-centric like the forward, recomputes
+//      P and dS for its query tile and sums dQ over the key tiles in a fixed order.
+//   4. dq_convert_kernel (non-deterministic mode): float32 workspace -> dq.
+// Not done yet: splitting a prefix key tile over several blocks when G is large (today one
+// block walks its own tiles and all G suffixes; with many heads, heaviest-first order keeps
+// that from being the long pole at the issue's shapes). Planned form: chunk c of C (C from
+// shapes, <= 4) takes the suffixes [c G / C, (c + 1) G / C) (chunk 0 also the own tiles) and
+// writes float32 partial dK/dV to workspace slot c; a reduce kernel sums c = 0..C-1 in
+// that order (deterministic) and writes dk/dv. Workspace C x T x Hkv x D x 8 bytes.
+#pragma once
+#include "prefix_attention/pa_bwd_common.cuh"
+#include "prefix_attention/pa_bwd_kv.cuh"  // before _dq: same kernel order as before the split
+#include "prefix_attention/pa_bwd_dq.cuh"
+
+namespace diffkern {
+namespace pa {
+
+// float32 (T, Hq, D) workspace -> dq in its dtype and strides; 2 elements per thread.
+template <class T, int D>
+__global__ void dq_convert_kernel(const PrefixAttentionBackward p, const float* dq_accum) {
+  const int64_t pairs = p.shape.total_tokens * p.shape.num_heads_q * (D / 2);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= pairs) return;
+  const int64_t row = i / (D / 2);
+  const int d = static_cast<int>(i % (D / 2)) * 2;
+  const int64_t tok = row / p.shape.num_heads_q;
+  const int h = static_cast<int>(row % p.shape.num_heads_q);
+  const float2 v = *reinterpret_cast<const float2*>(dq_accum + row * D + d);
+  *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.dq.data) + tok * p.dq.token_stride +
+                               h * p.dq.head_stride + d) = pack2<T>(v.x, v.y);
+}
+
+template <class T, int D>
+Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
+  const PrefixAttentionShape& s = p.shape;
+  const float scale_log2 = s.scale * kLog2e;
+  float* delta = static_cast<float*>(p.workspace);
+  float* dq_accum = p.deterministic
+                        ? nullptr
+                        : reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
+                                                   delta_bytes(s));
+  const int64_t slots = ceil_div(s.total_tokens, kBwdTile) + p.segments.count;
+  const int64_t kv_blocks = 2 * slots * s.num_heads_kv, q_blocks = slots * s.num_heads_q;
+  const int64_t delta_blocks = ceil_div(s.total_tokens * s.num_heads_q, 8);
+  const int64_t pairs = s.total_tokens * s.num_heads_q * (D / 2);
+  if (q_blocks > 2147483647 || kv_blocks > 2147483647 || delta_blocks > 2147483647 || ceil_div(pairs, 256) > 2147483647)
+    return Status::invalid_argument;
+
+  if (dq_accum != nullptr)
+    DK_CUDA_TRY(cudaMemsetAsync(dq_accum, 0, dq_accum_bytes(s), stream));
+  bwd_delta_kernel<T, D><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(p, delta);
+  if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
+
+  DK_CUDA_TRY(cudaFuncSetAttribute(bwd_kv_kernel<T, D>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   BwdKvConfig<D>::kSmem));
+  bwd_kv_kernel<T, D><<<static_cast<unsigned>(kv_blocks), kBwdThreads, BwdKvConfig<D>::kSmem,
+                        stream>>>(p, scale_log2, delta, dq_accum, slots);
+  if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
+
+  if (dq_accum != nullptr) {
+    dq_convert_kernel<T, D><<<static_cast<unsigned>(ceil_div(pairs, 256)), 256, 0, stream>>>(
+        p, dq_accum);
+  } else {
+    DK_CUDA_TRY(cudaFuncSetAttribute(bwd_dq_kernel<T, D>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     BwdDqConfig<D>::kSmem));
+    bwd_dq_kernel<T, D><<<static_cast<unsigned>(q_blocks), kBwdThreads, BwdDqConfig<D>::kSmem,
+                          stream>>>(p, scale_log2, delta);
+  }
+  return last_launch_status();
+}
+
+}  // namespace pa
+}  // namespace diffkern

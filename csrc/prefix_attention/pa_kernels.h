@@ -1,0 +1,29 @@
+// The per-(dtype, head dim) launchers of the CUDA kernels, defined in pa_fwd.cuh /
+// pa_bwd.cuh and instantiated once each in the generated files pa_inst_*.cu (one
+// translation unit per instantiation keeps compile times parallel and short).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "common/half_types.h"
+#include "prefix_attention/prefix_attention.h"
+
+namespace diffkern {
+namespace pa {
+
+// Backward workspace: delta (Hq x T float32), then, for the atomic dQ path only, the
+// (T, Hq, D) float32 dQ accumulator; each part 256-byte aligned.
+inline int64_t align256(int64_t b) { return (b + 255) / 256 * 256; }
+inline int64_t delta_bytes(const PrefixAttentionShape& s) {
+  return align256(s.total_tokens * s.num_heads_q * 4);
+}
+inline int64_t dq_accum_bytes(const PrefixAttentionShape& s) {
+  return align256(s.total_tokens * s.num_heads_q * s.head_dim * 4);
+}
+
+template <class T, int D>
+Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream);
+template <class T, int D>
+Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream);
+
+}  // namespace pa
+}  // namespace diffkern
