@@ -37,8 +37,9 @@ import torch
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16",
-                                                          "float16"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16",
+                                                      "float16"],
+                    help="default float32 on CPU, bfloat16 on CUDA (the CUDA kernels' dtypes)")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--group", type=int, default=6, help="completions per prompt (G)")
     ap.add_argument("--prompt-len", type=int, default=160, help="longest prompt")
@@ -49,9 +50,10 @@ def parse():
 
 
 def tiny_llama(transformers, vocab: int):
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=4, num_attention_heads=8,
-                                   num_key_value_heads=2, max_position_embeddings=4096,
+    # head dim 64 (256 / 4 heads), one the CUDA kernels take; GQA with 2 KV heads.
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=8192,
                                    attention_dropout=0.0)
     return transformers.LlamaForCausalLM(cfg)
 
@@ -82,29 +84,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, member: torch.Tensor,
 
 
 def shared_prefix_inputs(batch, device):
-    """Packed ids (1, T), the layout, and where each completion token's log-prob comes
-    from: token ``tgt`` is predicted by the logits at ``pred`` (its member's previous
-    token: the shared last prompt token for a completion's first token)."""
+    """Packed ids (1, T): group after group, the prompt then its G completions; and the
+    layout describing them (built once per batch, the only host work)."""
     import diffkern as dk
 
     prompt_lens, comp_lens, prompts, comps, _ = batch
-    ids, pred, tgt, member = [], [], [], []
-    pos, m = 0, 0
-    for p, cs in zip(prompts, comps):
-        ids.append(p)
-        last_prompt = pos + len(p) - 1
-        pos += len(p)
-        for c in cs:
-            ids.append(c)
-            idx = torch.arange(pos, pos + len(c))
-            tgt.append(idx)
-            pred.append(torch.cat([torch.tensor([last_prompt]), idx[:-1]]))
-            member.append(torch.full((len(c),), m))
-            pos += len(c)
-            m += 1
+    ids = torch.cat([t for p, cs in zip(prompts, comps) for t in [p, *cs]])
     layout = dk.PrefixLayout.from_lengths(prompt_lens, comp_lens, device=device)
-    cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
-    return cat(ids)[None], layout, cat(pred), cat(tgt), cat(member)
+    return ids.to(device)[None], layout
 
 
 def plain_inputs(batch, device):
@@ -129,10 +116,13 @@ def plain_inputs(batch, device):
     return ids.to(device), mask.to(device), member.to(device), torch.cat(c_idx).to(device)
 
 
-def step_shared(model, dkt, inputs, old_logp, adv, n_tokens):
-    ids, layout, pred, tgt, member = inputs
-    logits = model(input_ids=ids, **dkt.forward_kwargs(layout)).logits[0]
-    logp = torch.log_softmax(logits[pred].float(), -1).gather(1, ids[0, tgt][:, None])[:, 0]
+def step_shared(model, dkt, inputs, old_logp, member, adv, n_tokens):
+    ids, layout = inputs
+    logits = model(input_ids=ids, **dkt.forward_kwargs(layout)).logits
+    # (members, longest completion) log-probs: a completion's first token is predicted by
+    # its prompt's last position, which all G members share.
+    logp, mask = layout.gather_member_logprobs(logits, ids)
+    logp = logp[mask]  # member by member, token by token: the plain way's order
     loss = grpo_loss(logp, old_logp, member, adv, n_tokens)
     loss.backward()
     return loss.detach(), logp.detach()
@@ -223,7 +213,10 @@ def main():
     if not hasattr(dk, "prefix_attention") or not hasattr(dk, "PrefixLayout"):
         sys.exit("grpo_shared_prefix: this diffkern has no prefix_attention / PrefixLayout "
                  "(the shared-prefix attention family is not in this build)")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     vocab = 512
@@ -252,8 +245,9 @@ def main():
         old = old + 0.1 * torch.randn(old.shape[0], generator=g).to(device)
 
     set_attn(model, dkt.ATTN_IMPLEMENTATION)
-    shared = run(model, lambda: step_shared(model, dkt, shared_in, old, adv, n_tokens), device,
-                 args.repeats)
+    member = plain_in[2]
+    shared = run(model, lambda: step_shared(model, dkt, shared_in, old, member, adv, n_tokens),
+                 device, args.repeats)
     set_attn(model, "sdpa")
     plain = run(model, lambda: step_plain(model, plain_in, old, adv, n_tokens), device,
                 args.repeats)
