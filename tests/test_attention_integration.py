@@ -132,6 +132,7 @@ class _RefLayout:
 
 def _ref_kernel(q, k, v, layout, *, scale=None, **_):
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1  # head dim contiguous
+    assert q._base is not None and k._base is not None  # views of transformers' tensors
     return R.reference_prefix_attention(q, k, v, layout.prefix_lens, layout.suffix_lens,
                                         scale=scale)
 

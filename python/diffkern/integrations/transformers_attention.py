@@ -24,9 +24,11 @@ variable, so threads and asyncio tasks do not see each other's layout); a keywor
 wins over the context.
 
 What it does not do (each raises, naming it): attention dropout > 0, sliding windows,
-logit soft-capping, a KV cache holding earlier tokens (decoding), batch dims other than 1,
-and an ``attention_mask`` (the layout is the mask). transformers builds no mask for an
-implementation it does not know, so no (T, T) mask is ever materialized.
+logit soft-capping, a KV cache holding earlier tokens (decoding), batch dims other than 1.
+The layout is the mask: do not pad, and pass no ``attention_mask``. transformers builds no
+mask for an attention implementation that has no registered mask function (so no (T, T)
+mask is ever materialized), which also means a 2-D padding mask given to the model is
+dropped before it reaches the layers; a 4-D mask that does reach them is rejected.
 
 Tested against transformers 5.x (the versions with ``AttentionInterface``, also 4.48+).
 """
@@ -104,8 +106,8 @@ def diffkern_prefix_attention_forward(module: torch.nn.Module, query: torch.Tens
         layout = _current_layout.get()
     if layout is None:
         raise ValueError(f"{name}: no layout: pass {LAYOUT_KWARG}=dk.PrefixLayout(...) to the "
-                         "model call (see forward_kwargs) or run it inside "
-                         "`with diffkern.integrations.transformers_attention.prefix_layout(layout):`")
+                         "model call (see forward_kwargs) or run it inside `with "
+                         "diffkern.integrations.transformers_attention.prefix_layout(layout):`")
     if query.dim() != 4 or query.shape[0] != 1:
         raise ValueError(f"{name}: expected a packed batch (batch dim 1, tokens along dim 1), "
                          f"got query of shape {tuple(query.shape)} (batch, heads, tokens, dim)")
