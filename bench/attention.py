@@ -484,9 +484,20 @@ def main():
         if isinstance(m, str):
             print(f"{name}: skipped: {m}")
     shapes = default_shapes(cuda, args.quick)
-    print(f"device {H.gpu_name() if cuda else H.cpu_name()}, {dtype}, torch {torch.__version__}")
+    print(f"device {H.gpu_name() if cuda else H.cpu_name()}, {dtype}, torch {torch.__version__}\n")
+    print("\n".join(H.table(COLUMNS, [])))
 
-    # Correctness on the first shape.
+    def log(r):
+        if "skipped" in r:
+            print(f"{r['shape']:<24}{r['method']:<16}  skipped")
+        else:
+            print(H.table(COLUMNS, [r], lead=2)[1])
+    rows = []
+    for shape in shapes:
+        rows += run_shape(methods, shape, device, dtype, repeats, budget_s, log)
+
+    # Correctness on the first shape, after the timings (so the first timed call of each
+    # method, first_call_s, includes any compilation).
     checks = []
     ref = reference(shapes[0], device, dtype)
     for name in METHODS:
@@ -502,18 +513,6 @@ def main():
           f"{ref['torch_err'][1]:.2e} grad; FlashAttention's rule: <= 2 out, <= 3 grad)")
     del ref
     print("\n".join(H.table(CHECK_COLUMNS, checks)))
-
-    print()
-    print("\n".join(H.table(COLUMNS, [])))
-
-    def log(r):
-        if "skipped" in r:
-            print(f"{r['shape']:<24}{r['method']:<16}  skipped")
-        else:
-            print(H.table(COLUMNS, [r], lead=2)[1])
-    rows = []
-    for shape in shapes:
-        rows += run_shape(methods, shape, device, dtype, repeats, budget_s, log)
 
     sweep_rows = []
     if args.plot:

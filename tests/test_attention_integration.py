@@ -117,7 +117,7 @@ def dkt():
     return transformers_attention
 
 
-HAS_KERNEL = hasattr(dk, "prefix_attention") and hasattr(dk, "PrefixLayout")
+HAS_KERNEL = hasattr(dk, "prefix_attention")
 
 
 class _RefLayout:
@@ -226,7 +226,8 @@ def test_adapter_with_kernel(dkt, kind, prefix_lens, suffix_lens):
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="diffkern.prefix_attention not in this build yet")
 def test_adapter_with_kernel_context_manager(dkt):
-    """The layout given by the context manager instead of a keyword argument."""
+    """The layout given by the context manager instead of a keyword argument; the
+    deterministic flag reaches the kernel (the CPU kernels are deterministic anyway)."""
     model = _tiny_model("llama")
     P, S = [5], [[2, 3]]
     layout = dk.PrefixLayout.from_lengths(P, S)
@@ -238,7 +239,9 @@ def test_adapter_with_kernel_context_manager(dkt):
         with dkt.prefix_layout(layout):
             a = model(input_ids=ids[None], **kw).logits
         b = model(input_ids=ids[None], **dkt.forward_kwargs(layout)).logits
+        c = model(input_ids=ids[None], **dkt.forward_kwargs(layout, deterministic=True)).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(c, b, rtol=0, atol=0)
 
 
 def test_adapter_errors(dkt, monkeypatch):
