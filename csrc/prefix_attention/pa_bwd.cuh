@@ -42,7 +42,7 @@ __global__ void dq_convert_kernel(const PrefixAttentionBackward p, const float* 
 template <class T, int D>
 Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
   const PrefixAttentionShape& s = p.shape;
-  const float scale_log2 = s.scale * kLog2e;
+  const float scale_log2 = static_cast<float>(s.scale * kLog2e);
   float* delta = static_cast<float*>(p.workspace);
   float* dq_accum = p.deterministic
                         ? nullptr

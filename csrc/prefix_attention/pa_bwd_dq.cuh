@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     bwd_dq_kernel(const PrefixAttentionBackward p, float scale_log2, const float* delta) {
   using C = BwdDqConfig<D>;
   constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;
+  const float scale_f = static_cast<float>(p.shape.scale);  // the shape carries a double
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem), sdO = sQ + C::kTile, sKV = sdO + C::kTile;
 
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       *reinterpret_cast<uint32_t*>(smem + swz<D>(row0 + g + 8 * r, dt) + 4 * t) =
-          pack2<T>(dq[dt][2 * r] * p.shape.scale, dq[dt][2 * r + 1] * p.shape.scale);
+          pack2<T>(dq[dt][2 * r] * scale_f, dq[dt][2 * r + 1] * scale_f);
   __syncwarp();
   store_tile<D>(smem, static_cast<uint16_t*>(p.dq.data) + h * p.dq.head_stride, q_tok0,
                 p.dq.token_stride, row0, 16, q_valid, lane, 32);

@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
                   float* dq_accum, int64_t slots) {
   using C = BwdKvConfig<D>;
   constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;
+  const float scale_f = static_cast<float>(p.shape.scale);  // the shape carries a double
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + C::kTile, sStages = sV + C::kTile;
   const uint32_t sDs = sStages + 2 * C::kStage;
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
             if (q < qvalid) {
               float* dst = dq_accum + ((tok0 + q) * p.shape.num_heads_q + h) * D +
                            (2 * dd + x) * 8 + 2 * t;
-              const float a0 = acc[x][2 * r] * p.shape.scale, a1 = acc[x][2 * r + 1] * p.shape.scale;
+              const float a0 = acc[x][2 * r] * scale_f, a1 = acc[x][2 * r + 1] * scale_f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
               atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a0, a1));  // one vector red
 #else
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     for (int r = 0; r < 2; ++r) {
       const int row = kr0 + g + 8 * r;
       *reinterpret_cast<uint32_t*>(smem + swz<D>(row, dt) + 4 * t) =
-          pack2<T>(dk[dt][2 * r] * p.shape.scale, dk[dt][2 * r + 1] * p.shape.scale);
+          pack2<T>(dk[dt][2 * r] * scale_f, dk[dt][2 * r + 1] * scale_f);
       *reinterpret_cast<uint32_t*>(smem + C::kTile + swz<D>(row, dt) + 4 * t) =
           pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }

@@ -242,7 +242,7 @@ Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream) {
   const int64_t slots = ceil_div(p.shape.total_tokens, C::BM) + p.segments.count;
   const int64_t blocks = slots * p.shape.num_heads_q;
   if (blocks > 2147483647) return Status::invalid_argument;
-  const float scale_log2 = p.shape.scale * kLog2e;
+  const float scale_log2 = static_cast<float>(p.shape.scale * kLog2e);
   DK_CUDA_TRY(cudaFuncSetAttribute(fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    C::kSmem));
   fwd_kernel<T, D><<<static_cast<unsigned>(blocks), C::THREADS, C::kSmem, stream>>>(p, scale_log2);

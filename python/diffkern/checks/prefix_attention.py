@@ -16,11 +16,12 @@ import diffkern as dk
 
 from ._timing import median_time
 
-# bench/attention.py (the peers on the GPU) is written on its own branch; its entry,
-# dict(name="bench-attention", timeout_s=420, argv=["bench/attention.py", "--device", "cuda",
-# "--json", "{results}/bench_attention.json", "--plot", "{results}/attention.png"]), goes
-# here when it lands (tests/test_cli.py requires every listed script to exist).
-GPU_BENCHMARKS: list[dict] = []
+# The peers on the GPU (FlexAttention, a Prefix-Grouper-style split, SDPA over the repeats).
+GPU_BENCHMARKS = [
+    dict(name="bench-attention", timeout_s=420,
+         argv=["bench/attention.py", "--device", "cuda", "--json",
+               "{results}/bench_attention.json", "--plot", "{results}/attention.png"]),
+]
 ALIASES = ("attention",)
 
 _LAYOUT = ([37, 5, 64], [[9, 1, 0, 21], [3], [40, 70]])  # ragged, G=1, empty, one-token
