@@ -10,8 +10,9 @@ a. One perturb pass over the parameters of an OPT-1.3B-sized model (built from O
    the same tensor shapes by hand without transformers; random weights, fp16 on CUDA, fp32 on
    CPU): dk's fused multi-tensor kernel (Gaussian and Rademacher) against a MeZO-style loop
    (per tensor ``z = torch.normal(...)``; ``p.data.add_(eps * z)``, as MeZO's trainer does it)
-   and against the copy floor (one device copy of the same number of bytes). GB/s counts one
-   read and one write of every parameter byte.
+   and against the copy floor (one device copy of the same number of bytes); also dk's fused
+   update pass (theta -= lr * c * z, z regenerated). GB/s counts one read and one write of
+   every parameter byte.
 b. One optimizer step on that model, batch 16 x 256 tokens: ``dk.zo.ZOSGD`` (module: forward
    hooks, no weight copy), a MeZO-style step (perturb +eps, loss, perturb -2eps, loss, perturb
    +eps, projected gradient ``.item()``, update regenerating z by the same seed), and the floor
@@ -238,6 +239,10 @@ def part_a(cfg, device, repeats):
             f"dk perturb_ ({dist})",
             timed(lambda: K.perturb_(params, next(seeds), 0, 1e-9, dist), device, repeats),
             1)])
+    guarded(rows, "dk update_", lambda: [row(
+        "dk update_ (1 direction, gaussian)",
+        timed(lambda: K.update_(params, [(next(seeds), 0, 1.0)], 1e-9), device, repeats),
+        1)])
     guarded(rows, "MeZO loop", lambda: [row(
         "MeZO loop (torch.normal per tensor)",
         timed(lambda: mezo_perturb(params, next(seeds), 1, 1e-9), device, repeats),
