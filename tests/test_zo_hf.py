@@ -199,3 +199,22 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
     import diffkern.integrations as integ
     with pytest.raises(ImportError, match="pip install transformers"):
         integ.ZOTrainer
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    # The checkpoint holds the weights and TrainerZOSGD's state (step counter, seed): resuming
+    # at step 3 of 6 regenerates the directions of steps 4-6 and ends on the same bits.
+    pytest.importorskip("accelerate")
+    from diffkern.integrations import ZOTrainer
+    kw = dict(max_steps=6, per_device_train_batch_size=8, save_strategy="steps", save_steps=3,
+              learning_rate=1e-2)
+    full = tiny_opt()
+    ZOTrainer(model=full, args=args(tmp_path / "full", **kw), train_dataset=ToyData(48),
+              zo_num_directions=2).train()
+    resumed = tiny_opt(seed=99)  # other initial weights: the checkpoint must replace them
+    ZOTrainer(model=resumed, args=args(tmp_path / "full", **kw), train_dataset=ToyData(48),
+              zo_num_directions=2).train(resume_from_checkpoint=str(tmp_path / "full" /
+                                                                    "checkpoint-3"))
+    a, b = bits(full), bits(resumed)
+    for n in a:
+        assert torch.equal(a[n], b[n]), f"{n} differs after resuming"
