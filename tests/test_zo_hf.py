@@ -26,6 +26,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def need_hf():
+    """transformers and accelerate (its Trainer's dependency), or skip."""
+    pytest.importorskip("accelerate")
+    return pytest.importorskip("transformers")
+
+
 def bits(model):
     return {n: p.detach().view(_INT[p.dtype]).clone() for n, p in model.named_parameters()}
 
@@ -103,7 +109,7 @@ class Recording:
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_opt], ids=["llama", "opt"])
 def test_loss_goes_down(tmp_path, build):
-    pytest.importorskip("accelerate")
+    need_hf()
     from diffkern.integrations import ZOTrainer
     model = build()
     held_out = toy_batches(64, seed=7)
@@ -119,7 +125,7 @@ def test_loss_goes_down(tmp_path, build):
 
 
 def test_peft_lora_only_adapters_change(tmp_path):
-    pytest.importorskip("accelerate")
+    need_hf()
     peft = pytest.importorskip("peft")
     from diffkern.integrations import ZOTrainer
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
@@ -140,8 +146,7 @@ def test_peft_lora_only_adapters_change(tmp_path):
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_matches_zosgd_by_hand(tmp_path, accumulation):
-    pytest.importorskip("accelerate")
-    transformers = pytest.importorskip("transformers")
+    transformers = need_hf()
     model = tiny_opt()
     start = copy.deepcopy(model)
     steps = 6
@@ -178,7 +183,7 @@ def test_trainer_matches_zosgd_by_hand(tmp_path, accumulation):
 
 
 def test_rejects_other_optimizers(tmp_path):
-    pytest.importorskip("accelerate")
+    need_hf()
     from diffkern.integrations import TrainerZOSGD, ZOTrainer
     model = tiny_opt()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -204,7 +209,7 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     # The checkpoint holds the weights and TrainerZOSGD's state (step counter, seed): resuming
     # at step 3 of 6 regenerates the directions of steps 4-6 and ends on the same bits.
-    pytest.importorskip("accelerate")
+    need_hf()
     from diffkern.integrations import ZOTrainer
     kw = dict(max_steps=6, per_device_train_batch_size=8, save_strategy="steps", save_steps=3,
               learning_rate=1e-2)
