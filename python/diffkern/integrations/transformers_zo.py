@@ -123,8 +123,9 @@ class ZOTrainer(Trainer):
                 f"{fname}: multi-process training (world size {self.args.world_size}) is not "
                 f"supported: each rank would step on its own losses and the replicas would "
                 f"diverge")
-        # Fail at construction, not at the first step, on bad ZO options.
-        if self.optimizer is None:
+        # Fail at construction, not at the first step, on bad ZO options (with model_init
+        # the model comes later: the Trainer then builds the optimizer in train()).
+        if self.optimizer is None and self.model is not None:
             self.create_optimizer()
 
     # ------------------------------------------------------------------ optimizer
