@@ -24,7 +24,8 @@ c. Restore: after ``dk.zo.grad`` (SPSA; module and list-of-tensors paths) the fr
 d. RGE (forward differences) with 32 directions on a ResNet-18-sized CIFAR network (built by
    hand: torchvision is not needed): the sequential ``dk.zo.grad`` loop, plain
    ``vmap(functional_call)`` over all 32 perturbed parameter sets (dk's directions), the same
-   vmap in chunks of 8 directions, and dk.zo.grad's batched option when this build has it.
+   vmap in chunks of 8 directions, and dk.zo.grad(batch_size=33 and 8) (the perturbed
+   stacks written by dk's fused kernel, then vmap(functional_call)).
    Time and peak memory; the estimates are compared with the sequential one.
 e. ``dk.fd.jacobian`` (batched central differences) against torch.autograd.gradcheck's
    numerical Jacobian: on the device, a 10,000-input float64 function (an MLP), the column
@@ -415,14 +416,9 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
-def _batched_option():
-    """dk.zo.grad's batched-evaluation keyword, if this build has one (another change adds
-    it). SWITCH HERE: when its name is settled, call it directly in part_d."""
-    names = inspect.signature(dk.zo.grad).parameters
-    for name in ("batched", "batch", "vmap", "batch_directions"):
-        if name in names:
-            return name
-    return None
+def _has_batched_grad():
+    """Whether this build's dk.zo.grad takes batch_size (batched evaluation by vmap)."""
+    return "batch_size" in inspect.signature(dk.zo.grad).parameters
 
 
 def part_d(cfg, device, repeats):
@@ -469,11 +465,14 @@ def part_d(cfg, device, repeats):
              (f"vmap(functional_call), all {ndir}", lambda: vmapped(ndir)),
              (f"vmap(functional_call), chunks of {max(1, ndir // 4)}",
               lambda: vmapped(max(1, ndir // 4)))]
-    option = _batched_option()
-    if option is not None:
-        peers.append((f"dk.zo.grad({option}=True)", lambda: dk.zo.grad(
-            loss_fn, model, estimator="rge", mode="forward", num_directions=ndir, eps=eps,
-            seed=seed, **{option: True}).grads))
+    batched = _has_batched_grad()
+    if batched:  # ndir + 1 points (theta and the ndir perturbed ones): one chunk, or four
+        for bs in (ndir + 1, max(1, ndir // 4)):
+            peers.append((f"dk.zo.grad(batch_size={bs})",
+                          lambda bs=bs: dk.zo.grad(
+                              loss_fn, model, estimator="rge", mode="forward",
+                              num_directions=ndir, eps=eps, seed=seed,
+                              batch_size=bs).grads))
     for label, fn in peers:
         def one(label=label, fn=fn):
             t = timed(fn, device, repeats)
@@ -481,10 +480,9 @@ def part_d(cfg, device, repeats):
             results[label] = out
             return [dict(peer=label, ms=t.median * 1e3, peak_gib=gib(peak), **t.row())]
         guarded(rows, label, one)
-    if option is None:
-        rows.append(dict(peer="dk.zo.grad batched option",
-                         error="not in this build yet (pending: the batched-evaluation "
-                               "change to dk.zo.grad)"))
+    if not batched:
+        rows.append(dict(peer="dk.zo.grad(batch_size=...)",
+                         error="not in this build yet (dk.zo.grad has no batch_size)"))
     ref = results.get(peers[0][0])
     seq_peak = next((r.get("peak_gib") for r in rows if r["peer"] == peers[0][0]), None)
     for r in rows:
@@ -496,7 +494,7 @@ def part_d(cfg, device, repeats):
         if seq_peak and r.get("peak_gib") is not None:
             r["memory_vs_sequential"] = r["peak_gib"] / seq_peak
     info = dict(params=sum(p.numel() for p in params), width=width, batch=batch,
-                image=size, directions=ndir, batched_option=option)
+                image=size, directions=ndir)
     return dict(info=info, rows=rows)
 
 
