@@ -111,6 +111,7 @@ groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sour
   const int64_t end = begin + per_block < total ? begin + per_block : total;
   const float* table = shared_gaussian_table(op.dist);
   if (begin >= end) return;
+  op.prepare();  // per-launch scalars that read device memory (sphere norms)
   int64_t r = fd::find_row(desc, num_rows, begin);
   for (int64_t g = begin; g < end && r < num_rows; ++r) {
     const Row row = fd::read_row(desc, r);

@@ -189,8 +189,30 @@ class _Direction:
         self.text = f"theta {sign_text} eps*z (direction k={k})"
 
     def scratch(self, g, t, p):
-        z = _direction(t, p, self.seeds[g], self.k, self.dist)
-        return _scratch_direction(p, z, self.scale)
+        return self.scratch_many([(g, t, p)])[0]
+
+    def scratch_many(self, items):
+        """Scratch copies for [(g, t, p), ...]: the fused kernel writes theta + scale*z
+        straight into each copy in p's dtype (one launch per group, each element read and
+        written once: no float32 temporary, which would cost twice an fp16 module's bytes);
+        other parameters (float64, non-contiguous) take the per-tensor path. The bits are
+        those of _scratch_direction: float32 product and sum, one rounding to storage."""
+        out = [None] * len(items)
+        fused = {}
+        for i, (g, t, p) in enumerate(items):
+            if p.dtype in _KERNEL_DTYPES and p.is_contiguous():
+                fused.setdefault(g, []).append(i)
+            else:
+                z = _direction(t, p, self.seeds[g], self.k, self.dist)
+                out[i] = _scratch_direction(p, z, self.scale)
+        for g, idx in fused.items():
+            src = [items[i][2].detach() for i in idx]
+            dst = [torch.empty_like(x) for x in src]
+            _kernels().perturb_into(dst, src, self.seeds[g], self.k, self.scale, self.dist,
+                                    tensor_ids=[items[i][1] for i in idx])
+            for i, d in zip(idx, dst):
+                out[i] = d
+        return out
 
     def apply_inplace(self, groups):
         K = _kernels()
@@ -266,13 +288,17 @@ class _Evaluator:
             if pert is None:
                 return None
             with torch.no_grad():
+                todo = []
                 for p in owned:
                     entry = self.active.get(id(p))
                     if entry is not None:  # re-entered (a module calling itself, tied owners)
                         entry[2] += 1
                         continue
-                    g, t = self.where[id(p)]
-                    s = pert.scratch(g, t, p)
+                    todo.append((*self.where[id(p)], p))
+                many = getattr(pert, "scratch_many", None)
+                scratches = (many(todo) if many is not None
+                             else [pert.scratch(g, t, p) for g, t, p in todo])
+                for (_, _, p), s in zip(todo, scratches):
                     if s is None:
                         continue
                     self.active[id(p)] = [p, p.data, 1]
