@@ -26,6 +26,7 @@ from . import special, distributions, ot  # noqa: E402
 from . import zo, fd  # noqa: E402
 from .attention import prefix_attention, PrefixLayout  # noqa: E402
 from . import attention  # noqa: E402
+from . import integrations  # noqa: E402  (adapters import their libraries only when used)
 
 __all__ = [
     "__version__",
@@ -43,4 +44,5 @@ __all__ = [
     "attention",
     "prefix_attention",
     "PrefixLayout",
+    "integrations",
 ]
