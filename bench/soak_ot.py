@@ -1,9 +1,12 @@
 """OT sweep / soak: SNS against method="sinkhorn" on many random small problems.
 
     python bench/soak_ot.py [--problems N] [--device cpu|cuda] [--dtypes float64,float32]
-                            [--seed S] [--time-budget SECONDS] [--timeout SECONDS]
-                            [--tol TOL] [--max-iter N] [--threads T] [--out DIR]
-                            [--json PATH] [--replay FILE.pt]
+                            [--workers W] [--seed S] [--time-budget SECONDS]
+                            [--timeout SECONDS] [--tol TOL] [--tol-float32 TOL]
+                            [--max-iter N] [--threads T] [--out DIR] [--json PATH]
+                            [--replay FILE.pt]
+
+    issue 9's CUDA sweep: python bench/soak_ot.py --device cuda --dtypes float32 --workers 8
 
 Each problem (deterministic in (seed, index)): n, m in [1, 64] (a fifth of them in [1, 3]),
 eps = 10^U(-4, 0) * max|C|, a cost of one of several kinds (uniform, point clouds, integer
@@ -13,27 +16,36 @@ with a clear diagonal, scaled by 10^U(-6, 6)) and marginals of one of several ki
 the accepted relative 1e-6). Every problem runs in float64, and in float32 too with
 --device cuda (or --dtypes).
 
-For each problem and dtype, both methods solve with the same tol and max_iter. Convergence
-is checked independently of the solver's own report: the plan the result returns
-(`res.plan`) is taken to float64, its row and column sums are compared with a and b, and
-the L1 error must be <= tol (+ the float32 rounding of the plan's entries for float32, and
-at most twice the mass mismatch |sum a - sum b| that no plan can beat; such problems count
-as converged only when the solver reports converged=False honestly and the error is at
-that floor). The solver's reported marginal_error and converged flag must agree with that
-check ("dishonest" otherwise).
+For each problem and dtype, both methods solve with the same tol and max_iter: --tol
+(1e-6) for float64, --tol-float32 (1e-5) for float32 (see F32_SLACK: the float32 plan and
+the CUDA solver's float32 exp put the plan's float64 error up to ~6e-7 away from the
+solver's own measure, so 1e-6 would leave float32 too little room). Convergence is checked
+independently of the solver's own report: the plan the result returns (`res.plan`) is taken
+to float64 on the CPU, its row and column sums are compared with a and b, and the L1 error
+must be <= tol (+ F32_SLACK * sum(a) for float32, and at most twice the mass mismatch
+|sum a - sum b| that no plan can beat; such problems count as converged only when the solver
+reports converged=False honestly and the error is at that floor). The solver's reported
+marginal_error and converged flag must agree with that check ("dishonest" otherwise).
 
-Each problem runs in a worker process under a wall-clock guard (--timeout): a solve that
-does not return is a hang; the worker is restarted. Every failure (SNS not converged where
-Sinkhorn converged, SNS not converged at all, an exception, a hang, a dishonest report) is
-saved to --out as <kind>-<index>-<dtype>.pt (cost, a, b, eps, tol, max_iter) and .json
-(what happened, how to replay: --replay FILE.pt).
+Problems run in --workers processes (each its own CUDA context on --device cuda; the tiny
+problems are host-bound, so several share one GPU well), each problem's pair of methods in
+one worker, under a wall-clock guard (--timeout): a solve that does not return is a hang, a
+worker that dies a crash; the worker is restarted. --time-budget stops sending problems
+(the report says how many were done). Every failure (SNS not converged where Sinkhorn
+converged, SNS not converged at all, an exception, a hang, a dishonest report) is saved to
+--out as <kind>-<index>-<dtype>.pt (cost, a, b, eps, tol, max_iter) and .json (what
+happened, how to replay: --replay FILE.pt).
 
 Timing: the public dk.ot.sinkhorn call, wall clock, the two methods alternating, the best of
-up to 3 calls each (fewer when a pair of calls takes > 0.3 s; a pair whose ratio is above
-1.5 is timed again, up to 8 more rounds, since other processes share the cores), SNS /
-Sinkhorn ratio on the problems Sinkhorn converged on.
-The report: converged %, hangs, crashes, dishonest reports, and the slowdown distribution
-(quantiles, worst cases). Target: 100% converged, ratio never > 2.
+up to 3 calls each (fewer when a pair of calls takes > 0.3 s). The first SNS / Sinkhorn
+ratio is the raw one; a pair whose raw ratio is above RETIME_ABOVE (1.5) is timed again at
+once (up to 10 more alternating rounds), and once more after the sweep if it is still above
+(another 10 rounds, later, possibly in another worker: a load burst on a shared machine can
+outlast one problem's rounds); each method keeps its best time over all its rounds (other
+processes share the cores, and on CUDA the GPU), which gives the re-timed ratio. The report
+gives both distributions (quantiles, counts above 1.5x and 2x, the worst cases) on the
+problems Sinkhorn converged on, plus converged %, hangs, crashes and dishonest reports.
+Target: 100% converged, re-timed ratio never > 2.
 """
 from __future__ import annotations
 
@@ -152,6 +164,16 @@ def timed_pair(dk, C, a, b, eps, tol, max_iter, device, rounds=3, budget=0.3):
     return {k: (res[k], best[k]) for k in res}
 
 
+# float32: how far the float64 L1 error of the returned plan may sit above the solver's own
+# measure, per unit of mass: the plan's entries are rounded to float32 (2^-24 relative each,
+# rows and columns: 2), and the CUDA solver measures float32 costs with float32 exp (CUDA's
+# expf: at most 2 ulp = 4 * 2^-24 relative per entry, rows and columns: 8). 10 * 2^-24 =
+# 6e-7: a tol of 1e-6 would leave float32 less than 2x of headroom, so the float32 sweep asks
+# --tol-float32 (1e-5) and checks the plan against it plus this slack.
+F32_SLACK = 10 * 2.0**-24
+RETIME_ABOVE = 1.5  # a pair whose ratio is above this is timed again
+
+
 def run_one(dk, problem, dtype_name, device, tol, max_iter):
     import torch
 
@@ -159,18 +181,23 @@ def run_one(dk, problem, dtype_name, device, tol, max_iter):
     dtype = getattr(torch, dtype_name)
     C = C64.to(device=device, dtype=dtype)
     a_d, b_d = a.to(device), b.to(device)
-    out = dict(info, dtype=dtype_name)
+    out = dict(info, dtype=dtype_name, tol=tol)
     floor = abs(float(a.sum()) - float(b.sum()))
-    # float32: the plan's entries are rounded to float32 (relative 2^-24 each).
-    slack = 2 * 2.0**-24 * float(a.sum()) if dtype == torch.float32 else 0.0
+    slack = F32_SLACK * float(a.sum()) if dtype == torch.float32 else 0.0
     allowed = max(tol, 2 * floor) + slack
     pair = timed_pair(dk, C, a_d, b_d, eps, tol, max_iter, device)
-    if not any(isinstance(r, Exception) for r, _ in pair.values()) and (
-            pair["sns"][1] > 1.5 * pair["sinkhorn"][1]):
-        # A slow-looking pair is timed again (other processes share the cores): the best of
-        # up to 8 more rounds.
-        again = timed_pair(dk, C, a_d, b_d, eps, tol, max_iter, device, rounds=8, budget=1.0)
+    crashed = any(isinstance(r, Exception) for r, _ in pair.values())
+    raw = None if crashed else pair["sns"][1] / pair["sinkhorn"][1]
+    retimed = False
+    if not crashed and raw > RETIME_ABOVE:
+        # A slow-looking pair is timed again (other processes share the cores, or the GPU):
+        # up to 10 more alternating rounds, and each method keeps its best time over all
+        # rounds. Both methods get the same treatment; the raw ratio is reported too.
+        again = timed_pair(dk, C, a_d, b_d, eps, tol, max_iter, device, rounds=10, budget=1.5)
         pair = {k: (pair[k][0], min(pair[k][1], again[k][1])) for k in pair}
+        retimed = True
+    out["ratio_raw"] = raw
+    out["retimed"] = retimed
     for method in ("sinkhorn", "sns"):
         res, dt = pair[method]
         if isinstance(res, Exception):
@@ -203,25 +230,41 @@ def worker_main(conn, seed, device_name, threads):
         msg = conn.recv()
         if msg is None:
             return
-        index, dtypes, tol, max_iter = msg
+        kind, index, jobs, max_iter = msg  # jobs: [(dtype, tol)]
         problem = make_problem(seed, index)
-        conn.send([run_one(dk, problem, dt, device, tol, max_iter) for dt in dtypes])
+        if kind == "solve":
+            conn.send([run_one(dk, problem, dt, device, tol, max_iter) for dt, tol in jobs])
+        else:  # "retime": best times of another series of alternating rounds
+            conn.send([retime_one(dk, problem, dt, device, tol, max_iter) for dt, tol in jobs])
+
+
+def retime_one(dk, problem, dtype_name, device, tol, max_iter):
+    import torch
+
+    C64, a, b, eps, _ = problem
+    C = C64.to(device=device, dtype=getattr(torch, dtype_name))
+    pair = timed_pair(dk, C, a.to(device), b.to(device), eps, tol, max_iter, device,
+                      rounds=10, budget=1.5)
+    return {k: (None if isinstance(r, Exception) else t) for k, (r, t) in pair.items()}
 
 
 # ------------------------------------------------------------------------------ driver
 class Worker:
+    """One solving process (its own CUDA context on cuda), one problem at a time."""
+
     def __init__(self, seed, device, threads):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, seed, device, threads),
                                 daemon=True)
         self.proc.start()
+        child.close()
+        self.index = None  # the problem in flight
+        self.sent = 0.0
 
-    def ask(self, msg, timeout):
+    def send(self, index, msg):
         self.conn.send(msg)
-        if not self.conn.poll(timeout):
-            return None
-        return self.conn.recv()
+        self.index, self.sent = index, time.time()
 
     def stop(self, kill=False):
         if kill:
@@ -269,46 +312,131 @@ def quantiles(values, qs=(0.5, 0.9, 0.99, 0.999, 1.0)):
     return {f"q{q:g}": v[min(len(v) - 1, int(math.ceil(q * len(v))) - 1)] for q in qs}
 
 
+def tol_for(args, dtype):
+    return args.tol_float32 if dtype == "float32" else args.tol
+
+
+def dispatch(args, workers, items, on_reply, on_fail, t_start=None, budget=0.0, progress=0):
+    """Sends items (index, msg) to idle workers; on_reply(index, reply) or on_fail(kind,
+    index) ("hang": no reply within args.timeout, the worker is killed; "crash": it died)
+    for each. Stops sending once `budget` s have passed since t_start (0: no budget).
+    Returns (items done, hangs, stopped by the budget)."""
+    from multiprocessing.connection import wait
+
+    items = iter(items)
+    done = hangs = 0
+    stopped = exhausted = False
+    while True:
+        for w in workers:  # feed the idle workers
+            if w.index is None and not (stopped or exhausted):
+                if budget and time.time() - t_start > budget:
+                    stopped = True
+                    break
+                nxt = next(items, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                w.send(*nxt)
+        busy = [w for w in workers if w.index is not None]
+        if not busy:
+            return done, hangs, stopped
+        oldest = min(w.sent for w in busy)
+        ready = wait([w.conn for w in busy], timeout=max(0.0, oldest + args.timeout - time.time()))
+        for i, w in enumerate(workers):
+            if w.index is None:
+                continue
+            reply, kind = None, None
+            if w.conn in ready:
+                try:
+                    reply = w.conn.recv()
+                except (EOFError, OSError):
+                    kind = "crash"  # the worker died (a segfault, the OOM killer)
+            elif time.time() - w.sent > args.timeout:
+                kind = "hang"
+            else:
+                continue
+            index = w.index
+            w.index = None
+            done += 1
+            if kind is not None:
+                hangs += kind == "hang"
+                w.stop(kill=True)
+                on_fail(kind, index)
+                workers[i] = Worker(args.seed, args.device, args.threads)
+            else:
+                on_reply(index, reply)
+            if progress and done % progress == 0:
+                print(f"[soak_ot] {done} problems, {time.time() - t_start:.0f} s", flush=True)
+
+
+def pair_ratio(rec):
+    if "error" in rec["sns"] or "error" in rec["sinkhorn"]:
+        return None
+    return rec["sns"]["time"] / rec["sinkhorn"]["time"]
+
+
 def sweep(args):
+    """Problems 0 .. args.problems - 1 over args.workers processes (each problem's two
+    methods are timed against each other inside one worker), until done or the time budget
+    is spent (problems not yet sent are skipped; the report says so). Then a second timing
+    pass: every pair whose ratio is still above RETIME_ABOVE is timed once more, later and
+    possibly in another worker (a load burst on a shared machine can last longer than one
+    problem's rounds), and each method keeps its best time of all series."""
     dtypes = args.dtypes.split(",") if args.dtypes else (
         ["float64", "float32"] if args.device.startswith("cuda") else ["float64"])
-    worker = Worker(args.seed, args.device, args.threads)
+    jobs = [(dt, tol_for(args, dt)) for dt in dtypes]
+    workers = [Worker(args.seed, args.device, args.threads) for _ in range(max(1, args.workers))]
     records, failures = [], {}
-    hangs = 0
     t_start = time.time()
-    stopped_by_budget = False
-    for index in range(args.problems):
-        if args.time_budget and time.time() - t_start > args.time_budget:
-            stopped_by_budget = True
-            break
-        reply = worker.ask((index, dtypes, args.tol, args.max_iter), args.timeout)
-        if reply is None:
-            hangs += 1
-            worker.stop(kill=True)
-            for dt in dtypes:
-                save_failure(args.out, "hang", args.seed, index, dt, args.tol, args.max_iter,
-                             dict(timeout=args.timeout))
-            failures.setdefault("hang", []).append(index)
-            worker = Worker(args.seed, args.device, args.threads)
-            continue
+
+    def fail(kind, index):
+        failures.setdefault(kind, []).append(index)
+        for dt, tol in jobs:
+            save_failure(args.out, kind, args.seed, index, dt, tol, args.max_iter,
+                         dict(timeout=args.timeout, what=kind))
+
+    def solved(index, reply):
         for rec in reply:
             records.append(rec)
-            for kind in classify(rec):
-                failures.setdefault(kind, []).append(rec["index"])
-                save_failure(args.out, kind, args.seed, rec["index"], rec["dtype"], args.tol,
+            for k in classify(rec):
+                failures.setdefault(k, []).append(rec["index"])
+                save_failure(args.out, k, args.seed, rec["index"], rec["dtype"], rec["tol"],
                              args.max_iter, rec)
-        if args.progress and (index + 1) % args.progress == 0:
-            print(f"[soak_ot] {index + 1} problems, {time.time() - t_start:.0f} s, "
-                  f"failures {({k: len(v) for k, v in failures.items()})}", flush=True)
-    worker.stop()
+
+    items = ((i, ("solve", i, jobs, args.max_iter)) for i in range(args.problems))
+    done, hangs, stopped_by_budget = dispatch(args, workers, items, solved, fail, t_start,
+                                              args.time_budget, args.progress)
+    # Second timing pass (not under the time budget: it is a few percent of the problems).
+    slow = {}
+    for rec in records:
+        r = pair_ratio(rec)
+        rec["retimed_late"] = False
+        if r is not None and r > RETIME_ABOVE and rec["sinkhorn"]["converged"]:
+            slow.setdefault(rec["index"], []).append(rec)
+
+    def retimed(index, reply):
+        for rec, best in zip(slow[index], reply):
+            for method in ("sinkhorn", "sns"):
+                if best[method] is not None:
+                    rec[method]["time"] = min(rec[method]["time"], best[method])
+            rec["retimed_late"] = True
+
+    late = ((i, ("retime", i, [(r["dtype"], r["tol"]) for r in recs], args.max_iter))
+            for i, recs in sorted(slow.items()))
+    _, late_hangs, _ = dispatch(args, workers, late, retimed, fail, t_start)
+    hangs += late_hangs
+    for w in workers:
+        w.stop()
+    records.sort(key=lambda r: (r["index"], r["dtype"]))
     return summarize(args, dtypes, records, failures, hangs, time.time() - t_start,
-                     stopped_by_budget)
+                     stopped_by_budget, done)
 
 
-def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget):
+def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget, done):
     report = dict(device=args.device, dtypes=dtypes, seed=args.seed, tol=args.tol,
-                  max_iter=args.max_iter, timeout=args.timeout, wall_s=wall,
-                  stopped_by_time_budget=stopped_by_budget, hangs=hangs,
+                  tol_float32=args.tol_float32, max_iter=args.max_iter, timeout=args.timeout,
+                  workers=args.workers, problems_asked=args.problems, problems_done=done,
+                  wall_s=wall, stopped_by_time_budget=stopped_by_budget, hangs=hangs,
                   failures={k: len(v) for k, v in failures.items()},
                   failure_indices={k: v[:50] for k, v in failures.items()}, per_dtype={})
     for dt in dtypes:
@@ -316,23 +444,32 @@ def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget):
         ok = [r for r in recs if "error" not in r["sns"] and r["sns"]["converged"]]
         sk_ok = [r for r in recs if "error" not in r["sinkhorn"] and r["sinkhorn"]["converged"]]
         both = [r for r in sk_ok if "error" not in r["sns"]]
-        ratios = [r["sns"]["time"] / r["sinkhorn"]["time"] for r in both]
-        worst = sorted(both, key=lambda r: -r["sns"]["time"] / r["sinkhorn"]["time"])[:10]
+        ratio = lambda r: r["sns"]["time"] / r["sinkhorn"]["time"]  # noqa: E731
+        ratios = [ratio(r) for r in both]
+        raws = [r["ratio_raw"] for r in both]
+        worst = sorted(both, key=lambda r: -ratio(r))[:10]
         report["per_dtype"][dt] = dict(
+            tol=tol_for(args, dt),
             problems=len(recs),
             sns_converged=len(ok),
             sns_converged_pct=100.0 * len(ok) / max(1, len(recs)),
             sinkhorn_converged=len(sk_ok),
             sns_converged_where_sinkhorn_did=sum(r["sns"]["converged"] for r in both),
+            # ratio: after re-timing the pairs above RETIME_ABOVE; raw: the first timing
             slowdown_vs_sinkhorn=quantiles(ratios),
             slower_than_2x=sum(x > 2 for x in ratios),
             slower_than_1_5x=sum(x > 1.5 for x in ratios),
+            raw_slowdown_vs_sinkhorn=quantiles(raws),
+            raw_slower_than_2x=sum(x > 2 for x in raws),
+            raw_slower_than_1_5x=sum(x > 1.5 for x in raws),
+            retimed=sum(r["retimed"] for r in both),
+            retimed_late=sum(r.get("retimed_late", False) for r in both),
             speedup_median=(sorted(ratios)[len(ratios) // 2] if ratios else None),
             total_time_sns=sum(r["sns"]["time"] for r in both),
             total_time_sinkhorn=sum(r["sinkhorn"]["time"] for r in both),
             worst=[dict(index=r["index"], n=r["n"], m=r["m"], cost=r["cost_kind"],
                         weights=r["weight_kind"], eps_rel=r["eps_rel"],
-                        ratio=r["sns"]["time"] / r["sinkhorn"]["time"],
+                        ratio=ratio(r), ratio_raw=r["ratio_raw"],
                         sns_ms=1e3 * r["sns"]["time"], sinkhorn_ms=1e3 * r["sinkhorn"]["time"],
                         sns_it=r["sns"]["iterations"], sns_newton=r["sns"]["newton"],
                         sinkhorn_it=r["sinkhorn"]["iterations"]) for r in worst])
@@ -340,24 +477,33 @@ def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget):
 
 
 def print_report(rep):
-    print(f"OT sweep on {rep['device']}: seed {rep['seed']}, tol {rep['tol']:g}, max_iter "
-          f"{rep['max_iter']}, {rep['wall_s']:.0f} s"
+    print(f"OT sweep on {rep['device']}: seed {rep['seed']}, {rep['problems_done']} of "
+          f"{rep['problems_asked']} problems, max_iter {rep['max_iter']}, {rep['workers']} "
+          f"worker(s), {rep['wall_s']:.0f} s"
           + (" (stopped by the time budget)" if rep["stopped_by_time_budget"] else ""))
     print(f"hangs: {rep['hangs']}   failures: {rep['failures'] or 'none'}")
     for dt, d in rep["per_dtype"].items():
-        print(f"[{dt}] {d['problems']} problems: SNS converged {d['sns_converged']} "
-              f"({d['sns_converged_pct']:.2f}%); Sinkhorn converged {d['sinkhorn_converged']}, "
-              f"SNS converged on {d['sns_converged_where_sinkhorn_did']} of those")
-        q = d["slowdown_vs_sinkhorn"]
-        if q:
-            print(f"  SNS/Sinkhorn time: median {q['q0.5']:.3f}, q90 {q['q0.9']:.3f}, q99 "
-                  f"{q['q0.99']:.3f}, q99.9 {q['q0.999']:.3f}, worst {q['q1']:.3f}; > 1.5x: "
-                  f"{d['slower_than_1_5x']}, > 2x: {d['slower_than_2x']}; total "
+        print(f"[{dt}, tol {d['tol']:g}] {d['problems']} problems: SNS converged "
+              f"{d['sns_converged']} ({d['sns_converged_pct']:.2f}%); Sinkhorn converged "
+              f"{d['sinkhorn_converged']}, SNS converged on "
+              f"{d['sns_converged_where_sinkhorn_did']} of those")
+        for label, q, n15, n2 in (
+                ("re-timed", d["slowdown_vs_sinkhorn"], d["slower_than_1_5x"], d["slower_than_2x"]),
+                ("raw", d["raw_slowdown_vs_sinkhorn"], d["raw_slower_than_1_5x"],
+                 d["raw_slower_than_2x"])):
+            if q:
+                print(f"  SNS/Sinkhorn time ({label}): median {q['q0.5']:.3f}, q90 "
+                      f"{q['q0.9']:.3f}, q99 {q['q0.99']:.3f}, q99.9 {q['q0.999']:.3f}, worst "
+                      f"{q['q1']:.3f}; > 1.5x: {n15}, > 2x: {n2}")
+        if d["slowdown_vs_sinkhorn"]:
+            print(f"  {d['retimed']} pairs re-timed at once (raw ratio > {RETIME_ABOVE:g}), "
+                  f"{d['retimed_late']} again after the sweep (still > {RETIME_ABOVE:g}); total "
                   f"{d['total_time_sns']:.2f} s vs {d['total_time_sinkhorn']:.2f} s")
         for w in d["worst"][:5]:
             print(f"    #{w['index']} {w['n']}x{w['m']} {w['cost']}/{w['weights']} eps_rel "
-                  f"{w['eps_rel']:.1e}: {w['ratio']:.2f}x ({w['sns_ms']:.2f} ms, {w['sns_it']} it, "
-                  f"{w['sns_newton']} Newton vs {w['sinkhorn_ms']:.2f} ms, {w['sinkhorn_it']} it)")
+                  f"{w['eps_rel']:.1e}: {w['ratio']:.2f}x (raw {w['ratio_raw']:.2f}x; "
+                  f"{w['sns_ms']:.2f} ms, {w['sns_it']} it, {w['sns_newton']} Newton vs "
+                  f"{w['sinkhorn_ms']:.2f} ms, {w['sinkhorn_it']} it)")
 
 
 def replay(path):
@@ -381,7 +527,11 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated; default float64 (+float32 on cuda)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--tol", type=float, default=1e-6, help="float64 tolerance (L1 marginal error)")
+    p.add_argument("--tol-float32", type=float, default=1e-5,
+                   help="float32 tolerance (see F32_SLACK: what float32 resolves)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="solving processes (on cuda: each its own context on the one GPU)")
     p.add_argument("--max-iter", type=int, default=100000)
     p.add_argument("--timeout", type=float, default=120.0, help="wall-clock guard per problem")
     p.add_argument("--time-budget", type=float, default=0.0, help="stop after this many s (0: none)")

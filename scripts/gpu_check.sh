@@ -17,6 +17,8 @@
 # bench_cpp_<family>.json, and what the families' benchmarks write, e.g. bench_ot.json).
 #
 # GPU_CHECK_SOAK_SECONDS (default 60; 0: skip) sets the CUDA soak's length.
+# GPU_CHECK_OT_SWEEP_PROBLEMS (default 10000; 0: skip), GPU_CHECK_OT_SWEEP_WORKERS (8) and
+# GPU_CHECK_OT_SWEEP_SECONDS (240) set the CUDA float32 OT sweep (bench/soak_ot.py).
 # GPU_CHECK_BENCH="sinkhorn log_bessel" (families or aliases such as "ot"; default: all;
 # "none": no benchmarks) limits the Python and C++ benchmarks; DK_SANITIZE_FAMILIES (same
 # names) the families the sanitizer exercises; GPU_CHECK_BENCH_ONLY=1 skips the tests and the
@@ -202,6 +204,21 @@ if [ "$SOAK_S" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ]; then
     --seconds "$SOAK_S" --out "$RES/soak"
 else
   skip soak-cuda "GPU_CHECK_SOAK_SECONDS=$SOAK_S or GPU_CHECK_BENCH_ONLY=1"
+fi
+# 6b. The OT sweep of issue 9 on CUDA: GPU_CHECK_OT_SWEEP_PROBLEMS (default 10000; 0 skips)
+#     random float32 problems, SNS against method="sinkhorn", over GPU_CHECK_OT_SWEEP_WORKERS
+#     (default 8) processes sharing the GPU (tiny problems are host-bound), stopped after
+#     GPU_CHECK_OT_SWEEP_SECONDS (default 240; the report says how many were done).
+OT_SWEEP_N=${GPU_CHECK_OT_SWEEP_PROBLEMS:-10000}
+OT_SWEEP_S=${GPU_CHECK_OT_SWEEP_SECONDS:-240}
+if [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ]; then
+  mkdir -p "$RES/ot_sweep"
+  step ot-sweep-cuda $(( OT_SWEEP_S + 90 )) "$OUT/run.log" "$PY" bench/soak_ot.py --device cuda \
+    --dtypes float32 --problems "$OT_SWEEP_N" --workers "${GPU_CHECK_OT_SWEEP_WORKERS:-8}" \
+    --time-budget "$OT_SWEEP_S" --timeout 60 --progress 1000 --out "$RES/ot_sweep" \
+    --json "$RES/ot_sweep/report.json"
+else
+  skip ot-sweep-cuda "GPU_CHECK_OT_SWEEP_PROBLEMS=$OT_SWEEP_N or GPU_CHECK_BENCH_ONLY=1"
 fi
 # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false

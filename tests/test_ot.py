@@ -862,6 +862,42 @@ def test_sns_issue_sweep_all_converge():
     assert not bad, f"not converged: seeds {bad}"
 
 
+def _rigid_block_problems():
+    """Small integer costs (ties) with Dirichlet weights at eps ~1e-4..3e-3 of max C: the
+    eps-scaled warm-up can leave a block of rows and columns coupled to the rest only through
+    entries below exp(-70), which must shift as a whole by tens of eps. The first one is the
+    soak sweep's problem #3091 (seed 0): 662 iterations where Sinkhorn takes 170, a plateau."""
+    C = torch.tensor([[0.0, 0.0, 3.0], [0.0, 2.0, 2.0], [1.0, 1.0, 1.0]], dtype=F64)
+    a = torch.tensor([0.4304359234416165, 0.004804110051520272, 0.5647599665068632], dtype=F64)
+    b = torch.tensor([0.26675682273339874, 0.1840392015606319, 0.5492039757059693], dtype=F64)
+    yield C, a, b, 0.0009008571614945256
+    for seed in range(150):
+        rng = np.random.default_rng([9, seed])
+        n, m = (int(v) for v in rng.integers(2, 6, 2))
+        C = rng.integers(0, 4, (n, m)).astype(np.float64)
+        a = np.maximum(rng.dirichlet(np.full(n, 0.5)), 1e-300)
+        b = np.maximum(rng.dirichlet(np.full(m, 0.5)), 1e-300)
+        yield (torch.from_numpy(C), torch.from_numpy(a), torch.from_numpy(b),
+               10 ** rng.uniform(-4, -2.5) * max(C.max(), 1.0))
+
+
+def test_sns_no_plateau_on_rigid_blocks():
+    """Where the sparsified Schur complement is singular beyond the constants, CG's direction
+    can point downhill; SNS then steps along the scaled gradient (SetSlope) instead of falling
+    back to Sinkhorn, which crawls along such a block. Iteration counts, not time: SNS takes
+    at most max(2 x Sinkhorn's iterations, 40) and converges (checked from the plan)."""
+    slow = []
+    for k, (C, a, b, eps) in enumerate(_rigid_block_problems()):
+        sk = dk.ot.sinkhorn(C, a, b, eps=eps, method="sinkhorn", tol=1e-6, max_iter=100_000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sn = dk.ot.sinkhorn(C, a, b, eps=eps, tol=1e-6, max_iter=100_000)
+        assert R.marginal_error(sn.plan, a, b).item() <= 1e-6, k
+        if int(sn.iterations) > max(2 * int(sk.iterations), 40):
+            slow.append((k, int(sn.iterations), int(sk.iterations)))
+    assert not slow, f"(problem, SNS iterations, Sinkhorn iterations): {slow}"
+
+
 def test_fixed_iterations_rounds_with_failed_newton_steps():
     """Fixed mode on a problem where Newton steps fail: still exactly max_iter iterations per
     element, and enough of them converge (SNS's Sinkhorn phases are Sinkhorn iterations)."""

@@ -308,10 +308,11 @@ class Driver {
     // them; issued only when an element is still searching, so well-posed problems, which
     // accept within four, never pay for them). Fixed mode keeps four: its launch sequence is
     // fixed, so every trial would be issued in every round.
-    bk_.reduce(m_, SlopeTerm{p_.b, w.c, s.b_scale, w.x, m_, kMaxMove * p_.eps}, SetSum{s.slope, stepping});
+    bk_.reduce(m_, SlopeTerm{p_.b, w.c, s.b_scale, w.x, m_, kMaxMove * p_.eps},
+               SetSlope{s, stepping, m_, kMaxMove * p_.eps});  // no ascent: the gradient (see there)
     const int trials = fixed ? 4 : 8;
     for (int trial = 0; trial < trials; ++trial) {
-      bk_.reduce(m_, TrialPoint{s, st_.g, w.x, p_.b, w.g_trial, m_},
+      bk_.reduce(m_, TrialPoint{s, st_.g, w.x, p_.b, w.c, w.g_trial, m_, kMaxMove * p_.eps},
                  SetSum{s.phi_trial, s.searching});
       row_update(w.g_trial, w.f_trial, s.searching);
       bk_.reduce(n_, ArrayTerm{w.row_buf, n_}, LineSearchTest{s});

@@ -116,6 +116,7 @@ struct ResetBatch {
     s.by_slack[b] = 0;
     s.sk_left[b] = 0;
     s.backoff[b] = kBackoffStart;
+    s.ascent[b] = 0;
     s.delta_shift[b] = 0;
     iterations[b] = 0;
     newton_steps[b] = 0;
@@ -201,6 +202,7 @@ struct StartNewton {  // sparsification tolerance, CG tolerance, line-search sta
     s.rejected[b] = s.newton[b];  // cleared when a step is accepted
     s.by_slack[b] = 0;
     s.gain[b] = 0;
+    s.ascent[b] = 0;
   }
 };
 
@@ -401,15 +403,55 @@ struct SlopeTerm {  // (b' - c) . x, b' as in PotentialTerm
   }
 };
 
-struct TrialPoint {  // g' = g + t x; the term is g'_j b'_j
+// Safeguard on the direction. With the Hessian negative definite on the moves that change the
+// plan, Newton's direction is an ascent direction of Phi ((b' - c) . x > 0) and stays one when
+// clipped. Where the sparsified Schur complement is singular beyond its constant null
+// direction (a block of rows and columns whose coupling to the rest is below exp(-70): its
+// columns' Schur diagonal is c_j - c_j, i.e. rounding), CG's component along that direction is
+// noise of either sign, ~1e11 eps; clipped, it is +-kMaxMove eps, and with the wrong sign every
+// trial loses. That was a whole class of stalls: the element fell back to Sinkhorn, which moves
+// such a rigid block by ~eps (b_j - c_j) / c_j per iteration (on one 3 x 3 problem, 0.03 eps
+// per iteration for a block that had to move 72 eps: 600 iterations on a plateau, while the
+// steps below take 8 rounds). So a round whose clipped direction is no ascent direction steps
+// along the gradient instead, scaled so that its largest entry is at most kMaxMove eps:
+// y_j = kMaxMove eps (b'_j - c_j) / E, E = err + floor >= sum_j |b'_j - c_j| >= max_j |.|; the
+// line search's trials then move the block by kMaxMove eps / 4^k, and the round is judged as
+// any other (a gain of 3 Sinkhorn iterations' worth, or the error halved). Its slope is
+// sum_j (b'_j - c_j) y_j = kMaxMove eps |b' - c|_2^2 / E >= kMaxMove eps (err - floor)^2 /
+// (E m), the value used for the Armijo test (a lower bound: the test only gets weaker).
+struct SetSlope {
   BatchScalars s;
-  const double *g, *x, *b_w;
+  const int* mask;
+  int64_t m;
+  double cap;  // kMaxMove * eps
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    if (!mask[b]) return;
+    if (sum > 0) {
+      s.slope[b] = sum;
+      s.ascent[b] = 0;
+      return;
+    }
+    const double e = s.err[b], fl = s.floor[b], d = fmax(e - fl, 0.0);
+    s.ascent[b] = 1;
+    s.slope[b] = e + fl > 0 ? cap * d * d / ((e + fl) * static_cast<double>(m)) : 0.0;  // NaN stays
+  }
+};
+
+struct TrialPoint {  // g' = g + t x (or t y, see SetSlope); the term is g'_j b'_j
+  BatchScalars s;
+  const double *g, *x, *b_w, *c;
   double* g_trial;
   int64_t m;
+  double cap;  // kMaxMove * eps
   DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
     const int64_t k = b * m + j;
     if (!s.searching[b]) return 0.0;
-    const double gt = g[k] + s.step[b] * x[k];  // -inf stays -inf (x = 0 there)
+    double dir = x[k];
+    if (s.ascent[b]) {
+      const double e = s.err[b] + s.floor[b];
+      dir = e > 0 ? cap * (b_w[k] * s.b_scale[b] - c[k]) / e : 0.0;
+    }
+    const double gt = g[k] + s.step[b] * dir;  // -inf stays -inf
     g_trial[k] = gt;
     return b_w[k] > 0 ? gt * b_w[k] * s.b_scale[b] : 0.0;  // b', as in PotentialTerm
   }

@@ -40,6 +40,7 @@ struct BatchScalars {
   int* by_slack;      // 1: the accepted step's gain in Phi is not above rounding
   int* sk_left;       // Sinkhorn iterations to run before the next Newton step
   int* backoff;       // length of the Sinkhorn phase after the next failed Newton step
+  int* ascent;        // 1: this round steps along the scaled gradient (Newton's direction was no ascent)
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
   double* report;     // (B, kReportFields): what a tolerance-mode check reads, one copy
 };
@@ -91,7 +92,7 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
                      &s.floor, &s.b_scale, &s.gain, &s.sk_gain})
     take(*d, B);
   for (int** i : {&s.active, &s.newton, &s.searching, &s.rejected, &s.cg_active, &s.fallback,
-                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff})
+                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff, &s.ascent})
     take(*i, B);
   take(s.cg_live, 2);
   take(s.report, B * kReportFields);
