@@ -15,7 +15,12 @@ from diffkern import _zo_kernels as zk
 
 from ._timing import median_time
 
-GPU_BENCHMARKS: list[dict] = []
+# bench/zo.py: the fused kernels and dk.zo against a MeZO-style loop (issue 10's targets).
+GPU_BENCHMARKS = [
+    dict(name="bench-zo", timeout_s=300,
+         argv=["bench/zo.py", "--device", "cuda", "--json", "{results}/bench_zo.json",
+               "--plot", "{results}/zo.png"]),
+]
 
 # Random123 tests/kat_vectors, "philox4x32 10" lines: (counter, key) -> output.
 _KAT = [
