@@ -566,20 +566,22 @@ def _circulant_pattern(n):
     return pattern
 
 
-def part_e(cfg, device, repeats):
+def part_e(cfg, dev, repeats):
     rows = []
     eps_loop = 1e-6  # gradcheck's default for float64
 
     def case(name, f, exact, n, subset, calibrate_n=None, peer_full=False,
-             sparsity=None):
+             sparsity=None, dev=device):
+        # dev: where this case runs (the "cheap" and "expensive" cases are CPU cases also
+        # when the benchmark runs on CUDA).
         g = torch.Generator(device="cpu").manual_seed(5)
-        x = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+        x = torch.randn(n, generator=g, dtype=torch.float64).to(dev)
         ref = exact(x)
         scale = float(ref.abs().max())
         out = []
 
         def dk_row():
-            t = timed(lambda: dk.fd.jacobian(f, x), device, repeats)
+            t = timed(lambda: dk.fd.jacobian(f, x), dev, repeats)
             err = float((t.out - ref).abs().max()) / scale
             return [dict(case=name, peer="dk.fd.jacobian (batched)", n=n, ms=t.median * 1e3,
                          columns_timed=n, max_rel_err=err, **t.row())]
@@ -587,7 +589,7 @@ def part_e(cfg, device, repeats):
         if sparsity is not None:
             def sparse_row():
                 pattern = sparsity(n)
-                t = timed(lambda: dk.fd.jacobian(f, x, sparsity=pattern), device, repeats)
+                t = timed(lambda: dk.fd.jacobian(f, x, sparsity=pattern), dev, repeats)
                 err = float((t.out - ref).abs().max()) / scale
                 colours = dk.fd.color_columns(*torch.nonzero(pattern, as_tuple=True), n)[1]
                 return [dict(case=name, peer=f"dk.fd.jacobian (sparsity: {colours} colours)",
@@ -596,7 +598,7 @@ def part_e(cfg, device, repeats):
             guarded(out, "dk.fd.jacobian sparsity", sparse_row)
         if peer_full:
             def full_row():
-                t = timed(lambda: torch_numerical_jacobian(f, x.clone(), eps_loop), device,
+                t = timed(lambda: torch_numerical_jacobian(f, x.clone(), eps_loop), dev,
                           max(1, repeats // 2), warmup=0)  # a long loop: no warm-up needed
                 err = float((t.out.to(ref.dtype) - ref).abs().max()) / scale
                 return [dict(case=name, peer="gradcheck get_numerical_jacobian", n=n,
@@ -606,19 +608,19 @@ def part_e(cfg, device, repeats):
             def loop_row():
                 cols = range(0, n, max(1, n // subset))
                 xs = x.clone()
-                t = timed(lambda: column_loop(f, xs, eps_loop, cols), device,
+                t = timed(lambda: column_loop(f, xs, eps_loop, cols), dev,
                           max(1, repeats // 2), warmup=0)
                 err = float((t.out - ref[:, list(cols)]).abs().max()) / scale
                 r = dict(case=name, peer="gradcheck column loop (extrapolated)", n=n,
                          ms=t.median * 1e3 * n / len(cols), columns_timed=len(cols),
                          max_rel_err=err, **t.row())
                 if calibrate_n:  # torch's own function against our loop, on a smaller n
-                    fs, _ = _mlp(calibrate_n, 256, 64, device, seed=1)
-                    xc = torch.randn(calibrate_n, dtype=torch.float64, device=device)
+                    fs, _ = _mlp(calibrate_n, 256, 64, dev, seed=1)
+                    xc = torch.randn(calibrate_n, dtype=torch.float64, device=dev)
                     a = timed(lambda: torch_numerical_jacobian(fs, xc.clone(), eps_loop),
-                              device, 2, warmup=0).median
+                              dev, 2, warmup=0).median
                     b = timed(lambda: column_loop(fs, xc.clone(), eps_loop,
-                                                  range(calibrate_n)), device, 2,
+                                                  range(calibrate_n)), dev, 2,
                               warmup=0).median
                     r["torch_over_loop_at_calibration_n"] = a / b
                     r["calibration_n"] = calibrate_n
@@ -638,9 +640,10 @@ def part_e(cfg, device, repeats):
     n_cheap, n_exp = cfg["fd_cpu"]
     f, exact = _cheap("cpu")
     case("cheap: sin(x)*cos(roll(x)), cpu", f, exact, n_cheap, None, peer_full=True,
-         sparsity=_circulant_pattern)
+         sparsity=_circulant_pattern, dev="cpu")
     f, exact = _mlp(n_exp, 1024, 256, "cpu")
-    case(f"expensive: MLP {n_exp}->1024->256, cpu", f, exact, n_exp, None, peer_full=True)
+    case(f"expensive: MLP {n_exp}->1024->256, cpu", f, exact, n_exp, None, peer_full=True,
+         dev="cpu")
     return dict(info=dict(loop_eps=eps_loop, dk_eps="cbrt(float64 eps) * max(1, |x|)"),
                 rows=rows)
 

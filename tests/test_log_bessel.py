@@ -491,3 +491,16 @@ def test_float32_ratio_at_huge_negative_integer_order():
     got = dk.bessel_iv_ratio(torch.tensor(-1.7014118346046923e38), torch.tensor(2.5))
     want = 2 * 1.7014118346046923e38 / 2.5  # + I_{n+1}/I_n < 1, below float32's resolution
     assert math.isfinite(got.item()) and abs(got.item() - want) / want < 1e-6
+
+
+@pytest.mark.cuda
+def test_cuda_subnormal_float64_orders_match_the_cpu(cuda_device):
+    """Subnormal float64 orders: the device series branch took Gamma(v) = 1/v, which
+    overflows, and returned -inf (found by scripts/soak.py on CUDA)."""
+    v = torch.tensor([5e-324, 1e-310, 2.2e-311, 3.8e-310, 1e-300, 0.0], dtype=torch.float64)
+    x = torch.tensor([27.0, 3.0, 11.0, 1e-5, 23.8, 14.0], dtype=torch.float64)
+    for fn in (dk.log_iv, dk.log_ive, dk.log_kv, dk.log_kve, dk.bessel_iv_ratio):
+        cpu = fn(v, x)
+        gpu = fn(v.to(cuda_device), x.to(cuda_device)).cpu()
+        assert torch.isfinite(gpu).all(), (fn.__name__, gpu)
+        torch.testing.assert_close(gpu, cpu, rtol=1e-14, atol=0)

@@ -54,8 +54,12 @@ DK_HOST_DEVICE bool series_prefactor_linear(T v, T x, T log_half_x, T& prefactor
     return true;
   }
 #endif
-  // Gamma(v+1) as v Gamma(v): v + 1 would be rounded (badly so in float).
-  prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) / (v * gamma_function(v));
+  // Gamma(v+1) as v Gamma(v): v + 1 would be rounded (badly so in float). Below
+  // v = 1e-300 (1e-30 in float) Gamma(v) = 1/v overflows (it made log I_v(27) -inf on the
+  // GPU at every subnormal double order; found by scripts/soak.py on CUDA), and there
+  // Gamma(v+1) = 1 - 0.577 v rounds to 1.
+  const T v_gamma_v = v < T(sizeof(T) == 8 ? 1e-300 : 1e-30) ? T(1) : v * gamma_function(v);
+  prefactor = v == T(0) ? T(1) : std::pow(T(0.5) * x, v) / v_gamma_v;
   return true;
 }
 
