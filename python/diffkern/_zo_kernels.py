@@ -42,8 +42,10 @@ _U64 = 1 << 64
 # Descriptor arrays by (device, rows): built once per list and reused, so a call after the
 # first copies nothing to the GPU (and can be captured in a CUDA graph). Bounded: an
 # evicted array is freed on its stream like any tensor.
+# dk.zo's module hooks make one list per module (its perturbed copies, which the caching
+# allocator hands the same addresses step after step): the cache holds a model's worth.
 _DESC_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, int]]" = OrderedDict()
-_DESC_CACHE_SIZE = 64
+_DESC_CACHE_SIZE = 4096
 
 
 def _err(fn: str, what: str) -> str:
@@ -139,7 +141,11 @@ def _descriptors(params: list[torch.Tensor], ids: list[int],
     flat = [v for row in rows for v in row] + list(src)
     packed = torch.tensor(flat, dtype=torch.int64)
     if device.type == "cuda":
-        packed = packed.to(device)  # stream-ordered on the current stream
+        # From pinned memory, asynchronously on the current stream: a copy from pageable
+        # memory first waits for the stream's earlier work, which would stall the host once
+        # per module in dk.zo's hooks (torch's pinned allocator keeps the buffer alive
+        # until the copy is done).
+        packed = packed.pin_memory().to(device, non_blocking=True)
     cols = _C.FD_DESCRIPTOR_COLUMNS
     desc = packed[:len(rows) * cols].view(len(rows), cols)
     entry = (desc, first, packed[len(rows) * cols:] if sources is not None else None)
