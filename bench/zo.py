@@ -566,7 +566,7 @@ def _circulant_pattern(n):
     return pattern
 
 
-def part_e(cfg, dev, repeats):
+def part_e(cfg, device, repeats):
     rows = []
     eps_loop = 1e-6  # gradcheck's default for float64
 

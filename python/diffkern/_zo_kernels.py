@@ -141,11 +141,9 @@ def _descriptors(params: list[torch.Tensor], ids: list[int],
     flat = [v for row in rows for v in row] + list(src)
     packed = torch.tensor(flat, dtype=torch.int64)
     if device.type == "cuda":
-        # From pinned memory, asynchronously on the current stream: a copy from pageable
-        # memory first waits for the stream's earlier work, which would stall the host once
-        # per module in dk.zo's hooks (torch's pinned allocator keeps the buffer alive
-        # until the copy is done).
-        packed = packed.pin_memory().to(device, non_blocking=True)
+        # Stream-ordered on the current stream. (A pinned, non-blocking copy was tried for
+        # dk.zo's per-module lists and measured no better on the H200: bench/NOTES-zo.md.)
+        packed = packed.to(device)
     cols = _C.FD_DESCRIPTOR_COLUMNS
     desc = packed[:len(rows) * cols].view(len(rows), cols)
     entry = (desc, first, packed[len(rows) * cols:] if sources is not None else None)
