@@ -215,12 +215,20 @@ class _Direction:
         return out
 
     def apply_inplace(self, groups):
+        """theta += scale * z in place: one fused launch per group over its contiguous
+        kernel-dtype tensors (tensor ids = their positions, so z is the same as in
+        scratch()); the others (float64, non-contiguous views, whose flat storage order is
+        not their element order) through scratch() and copy_."""
         K = _kernels()
         for g, ps in enumerate(groups):
-            if all(p.dtype in _KERNEL_DTYPES for p in ps):
-                K.perturb_(ps, self.seeds[g], self.k, self.scale, self.dist)
-            else:
-                for t, p in enumerate(ps):
+            fused = [t for t, p in enumerate(ps)
+                     if p.dtype in _KERNEL_DTYPES and p.is_contiguous() and p.numel()]
+            if fused:
+                K.perturb_([ps[t] for t in fused], self.seeds[g], self.k, self.scale,
+                           self.dist, tensor_ids=fused)
+            done = set(fused)
+            for t, p in enumerate(ps):
+                if t not in done and p.numel():
                     p.copy_(self.scratch(g, t, p))
 
     def apply_into(self, dst_groups, src_groups):
@@ -394,10 +402,15 @@ def _kernel_distribution(distribution):
 
 
 def _sum_sq(ps, seed, k):
-    if all(p.dtype in _KERNEL_DTYPES for p in ps):
-        return float(_kernels().sum_sq(ps, seed, k, "gaussian"))
-    return sum(float(_direction(t, p, seed, k, "gaussian").double().square().sum())
-               for t, p in enumerate(ps))
+    """||z||^2 over a group: the fused reduction over its contiguous kernel-dtype tensors
+    (tensor ids = positions), the rest (float64, non-contiguous views) tensor by tensor."""
+    fused = [t for t, p in enumerate(ps)
+             if p.dtype in _KERNEL_DTYPES and p.is_contiguous() and p.numel()]
+    total = (float(_kernels().sum_sq([ps[t] for t in fused], seed, k, "gaussian",
+                                     tensor_ids=fused)) if fused else 0.0)
+    done = set(fused)
+    return total + sum(float(_direction(t, p, seed, k, "gaussian").double().square().sum())
+                       for t, p in enumerate(ps) if t not in done)
 
 
 def _shapes(groups):
@@ -475,6 +488,10 @@ def _directional(ev, loss_fn, groups, seeds, n, eps, distribution, mode, *, grou
     def norm(k):
         if k not in norms:
             norms[k] = math.sqrt(sum(_sum_sq(ps, seeds[g], k) for g, ps in enumerate(groups)))
+            if norms[k] == 0.0:
+                raise ValueError("diffkern.zo: distribution='sphere' needs parameters with at "
+                                 "least one element (the direction is normalised over all of "
+                                 "them); these have none")
         return norms[k]
 
     def perturbation(point):
