@@ -275,6 +275,8 @@ class Worker:
             except (BrokenPipeError, OSError):
                 pass
         self.proc.join(5)
+        if self.proc.is_alive():  # as scripts/soak.py's workers: never left running
+            self.proc.kill()
 
 
 def save_failure(out_dir, kind, seed, index, dtype, tol, max_iter, record):

@@ -343,7 +343,7 @@ class Worker:
         if self.conn.poll(timeout):
             try:
                 return self.conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # a worker that died mid-reply resets the pipe
                 pass
         if not self.proc.is_alive():
             return ("crash", [f"worker died, exit code {self.proc.exitcode}"], 0)
