@@ -6,7 +6,11 @@
                             [--max-iter N] [--threads T] [--out DIR] [--json PATH]
                             [--replay FILE.pt]
 
-    issue 9's CUDA sweep: python bench/soak_ot.py --device cuda --dtypes float32 --workers 8
+    issue 9's CUDA sweep: python bench/soak_ot.py --device cuda --dtypes float32 --workers 4
+
+With --device cuda the workers are spread over every visible GPU (worker w on cuda:(w % G),
+--gpus G; default: all of them): each GPU's workers time-slice it, so a few per GPU (2-3)
+keep the ratios clean where many (8-12) made single-problem timings noisy.
 
 Each problem (deterministic in (seed, index)): n, m in [1, 64] (a fifth of them in [1, 3]),
 eps = 10^U(-4, 0) * max|C|, a cost of one of several kinds (uniform, point clouds, integer
@@ -226,6 +230,8 @@ def worker_main(conn, seed, device_name, threads):
     if threads > 0:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this worker's GPU (worker_device)
     while True:
         msg = conn.recv()
         if msg is None:
@@ -249,6 +255,13 @@ def retime_one(dk, problem, dtype_name, device, tol, max_iter):
 
 
 # ------------------------------------------------------------------------------ driver
+def worker_device(device: str, slot: int, gpus: int) -> str:
+    """The device of worker `slot`: "cuda" spreads the workers over `gpus` GPUs."""
+    if device == "cuda" and gpus > 1:
+        return f"cuda:{slot % gpus}"
+    return device
+
+
 class Worker:
     """One solving process (its own CUDA context on cuda), one problem at a time."""
 
@@ -364,7 +377,8 @@ def dispatch(args, workers, items, on_reply, on_fail, t_start=None, budget=0.0, 
                 hangs += kind == "hang"
                 w.stop(kill=True)
                 on_fail(kind, index)
-                workers[i] = Worker(args.seed, args.device, args.threads)
+                workers[i] = Worker(args.seed, worker_device(args.device, i, args.gpus),
+                                    args.threads)
             else:
                 on_reply(index, reply)
             if progress and done % progress == 0:
@@ -387,7 +401,8 @@ def sweep(args):
     dtypes = args.dtypes.split(",") if args.dtypes else (
         ["float64", "float32"] if args.device.startswith("cuda") else ["float64"])
     jobs = [(dt, tol_for(args, dt)) for dt in dtypes]
-    workers = [Worker(args.seed, args.device, args.threads) for _ in range(max(1, args.workers))]
+    workers = [Worker(args.seed, worker_device(args.device, w, args.gpus), args.threads)
+               for w in range(max(1, args.workers))]
     records, failures = [], {}
     t_start = time.time()
 
@@ -405,7 +420,8 @@ def sweep(args):
                 save_failure(args.out, k, args.seed, rec["index"], rec["dtype"], rec["tol"],
                              args.max_iter, rec)
 
-    items = ((i, ("solve", i, jobs, args.max_iter)) for i in range(args.problems))
+    items = ((i, ("solve", i, jobs, args.max_iter))
+             for i in range(args.first, args.first + args.problems))
     done, hangs, stopped_by_budget = dispatch(args, workers, items, solved, fail, t_start,
                                               args.time_budget, args.progress)
     # Second timing pass (not under the time budget: it is a few percent of the problems).
@@ -430,14 +446,21 @@ def sweep(args):
     for w in workers:
         w.stop()
     records.sort(key=lambda r: (r["index"], r["dtype"]))
+    if args.records:  # every record, one JSON object a line (for looking at classes)
+        os.makedirs(os.path.dirname(os.path.abspath(args.records)), exist_ok=True)
+        with open(args.records, "w") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
     return summarize(args, dtypes, records, failures, hangs, time.time() - t_start,
                      stopped_by_budget, done)
 
 
 def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget, done):
-    report = dict(device=args.device, dtypes=dtypes, seed=args.seed, tol=args.tol,
+    report = dict(device=args.device, dtypes=dtypes, seed=args.seed, first=args.first,
+                  tol=args.tol,
                   tol_float32=args.tol_float32, max_iter=args.max_iter, timeout=args.timeout,
-                  workers=args.workers, problems_asked=args.problems, problems_done=done,
+                  workers=args.workers, gpus=args.gpus, problems_asked=args.problems,
+                  problems_done=done,
                   wall_s=wall, stopped_by_time_budget=stopped_by_budget, hangs=hangs,
                   failures={k: len(v) for k, v in failures.items()},
                   failure_indices={k: v[:50] for k, v in failures.items()}, per_dtype={})
@@ -479,7 +502,8 @@ def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget, d
 
 
 def print_report(rep):
-    print(f"OT sweep on {rep['device']}: seed {rep['seed']}, {rep['problems_done']} of "
+    where = f"{rep['device']} ({rep['gpus']} GPUs)" if rep["gpus"] > 1 else rep["device"]
+    print(f"OT sweep on {where}: seed {rep['seed']}, {rep['problems_done']} of "
           f"{rep['problems_asked']} problems, max_iter {rep['max_iter']}, {rep['workers']} "
           f"worker(s), {rep['wall_s']:.0f} s"
           + (" (stopped by the time budget)" if rep["stopped_by_time_budget"] else ""))
@@ -508,6 +532,47 @@ def print_report(rep):
                   f"{w['sinkhorn_ms']:.2f} ms, {w['sinkhorn_it']} it)")
 
 
+def merge(dirs):
+    """One report from the sweeps in `dirs` (each holding report.json and records.jsonl, as
+    gpu_check writes them): a 10,000-problem sweep run as several --first slices, on the same
+    code, settings and seed. Counts add up; the ratio statistics are over all records."""
+    reps, records = [], []
+    for d in dirs:
+        with open(os.path.join(d, "report.json")) as fh:
+            reps.append(json.load(fh))
+        with open(os.path.join(d, "records.jsonl")) as fh:
+            records.extend(json.loads(line) for line in fh if line.strip())
+    keys = ("device", "seed", "tol", "tol_float32", "max_iter", "timeout", "dtypes")
+    for r in reps[1:]:
+        diff = [k for k in keys if r.get(k) != reps[0].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: the sweeps differ in {diff}; only slices of one sweep merge")
+    spans = sorted((r.get("first", 0), r.get("first", 0) + r["problems_done"]) for r in reps)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise SystemExit(f"--merge: slices overlap ({spans})")
+    r0 = reps[0]
+    args = argparse.Namespace(device=r0["device"], seed=r0["seed"], first=spans[0][0],
+                              tol=r0["tol"], tol_float32=r0["tol_float32"],
+                              max_iter=r0["max_iter"], timeout=r0["timeout"],
+                              workers=r0["workers"], gpus=r0.get("gpus", 1),
+                              problems=sum(r["problems_asked"] for r in reps))
+    failures = {}
+    for r in reps:  # a report keeps the first 50 indices of each kind, and the count
+        for k, count in r["failures"].items():
+            known = list(r.get("failure_indices", {}).get(k, []))
+            failures.setdefault(k, []).extend(known + [None] * (count - len(known)))
+    records.sort(key=lambda r: (r["index"], r["dtype"]))
+    rep = summarize(args, r0["dtypes"], records, failures, sum(r["hangs"] for r in reps),
+                    sum(r["wall_s"] for r in reps),
+                    any(r["stopped_by_time_budget"] for r in reps),
+                    sum(r["problems_done"] for r in reps))
+    rep["merged_from"] = [dict(first=r.get("first", 0), problems_done=r["problems_done"],
+                               wall_s=r["wall_s"]) for r in reps]
+    rep["slices"] = spans
+    return rep
+
+
 def replay(path):
     import torch
 
@@ -526,6 +591,10 @@ def replay(path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problems", type=int, default=10000)
+    p.add_argument("--first", type=int, default=0,
+                   help="index of the first problem (a sweep can run as several slices)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="merge slices (dirs with report.json + records.jsonl) into one report")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated; default float64 (+float32 on cuda)")
     p.add_argument("--seed", type=int, default=0)
@@ -534,21 +603,40 @@ def main(argv=None):
                    help="float32 tolerance (see F32_SLACK: what float32 resolves)")
     p.add_argument("--workers", type=int, default=1,
                    help="solving processes (on cuda: each its own context on the one GPU)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="--device cuda: spread the workers over this many GPUs (default: all)")
     p.add_argument("--max-iter", type=int, default=100000)
     p.add_argument("--timeout", type=float, default=120.0, help="wall-clock guard per problem")
     p.add_argument("--time-budget", type=float, default=0.0, help="stop after this many s (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker (0: default)")
     p.add_argument("--out", default="soak_ot_failures")
     p.add_argument("--json", default=None)
+    p.add_argument("--records", default=None, help="write every problem's record here (JSON lines)")
     p.add_argument("--progress", type=int, default=500)
     p.add_argument("--replay", default=None)
     args = p.parse_args(argv)
     if args.replay:
         replay(args.replay)
         return 0
+    if args.merge:
+        rep = merge(args.merge)
+        print_report(rep)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rep, fh, indent=1)
+        return 1 if rep["hangs"] + sum(rep["failures"].values()) else 0
+    if args.gpus is None:
+        args.gpus = 1
+        if args.device == "cuda":
+            import torch
+
+            args.gpus = max(1, torch.cuda.device_count())
+    if args.gpus < 1:
+        p.error("--gpus must be >= 1")
     rep = sweep(args)
     print_report(rep)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(rep, fh, indent=1)
     bad = rep["hangs"] + sum(v for k, v in rep["failures"].items())

@@ -24,7 +24,12 @@
 # names) the families the sanitizer exercises; GPU_CHECK_BENCH_ONLY=1 skips the tests and the
 # sanitizer (a benchmark rerun of code that a full check already passed);
 # GPU_CHECK_OT_DEVICE=cuda (default: all) skips the CPU half of bench/ot.py (read by
-# diffkern/checks/sinkhorn.py). DRY_RUN=1 builds nothing and runs nothing: it prints each
+# diffkern/checks/sinkhorn.py). GPU_CHECK_STEPS (default "all") names the step groups to run,
+# from: tests sanitizer bench-cpp selfcheck soak ot-sweep multi-gpu benchmarks (e.g.
+# "ot-sweep multi-gpu" for a partial run; the build always runs). GPU_CHECK_ARGS_<step> (the
+# step's name with - as _, e.g. GPU_CHECK_ARGS_bench_zo="--parts e") appends arguments to a
+# family benchmark's command. The multi-gpu group runs where 2 or more GPUs are visible:
+# scripts/zo_distributed_check.py under torchrun, one process per GPU. DRY_RUN=1 builds nothing and runs nothing: it prints each
 # step it would run (the benchmark list comes from the installed diffkern, so PYTHON must
 # import one) and still prints the summary.
 #
@@ -44,6 +49,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 NAMES=(); STATES=(); SECS=()
+STEPS=" ${GPU_CHECK_STEPS:-all} "
+# wanted GROUP: is this step group selected (GPU_CHECK_STEPS)?
+wanted() { [ "$STEPS" = " all " ] || [[ "$STEPS" == *" $1 "* ]]; }
 
 # step NAME TIMEOUT_S LOGFILE CMD...: runs CMD under a timeout, appending to LOGFILE.
 step() {
@@ -150,6 +158,8 @@ fi
 # 2. CUDA tests (the cpu half of the suite runs in CI).
 if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
   skip pytest-cuda "GPU_CHECK_BENCH_ONLY=1"
+elif ! wanted tests; then
+  skip pytest-cuda "GPU_CHECK_STEPS"
 else
   step pytest-cuda 300 "$OUT/pytest.log" "$PY" -m pytest -q -m cuda tests -rs
 fi
@@ -158,6 +168,8 @@ fi
 #    memcheck, so out-of-bounds accesses hit unallocated memory instead of a neighbour's block.
 if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
   skip memcheck "GPU_CHECK_BENCH_ONLY=1"; skip racecheck "GPU_CHECK_BENCH_ONLY=1"
+elif ! wanted sanitizer; then
+  skip memcheck "GPU_CHECK_STEPS"; skip racecheck "GPU_CHECK_STEPS"
 elif [ -n "$SAN" ] || [ "$DRY" = 1 ]; then
   SAN=${SAN:-compute-sanitizer}
   step memcheck 240 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -186,7 +198,9 @@ if [ ${#CPP[@]} -eq 0 ]; then
 fi
 for BENCH in "${CPP[@]}"; do
   FAM=${BENCH##*/bench_}; FAM=${FAM%_cuda}
-  if [ "$BENCHES" = all ] || [[ "$SELECTED" == *" $FAM "* ]]; then
+  if ! wanted bench-cpp; then
+    skip "bench-cpp-$FAM" "GPU_CHECK_STEPS"
+  elif [ "$BENCHES" = all ] || [[ "$SELECTED" == *" $FAM "* ]]; then
     step "bench-cpp-$FAM" 120 "$OUT/run.log" "$BENCH" --json "$RES/bench_cpp_$FAM.json"
   else
     skip "bench-cpp-$FAM" "GPU_CHECK_BENCH=$BENCHES"
@@ -194,39 +208,66 @@ for BENCH in "${CPP[@]}"; do
 done
 
 # 5. Self-check of every family, then each family's Python benchmarks against peers.
-step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --full --json "$RES/selfcheck.json"
+if wanted selfcheck; then
+  step selfcheck 180 "$OUT/run.log" "$PY" -m diffkern --full --json "$RES/selfcheck.json"
+else
+  skip selfcheck "GPU_CHECK_STEPS"
+fi
 # 6. Soak on CUDA (issue 9): random problems per public op and the OT sweep (float32 and
 #    float64) for GPU_CHECK_SOAK_SECONDS (default 60; 0 skips), each under a wall-clock
 #    guard; report.json and any reproducers come back in results.tar.gz.
 SOAK_S=${GPU_CHECK_SOAK_SECONDS:-60}
-if [ "$SOAK_S" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ]; then
+if [ "$SOAK_S" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ] && wanted soak; then
   step soak-cuda $(( SOAK_S + 60 )) "$OUT/run.log" "$PY" scripts/soak.py --device cuda \
     --seconds "$SOAK_S" --out "$RES/soak"
 else
-  skip soak-cuda "GPU_CHECK_SOAK_SECONDS=$SOAK_S or GPU_CHECK_BENCH_ONLY=1"
+  skip soak-cuda "GPU_CHECK_SOAK_SECONDS=$SOAK_S, GPU_CHECK_BENCH_ONLY or GPU_CHECK_STEPS"
 fi
 # 6b. The OT sweep of issue 9 on CUDA: GPU_CHECK_OT_SWEEP_PROBLEMS (default 10000; 0 skips)
 #     random float32 problems, SNS against method="sinkhorn", over GPU_CHECK_OT_SWEEP_WORKERS
-#     (default 8) processes sharing the GPU (tiny problems are host-bound), stopped after
-#     GPU_CHECK_OT_SWEEP_SECONDS (default 240; the report says how many were done).
+#     (default 3 per GPU) processes spread over the visible GPUs (a few per GPU: tiny problems
+#     are host-bound, but many contexts time-slicing one GPU make single timings noisy),
+#     stopped after GPU_CHECK_OT_SWEEP_SECONDS (default 240; the report says how many were
+#     done); every problem's record comes back in ot_sweep/records.jsonl.
 OT_SWEEP_N=${GPU_CHECK_OT_SWEEP_PROBLEMS:-10000}
 OT_SWEEP_S=${GPU_CHECK_OT_SWEEP_SECONDS:-240}
-if [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ]; then
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+[ "${NGPU:-0}" -ge 1 ] || NGPU=1
+if [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ] && wanted ot-sweep; then
   mkdir -p "$RES/ot_sweep"
   step ot-sweep-cuda $(( OT_SWEEP_S + 90 )) "$OUT/run.log" "$PY" bench/soak_ot.py --device cuda \
-    --dtypes float32 --problems "$OT_SWEEP_N" --workers "${GPU_CHECK_OT_SWEEP_WORKERS:-8}" \
+    --dtypes float32 --problems "$OT_SWEEP_N" --workers "${GPU_CHECK_OT_SWEEP_WORKERS:-$(( 3 * NGPU ))}" \
     --time-budget "$OT_SWEEP_S" --timeout 60 --progress 1000 --out "$RES/ot_sweep" \
-    --json "$RES/ot_sweep/report.json"
+    --json "$RES/ot_sweep/report.json" --records "$RES/ot_sweep/records.jsonl"
 else
-  skip ot-sweep-cuda "GPU_CHECK_OT_SWEEP_PROBLEMS=$OT_SWEEP_N or GPU_CHECK_BENCH_ONLY=1"
+  skip ot-sweep-cuda "GPU_CHECK_OT_SWEEP_PROBLEMS=$OT_SWEEP_N, GPU_CHECK_BENCH_ONLY or GPU_CHECK_STEPS"
+fi
+# 6c. Several GPUs (issue 10): ZOSGD with its directions split over one process per GPU
+#     (NCCL; NVLink multicast stays off, as the machine's environment sets it): replicas
+#     bit-identical to each other and to one GPU running the same seeds, and the speedup.
+if ! wanted multi-gpu; then
+  skip zo-distributed "GPU_CHECK_STEPS"
+elif [ "$NGPU" -lt 2 ]; then
+  skip zo-distributed "$NGPU GPU visible"
+else
+  step zo-distributed 300 "$OUT/run.log" env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+    NVSHMEM_DISABLE_NVLS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
+    scripts/zo_distributed_check.py --out "$RES/zo_distributed.json"
 fi
 # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 for LINE in "${PLAN[@]}"; do
   IFS=$'\t' read -r KIND FAM NAME LIMIT CMD <<<"$LINE"
   [ "$KIND" = B ] || continue
+  if ! wanted benchmarks; then
+    skip "$NAME" "GPU_CHECK_STEPS"
+    continue
+  fi
   eval "ARGV=($CMD)"  # CMD was written by shlex.join from the family's argv list
-  step "$NAME" "$LIMIT" "$OUT/run.log" "$PY" "${ARGV[@]}"
+  EXTRA_VAR="GPU_CHECK_ARGS_${NAME//-/_}"
+  EXTRA=()
+  [ -n "${!EXTRA_VAR:-}" ] && read -r -a EXTRA <<<"${!EXTRA_VAR}"
+  step "$NAME" "$LIMIT" "$OUT/run.log" "$PY" "${ARGV[@]}" "${EXTRA[@]}"
 done
 
 summary

@@ -159,9 +159,15 @@ __global__ void __launch_bounds__(kCgThreads) cg_fused_kernel(CgFusedArgs A) {
 // __syncthreads, the vectors p, D_a^-1 P_s p and q live in shared memory, x, r and the
 // preconditioner in registers, and the sparse rows (read every iteration) stay in L1.
 // Rows are taken by groups of kCgGroup lanes (rows hold tens of entries at these sizes).
+// Two block sizes: 1024 threads, and 128 for tiny problems (max(n, m) <= 128; the OT sweep's
+// problems), where 1024 threads would leave 31 of 32 warps idle in every one of the
+// iteration's seven barriers and two 32-warp block sums (the iteration's latency chain).
 constexpr int kCgBlockThreads = 1024;
-constexpr int kCgPerThread = 2;  // vector entries per thread: m <= 2048
+constexpr int kCgSmallBlockThreads = 128;
+constexpr int kCgSmallBlockMax = 128;  // max(n, m) up to which the small block solves
+constexpr int kCgPerThread = 2;  // vector entries per thread: m <= 2 * threads
 constexpr int kCgGroup = 8;
+static_assert(kCgSmallBlockMax <= kCgPerThread * kCgSmallBlockThreads, "m must fit the block");
 
 // sum_e val_e x[idx_e] over one sparse row by the kCgGroup lanes of a group (gl: lane in
 // the group); every lane of the warp must call (the shuffles take the full warp).
@@ -177,9 +183,10 @@ __device__ __forceinline__ double group_row_dot(int64_t cnt, const int32_t* __re
 // Shared memory of cg_block_kernel: p (m), tmp (n), q (m) doubles.
 inline size_t cg_block_smem(int64_t n, int64_t m) { return sizeof(double) * (2 * m + n); }
 
-__global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A) {
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) cg_block_kernel(CgFusedArgs A) {
   extern __shared__ double vec[];
-  __shared__ double red[kCgBlockThreads / 32];
+  __shared__ double red[kThreads / 32];
   const int64_t b = blockIdx.x;
   const BatchScalars& s = A.s;
   const Workspace& w = A.w;
@@ -192,7 +199,7 @@ __global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A
   const int64_t o = b * m;
 #pragma unroll
   for (int u = 0; u < kCgPerThread; ++u) {
-    const int64_t j = threadIdx.x + u * kCgBlockThreads;
+    const int64_t j = threadIdx.x + u * kThreads;
     x[u] = r[u] = pre[u] = 0;
     if (j < m) {
       x[u] = w.x[o + j];
@@ -204,7 +211,7 @@ __global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A
   double rz = s.rz[0][b];
   const double stop = s.cg_tol2[b] * s.rz0[b];
   const int group = threadIdx.x / kCgGroup, gl = threadIdx.x % kCgGroup;
-  constexpr int kGroups = kCgBlockThreads / kCgGroup;
+  constexpr int kGroups = kThreads / kCgGroup;
   __syncthreads();
   for (int64_t k = 0; k < A.max_iter; ++k) {
     // tmp = D_a^-1 P_s p, then q = D_c p - P_s^T tmp.
@@ -227,16 +234,16 @@ __global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A
     double pq = 0;
 #pragma unroll
     for (int u = 0; u < kCgPerThread; ++u) {
-      const int64_t j = threadIdx.x + u * kCgBlockThreads;
+      const int64_t j = threadIdx.x + u * kThreads;
       if (j < m) pq += p[j] * q[j];
     }
-    pq = block_sum<kCgBlockThreads>(pq, red);
+    pq = block_sum<kThreads>(pq, red);
     const double alpha = pq > 0 ? rz / pq : 0.0;
     double z[kCgPerThread];
     double rz_new = 0;
 #pragma unroll
     for (int u = 0; u < kCgPerThread; ++u) {
-      const int64_t j = threadIdx.x + u * kCgBlockThreads;
+      const int64_t j = threadIdx.x + u * kThreads;
       z[u] = 0;
       if (j < m) {
         x[u] += alpha * p[j];
@@ -245,13 +252,13 @@ __global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A
         rz_new += r[u] * z[u];
       }
     }
-    rz_new = block_sum<kCgBlockThreads>(rz_new, red);
+    rz_new = block_sum<kThreads>(rz_new, red);
     const bool go_on = rz_new > stop;
     if (go_on) {
       const double beta = rz_new / rz;
 #pragma unroll
       for (int u = 0; u < kCgPerThread; ++u) {
-        const int64_t j = threadIdx.x + u * kCgBlockThreads;
+        const int64_t j = threadIdx.x + u * kThreads;
         if (j < m) p[j] = z[u] + beta * p[j];
       }
     }
@@ -261,7 +268,7 @@ __global__ void __launch_bounds__(kCgBlockThreads) cg_block_kernel(CgFusedArgs A
   }
 #pragma unroll
   for (int u = 0; u < kCgPerThread; ++u) {
-    const int64_t j = threadIdx.x + u * kCgBlockThreads;
+    const int64_t j = threadIdx.x + u * kThreads;
     if (j < m) w.x[o + j] = x[u];
   }
   if (threadIdx.x == 0) s.cg_active[b] = 0;

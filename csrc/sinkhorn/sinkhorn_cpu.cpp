@@ -177,6 +177,8 @@ class CpuBackend {
   static constexpr bool kHostReadsAreFree = true;  // reading a flag costs no synchronization
   void set_eps(double eps) { eps_ = eps; }
   static constexpr int64_t cg_check_interval() { return 1; }
+  // A Newton round's cost in Sinkhorn iterations (JudgeNewton): a few passes over the plan.
+  static constexpr double newton_cost() { return kCpuNewtonCost; }
   Status status() const { return Status::ok; }
 
  private:

@@ -189,7 +189,7 @@ class Driver {
         bk_.for_each(nm_, SaveState{s, st_.f, st_.g, w_.f_prev, w_.g_prev, n_, m_});
         newton_step();
         measure(s.newton);
-        bk_.for_batch(JudgeNewton{s, st_.iterations, st_.newton_steps, !fixed});
+        bk_.for_batch(JudgeNewton{s, st_.iterations, st_.newton_steps, !fixed, bk_.newton_cost()});
         bk_.for_each(nm_, CopyPairWhere{s.reverted, w_.f_prev, w_.g_prev, st_.f, st_.g, n_, m_});
         it += 1;
         if (fixed) {

@@ -87,8 +87,13 @@ struct LineSearchTest {
 // The Newton safeguard. A Newton round fails when the line search accepts no trial, when the
 // accepted step cannot be trusted (its gain is within rounding, or the error it leaves is not
 // finite) and does not lower the error (it is undone), or when it helps less than Sinkhorn
-// would (the error does not halve and the gain in Phi is below kGainRatio times eps KL(b||c),
-// the least one Sinkhorn iteration gains). After a failure the element runs `backoff`
+// would in the same time. A round costs the backend about R Sinkhorn iterations
+// (Backend::newton_cost(): ~3 on the CPU, where a round is a few passes over the plan; ~16 on
+// a GPU, where small problems are launch- and latency-bound and a round issues ~25 launches,
+// two host reads and a CG solve against a Sinkhorn iteration's two launches). The round must
+// then gain in Phi at least R times eps KL(b'||c) (what the next Sinkhorn iteration gains, an
+// upper bound on what each of the R after it would), or divide the error by 2^(R/3) (2 on the
+// CPU). After a failure the element runs `backoff`
 // Sinkhorn iterations before its next Newton step, and the next failure doubles that, up to
 // kBackoffMax; a successful round resets it. Why: where the sparsified Hessian has lost the
 // coupling the step needs (near-permutation plans at small eps: every row's mass sits in one
@@ -98,7 +103,7 @@ struct LineSearchTest {
 // extra cost (one Newton round per kBackoffMax Sinkhorn iterations at worst).
 constexpr int kBackoffStart = 10;
 constexpr int kBackoffMax = 640;
-constexpr double kGainRatio = 3.0;  // a Newton round costs about three Sinkhorn iterations
+constexpr double kCpuNewtonCost = 3.0;  // a CPU Newton round costs ~3 Sinkhorn iterations
 constexpr double kDeltaStep = 6.907755278982137;  // log(1000)
 
 struct ResetBatch {
@@ -213,6 +218,7 @@ struct JudgeNewton {
   int64_t* iterations;
   int64_t* newton_steps;
   int count_attempts;  // as in FinishNewton: an undone step still counts as an iteration
+  double cost;         // what a Newton round costs, in Sinkhorn iterations (see above)
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.reverted[b] = 0;
     if (!s.newton[b]) return;
@@ -225,9 +231,9 @@ struct JudgeNewton {
       newton_steps[b] -= 1;
       failed = true;
     } else if (!failed) {
-      const bool halved = err <= 0.5 * prev;
-      const bool gained = !s.by_slack[b] && s.gain[b] >= kGainRatio * s.sk_gain[b];
-      failed = !(halved || gained);
+      const bool shrunk = err <= exp2(-cost / kCpuNewtonCost) * prev;  // halved on the CPU
+      const bool gained = !s.by_slack[b] && s.gain[b] >= cost * s.sk_gain[b];
+      failed = !(shrunk || gained);
     }
     // This round's Sinkhorn iteration (fixed mode) only where the step did nothing; a kept
     // step was this round's iteration, and its Sinkhorn phase starts next round.
