@@ -120,7 +120,7 @@ class Kernels:
 
     @staticmethod
     def _args(q, k, v, L, tensors, lse, workspace=None, deterministic=False):
-        a = [0] * 45
+        a = [0] * 46
         a[0], a[1], a[2], a[3] = L.T, q.shape[1], k.shape[1], q.shape[2]
         a[4], a[5] = DTYPE_CODE[q.dtype], L.count
         for i, t in enumerate(L.seg):
@@ -136,7 +136,8 @@ class Kernels:
         a[42] = workspace.data_ptr() if workspace is not None else 0
         a[43] = int(deterministic)
         a[44] = torch.cuda.current_stream().cuda_stream
-        return (ctypes.c_int64 * 45)(*a)
+        a[45] = workspace.numel() if workspace is not None else -1
+        return (ctypes.c_int64 * 46)(*a)
 
     alloc = staticmethod(lambda x: torch.full_like(x, math.nan))  # NaN-poisoned outputs
 
