@@ -95,7 +95,9 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    BwdKvConfig<D>::kSmem));
   bwd_kv_kernel<T, D><<<static_cast<unsigned>(kv_blocks), kBwdThreads, BwdKvConfig<D>::kSmem,
-                        stream>>>(p, scale_log2, delta, dq_accum, slots, chunks, partials);
+                        stream>>>(p, scale_log2, static_cast<float>(s.scale),
+                                    s.num_heads_q / s.num_heads_kv, delta, dq_accum, slots,
+                                    chunks, partials);
   if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
   if (chunks > 1) {
     bwd_split_reduce_kernel<T, D><<<static_cast<unsigned>(slots * s.num_heads_kv), kBwdThreads, 0,

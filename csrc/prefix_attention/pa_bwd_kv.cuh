@@ -11,7 +11,10 @@ namespace pa {
 // (pa_bwd.cuh), chunk c walks the suffixes [c G / chunks, (c + 1) G / chunks) of the
 // group, and chunk 0 also the segment's own tiles first; a chunk may be empty (done at once).
 struct QueryWalk {
-  int64_t tile, ntiles, q_start, length;
+  // Tile indices in int: a segment of 2^37 tokens could not be held in memory, and the
+  // walk is live across the whole loop (registers the hd128 kernel does not have).
+  int tile, ntiles;
+  int64_t q_start, length;
   int64_t next_suffix, suffix_end;
   int r;
   bool own, done;
@@ -19,7 +22,7 @@ struct QueryWalk {
   __device__ __forceinline__ void enter(const PrefixSegments& s, int64_t sg) {
     q_start = s.q_start[sg];
     length = s.length[sg];
-    ntiles = (length + kBwdTile - 1) / kBwdTile;
+    ntiles = static_cast<int>((length + kBwdTile - 1) / kBwdTile);
   }
   __device__ __forceinline__ void start(const PrefixSegments& s, const PrefixGroups& gr,
                                         int64_t sg, int64_t kt, int chunk, int chunks) {
@@ -41,7 +44,7 @@ struct QueryWalk {
     }
     if (chunk == 0) {
       enter(s, sg);
-      tile = kt;  // BM == BN: the diagonal query tile
+      tile = static_cast<int>(kt);  // BM == BN: the diagonal query tile
       own = true;
     } else {
       next_segment(s);
@@ -75,18 +78,20 @@ struct BwdKvConfig {
 
 template <class T, int D>
 __global__ void __launch_bounds__(kBwdThreads, 2)
-    bwd_kv_kernel(const PrefixAttentionBackward p, float scale_log2, const float* delta,
-                  float* dq_accum, int64_t slots, int chunks, float* partials) {
+    bwd_kv_kernel(const PrefixAttentionBackward p, float scale_log2, float scale_f,
+                  int heads_per_kv, const float* delta, float* dq_accum, int64_t slots,
+                  int chunks, float* partials) {
+  // scale_f (the shape's double as float) and heads_per_kv (Hq / Hkv) come as parameters
+  // so they stay in the constant bank: as values computed here they were spilled (ptxas).
   using C = BwdKvConfig<D>;
   constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;
-  const float scale_f = static_cast<float>(p.shape.scale);  // the shape carries a double
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + C::kTile, sStages = sV + C::kTile;
   const uint32_t sDs = sStages + 2 * C::kStage;
   const unsigned char* stage_ptr = smem + 2 * C::kTile;
 
   const int hkv = p.shape.num_heads_kv;
-  const int R = p.shape.num_heads_q / hkv;
+  const int R = heads_per_kv;
   const int64_t ntok = p.shape.total_tokens;
   const int64_t bid = blockIdx.x;
   const int hk = static_cast<int>(bid % hkv);
@@ -97,7 +102,9 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   const int64_t prefix_blocks = slots * chunks * hkv;
   const bool prefix_pass = bid < prefix_blocks;
   const int64_t pass_slot = prefix_pass ? bid / hkv / chunks : (bid - prefix_blocks) / hkv;
-  const int chunk = prefix_pass ? static_cast<int>(bid / hkv % chunks) : 0;
+  // Recomputed after the walk rather than kept live through it (it was spilled).
+  auto chunk_of_block = [&] { return prefix_pass ? static_cast<int>(bid / hkv % chunks) : 0; };
+  const int chunk = chunk_of_block();
   const TileRef tr = find_tile(p.segments, p.segments.order_tiles_64, pass_slot);
   if (tr.seg < 0 || (p.segments.prefix_length[tr.seg] == 0) != prefix_pass) return;
   const int64_t kt = tr.tile;  // earlier key tiles are seen by more of their own queries
@@ -131,8 +138,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   // Loads a work item's Q, dO (async) and its rows' lse, delta (plain loads).
   auto issue = [&](const QueryWalk& w, int st) {
     const int h = hk * R + w.r;
-    const int64_t tok0 = w.q_start + w.tile * B;
-    const int64_t left = w.length - w.tile * B;
+    const int64_t tok0 = w.q_start + static_cast<int64_t>(w.tile) * B;
+    const int64_t left = w.length - static_cast<int64_t>(w.tile) * B;
     const int valid = static_cast<int>(left < B ? left : B);
     const uint32_t base = sStages + st * C::kStage;
     load_tile<D, kBwdThreads>(base, static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride,
@@ -175,7 +182,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const int st = it & 1;
     const uint32_t sQ = sStages + st * C::kStage, sdO = sQ + C::kTile;
     const float* rows = reinterpret_cast<const float*>(stage_ptr + st * C::kStage + 2 * C::kTile);
-    const int64_t qoff = cur.tile * B;
+    const int64_t qoff = static_cast<int64_t>(cur.tile) * B;
     const int64_t left = cur.length - qoff;
     const int qvalid = static_cast<int>(left < B ? left : B);
     const bool causal = cur.own;
@@ -294,7 +301,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   if (split) {
     // Unscaled float32 partials straight from the fragments: a quad writes 32 contiguous
     // bytes of a row per dt (full sectors); the reduce applies the scale once.
-    float* dst = partials + 2 * chunk * slot_stride + hk * D;
+    float* dst = partials + 2 * chunk_of_block() * slot_stride + hk * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = kr0 + g + 8 * r;
