@@ -14,6 +14,7 @@ and a timing at (P, S, G) = (4096, 512, 8), 32 heads, head dim 128.
 import argparse
 import ctypes
 import math
+import os
 import random
 import sys
 
@@ -260,7 +261,13 @@ def cases(tiny):
         ([(1100, [130, 64, 1])], 4, 1, 64),
         ([(0, [50, 20]), (129, [128, 127])], 2, 2, 128),
         (rand_groups, 8, 2, 128),
+        SPLIT_CASE,
     ]
+
+
+# Split prefix key tiles (pa_bwd_split.h): one KV head and a mean G of 5 make the rule pick
+# C = 4 on any GPU; the group of 2 leaves chunks empty. main() also runs it with C forced.
+SPLIT_CASE = ([(200, [64, 1, 130, 0, 65, 33, 7, 100]), (70, [90, 2])], 4, 1, 128)
 
 
 def timing(K, hkv=32):
@@ -349,6 +356,15 @@ def main():
         for i, (groups, hq, hkv, d) in enumerate(cases(args.tiny)):
             for dd in ((d,) if args.tiny else (64, 128)):
                 ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
+    if not args.tiny:
+        # The split with C forced (DK_PA_BWD_CHUNKS, read by the launcher at each call): the
+        # unsplit path on a multi-member group, and an uneven C.
+        for forced in ("1", "3"):
+            os.environ["DK_PA_BWD_CHUNKS"] = forced
+            print(f"DK_PA_BWD_CHUNKS={forced}:", end=" ")
+            groups, hq, hkv, d = SPLIT_CASE
+            ok &= check_case(K, groups, hq, hkv, d, torch.bfloat16, seed=77)
+            del os.environ["DK_PA_BWD_CHUNKS"]
     if not args.tiny and not args.quick:
         # 64-bit offsets: token stride 2^20 elements, T = 2300 tokens (reads and writes)
         ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5, big=True)
