@@ -315,6 +315,33 @@ def timing(K, hkv=32):
           f" ratio fwd {t_sf / t_fwd:.2f}x, fwd+bwd {t_sfb / (t_fwd + t_bwd):.2f}x")
 
 
+def timing_split(K, hkv):
+    """Backward ms at (4096, 512, 8), 32 query heads, D = 128, with few KV heads (where the
+    split rule picks C > 1 on an H200) against the split turned off (DK_PA_BWD_CHUNKS=1)."""
+    from triton.testing import do_bench
+
+    P, S, G, H, D = 4096, 512, 8, 32, 128
+    L = Layout([(P, [S] * G)], "cuda")
+    scale = 1 / math.sqrt(D)
+    q, k, v, dout = (torch.randn(L.T, h, D, device="cuda", dtype=torch.bfloat16)
+                     for h in (H, hkv, hkv, H))
+    out, lse = K.forward(q, k, v, L, scale)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    res = []
+    for forced in (None, "1"):
+        if forced:
+            os.environ["DK_PA_BWD_CHUNKS"] = forced
+        for det in (False, True):
+            nbytes = K.lib.pa_workspace_bytes(K._args(q, k, v, L, [q], lse), int(det))
+            ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            res.append(do_bench(lambda: K.backward(q, k, v, out, dout, lse, L, scale, det, ws=ws,
+                                                   grads=grads),
+                                warmup=50, rep=300, return_mode="median"))
+        os.environ.pop("DK_PA_BWD_CHUNKS", None)
+    print(f"timing split, GQA {H}/{hkv}: bwd {res[0]:.3f} ms (rule) vs {res[2]:.3f} ms (no split);"
+          f" deterministic {res[1]:.3f} vs {res[3]:.3f} ms")
+
+
 def cpu_selftest():
     """The expanded-form reference equals dense masked attention under the contract's mask."""
     torch.manual_seed(0)
@@ -373,6 +400,8 @@ def main():
         timing(K)
         if not args.quick:
             timing(K, hkv=8)
+            for hkv in (4, 2, 1):
+                timing_split(K, hkv)
     print("ALL OK" if ok else "SOME FAILED")
     return 0 if ok else 1
 
