@@ -429,13 +429,13 @@ def _torch_repeated(q, k, v, layout, dtype):
     return dense_prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), P, S)
 
 
-def _flash_attention_rule(device, dtype, d, heads, lens):
+def _flash_attention_rule(device, dtype, d, heads, lens, deterministic=False):
     """FlashAttention's rule: error vs an fp32 reference <= 2x plain torch attention's own
     error in `dtype` (outputs), <= 3x (gradients), all sharing one upstream gradient."""
     P, S = lens
     layout = dk.PrefixLayout.from_lengths(P, S, device=device)
     q, k, v = make_inputs(layout, heads, d, dtype=dtype, device=device, grad=True)
-    out = dk.prefix_attention(q, k, v, layout)
+    out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic)
     g = grads(out, (q, k, v))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = dense_prefix_attention(q32, k32, v32, P, S)
@@ -479,6 +479,72 @@ def test_cuda_deterministic_bits(cuda_device):
     for r in runs[1:]:
         for a, b in zip(r, runs[0]):
             assert torch.equal(a, b)
+
+
+# The CUDA backward splits a prefix key tile's query walk over C <= 4 blocks when the grid
+# is too small to hide its one block (csrc/prefix_attention/pa_bwd_split.h);
+# DK_PA_BWD_CHUNKS=1..4 forces C. This layout: a group of 8 members (ragged, one empty,
+# several prefix key tiles with a ragged tail) and one of 2 (G < C: empty chunks, whose
+# partials must be zeros). With one KV head the rule picks C = min(4, mean G = 5) on any
+# GPU with 10 or more resident blocks.
+SPLIT_LENS = ([200, 70], [[64, 1, 130, 0, 65, 33, 7, 100], [90, 2]])
+
+
+def _backward_workspace_bytes(layout, heads, d, dtype, deterministic):
+    from diffkern import _C
+    return _C.prefix_attention_backward_workspace_bytes(
+        layout.total_tokens, heads[0], heads[1], d, str(dtype).removeprefix("torch."),
+        (layout.segment_index.shape[0] - 2) // 7, layout.num_groups, deterministic)
+
+
+def _expected_workspace_bytes(layout, heads, d, chunks, deterministic):
+    """delta, the atomic mode's float32 dQ, and 2 C float32 (T, Hkv, D) partials (C > 1)."""
+    def align(b):
+        return -(-b // 256) * 256
+    T, (hq, hkv) = layout.total_tokens, heads
+    need = align(T * hq * 4) + (0 if deterministic else align(T * hq * d * 4))
+    return need + (align(2 * chunks * T * hkv * d * 4) if chunks > 1 else 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunks", ["rule", "1", "2", "3", "4"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_split_prefix_key_tiles_meet_flash_attention_rule(cuda_device, monkeypatch, chunks,
+                                                               deterministic, dtype, d):
+    if chunks == "rule":
+        monkeypatch.delenv("DK_PA_BWD_CHUNKS", raising=False)
+    else:
+        monkeypatch.setenv("DK_PA_BWD_CHUNKS", chunks)
+    heads = (4, 1)
+    layout = dk.PrefixLayout.from_lengths(*SPLIT_LENS, device="cuda")
+    # The path taken is the one asked for: the workspace holds exactly C chunks' partials.
+    c = 4 if chunks == "rule" else int(chunks)
+    assert _backward_workspace_bytes(layout, heads, d, dtype, deterministic) == \
+        _expected_workspace_bytes(layout, heads, d, c, deterministic)
+    _flash_attention_rule("cuda", dtype, d, heads, SPLIT_LENS, deterministic=deterministic)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunks", ["rule", "3"])
+def test_cuda_split_deterministic_bits_and_modes_agree(cuda_device, monkeypatch, chunks):
+    if chunks == "rule":
+        monkeypatch.delenv("DK_PA_BWD_CHUNKS", raising=False)
+    else:
+        monkeypatch.setenv("DK_PA_BWD_CHUNKS", chunks)
+    layout = dk.PrefixLayout.from_lengths(*SPLIT_LENS, device="cuda")
+    q, k, v = make_inputs(layout, (8, 2), 128, dtype=torch.bfloat16, device="cuda", grad=True)
+    runs = {}
+    for det in (True, True, False):
+        out = dk.prefix_attention(q, k, v, layout, deterministic=det)
+        runs.setdefault(det, []).append(grads(out, (q, k, v)))
+    (a, b), (c,) = runs[True], runs[False]
+    for x, y in zip(a, b):  # dq, dk, dv: the same bits every deterministic run
+        assert torch.equal(x, y)
+    # dK/dV do not depend on the mode: the chunks' partials are summed in a fixed order in
+    # both (only dQ is atomic in the other mode).
+    assert torch.equal(a[1], c[1]) and torch.equal(a[2], c[2])
 
 
 @pytest.mark.cuda

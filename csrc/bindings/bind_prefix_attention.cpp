@@ -213,6 +213,7 @@ void backward(nb::handle dout_o, nb::handle q_o, nb::handle k_o, nb::handle v_o,
                          std::to_string(ws.numel()));
   }
   p.workspace = ws.numel() ? ws.data : nullptr;
+  p.workspace_bytes = ws.numel();
   if (T == 0 || hq == 0) return;
   call_core([&] { return std::string(fn); }, q, num_threads, stream, T * hq * d,
             [&](int t) { return prefix_attention_backward_cpu(p, t); },

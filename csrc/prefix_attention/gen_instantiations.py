@@ -7,6 +7,8 @@ DTYPES = {"bf16": "BFloat16", "fp16": "Float16"}
 HEAD_DIMS = (64, 128)
 PASSES = {"fwd": ("pa_fwd.cuh", "launch_fwd", "PrefixAttentionForward"),
           "bwd": ("pa_bwd.cuh", "launch_bwd", "PrefixAttentionBackward")}
+# Further functions instantiated next to a pass's launcher (they name its kernels).
+EXTRA = {"bwd": "template int64_t bwd_kv_resident_blocks<{cls}, {d}>();\n"}
 
 for name, (header, fn, params) in PASSES.items():
     for short, cls in DTYPES.items():
@@ -16,4 +18,5 @@ for name, (header, fn, params) in PASSES.items():
                         f'#include "prefix_attention/{header}"\n\n'
                         "namespace diffkern {\nnamespace pa {\n"
                         f"template Status {fn}<{cls}, {d}>(const {params}&, cudaStream_t);\n"
+                        + EXTRA.get(name, "").format(cls=cls, d=d) +
                         "}  // namespace pa\n}  // namespace diffkern\n")

@@ -7,19 +7,28 @@
 //      accumulates dK, dV in registers, so a prefix's gradient sums over its G members
 //      without any K/V copy. Q/dO tiles stream through two shared-memory stages.
 //      Non-deterministic mode: dQ += dS K goes to a float32 workspace by atomicAdd.
+//      Split prefix key tiles: a prefix key tile is seen by its own query tiles and by
+//      those of all G suffixes, so with few blocks in the grid its one block becomes the
+//      long pole. With C > 1 chunks (pa_bwd_split.h: the rule, from shapes and the SM
+//      count; C <= 4), each prefix key tile is C adjacent blocks: chunk c takes the
+//      suffixes [c G / C, (c + 1) G / C) of its group, chunk 0 also the tile's own query
+//      tiles, and each writes float32 partial dK/dV (unscaled) to workspace slot c (an
+//      empty chunk writes zeros). Non-prefix key tiles are never split.
+//   2b. bwd_split_reduce_kernel (C > 1 only): sums slots c = 0..C-1 in that order and writes
+//      dk, dv: deterministic in both modes, and the same bits in both modes.
 //   3. Deterministic mode instead: bwd_dq_kernel, query-centric like the forward, recomputes
-//      P and dS for its query tile and sums dQ over the key tiles in a fixed order.
+//      P and dS for its query tile and sums dQ over the key tiles in a fixed order. (dQ is
+//      untouched by the split: in the atomic mode the chunks' atomics are as unordered as
+//      the tiles' always were.)
 //   4. dq_convert_kernel (non-deterministic mode): float32 workspace -> dq.
-// Not done yet: splitting a prefix key tile over several blocks when G is large (today one
-// block walks its own tiles and all G suffixes; with many heads, heaviest-first order keeps
-// that from being the long pole at the issue's shapes). Planned form: chunk c of C (C from
-// shapes, <= 4) takes the suffixes [c G / C, (c + 1) G / C) (chunk 0 also the own tiles) and
-// writes float32 partial dK/dV to workspace slot c; a reduce kernel sums c = 0..C-1 in
-// that order (deterministic) and writes dk/dv. Workspace C x T x Hkv x D x 8 bytes.
+// Workspace: delta, the dQ accumulator (atomic mode), 2 C x T x Hkv x D float32 partials
+// (C > 1), 64-bit offsets throughout (pa_kernels.h, pa_bwd_split.h).
 #pragma once
 #include "prefix_attention/pa_bwd_common.cuh"
 #include "prefix_attention/pa_bwd_kv.cuh"  // before _dq: same kernel order as before the split
 #include "prefix_attention/pa_bwd_dq.cuh"
+#include "prefix_attention/pa_bwd_split.cuh"
+#include "prefix_attention/pa_bwd_split.h"
 
 namespace diffkern {
 namespace pa {
@@ -40,16 +49,38 @@ __global__ void dq_convert_kernel(const PrefixAttentionBackward p, const float* 
 }
 
 template <class T, int D>
+int64_t bwd_kv_resident_blocks() {
+  int dev = 0, sms = 0, per_sm = 0;
+  // The dynamic shared memory above 48 KiB must be allowed before the occupancy query.
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaFuncSetAttribute(bwd_kv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           BwdKvConfig<D>::kSmem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bwd_kv_kernel<T, D>, kBwdThreads,
+                                                    BwdKvConfig<D>::kSmem) != cudaSuccess) {
+    (void)cudaGetLastError();  // our failed query, not a launch's error: do not leave it
+    return 0;
+  }
+  return static_cast<int64_t>(sms) * per_sm;
+}
+
+template <class T, int D>
 Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
   const PrefixAttentionShape& s = p.shape;
   const float scale_log2 = static_cast<float>(s.scale * kLog2e);
-  float* delta = static_cast<float*>(p.workspace);
-  float* dq_accum = p.deterministic
-                        ? nullptr
-                        : reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
-                                                   delta_bytes(s));
+  char* ws = static_cast<char*>(p.workspace);
+  float* delta = reinterpret_cast<float*>(ws);
+  const int64_t fixed_bytes = delta_bytes(s) + (p.deterministic ? 0 : dq_accum_bytes(s));
+  float* dq_accum = p.deterministic ? nullptr : reinterpret_cast<float*>(ws + delta_bytes(s));
+  int chunks = bwd_prefix_chunks(s, p.segments.count, p.groups.count,
+                                 bwd_kv_resident_blocks<T, D>());
+  // A workspace sized on another device (other SM count) may hold fewer chunks: use what fits.
+  while (chunks > 1 && p.workspace_bytes >= 0 &&
+         fixed_bytes + bwd_partials_bytes(s, chunks) > p.workspace_bytes)
+    --chunks;
+  float* partials = chunks > 1 ? reinterpret_cast<float*>(ws + fixed_bytes) : nullptr;
   const int64_t slots = ceil_div(s.total_tokens, kBwdTile) + p.segments.count;
-  const int64_t kv_blocks = 2 * slots * s.num_heads_kv, q_blocks = slots * s.num_heads_q;
+  const int64_t kv_blocks = (chunks + 1) * slots * s.num_heads_kv, q_blocks = slots * s.num_heads_q;
   const int64_t delta_blocks = ceil_div(s.total_tokens * s.num_heads_q, 8);
   const int64_t pairs = s.total_tokens * s.num_heads_q * (D / 2);
   if (q_blocks > 2147483647 || kv_blocks > 2147483647 || delta_blocks > 2147483647 || ceil_div(pairs, 256) > 2147483647)
@@ -64,8 +95,15 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    BwdKvConfig<D>::kSmem));
   bwd_kv_kernel<T, D><<<static_cast<unsigned>(kv_blocks), kBwdThreads, BwdKvConfig<D>::kSmem,
-                        stream>>>(p, scale_log2, delta, dq_accum, slots);
+                        stream>>>(p, scale_log2, static_cast<float>(s.scale),
+                                    s.num_heads_q / s.num_heads_kv, delta, dq_accum, slots,
+                                    chunks, partials);
   if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
+  if (chunks > 1) {
+    bwd_split_reduce_kernel<T, D><<<static_cast<unsigned>(slots * s.num_heads_kv), kBwdThreads, 0,
+                                    stream>>>(p, partials, chunks);
+    if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
+  }
 
   if (dq_accum != nullptr) {
     dq_convert_kernel<T, D><<<static_cast<unsigned>(ceil_div(pairs, 256)), 256, 0, stream>>>(

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   const uint16_t* kb = static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride;
   const uint16_t* vb = static_cast<const uint16_t*>(p.v.data) + hk * p.v.head_stride;
 
-  auto issue_kv = [&](int64_t j) {
+  auto issue_kv = [&](int j) {
     int64_t start, off;
     int valid;
     bool causal;
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 #pragma unroll
   for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 
-  for (int64_t j = 0; j < keys.count; ++j) {
+  for (int j = 0; j < keys.count; ++j) {
     if (j + 1 < keys.count) {
       issue_kv(j + 1);
       cp_async_commit();

@@ -7,25 +7,26 @@ namespace diffkern {
 namespace pa {
 
 // The query tiles that see one key tile of segment `seg` (key tile kt), each for the R
-// query heads of the KV head, in a fixed order.
+// query heads of the KV head, in a fixed order. With the key tile split in `chunks`
+// (pa_bwd.cuh), chunk c walks the suffixes [c G / chunks, (c + 1) G / chunks) of the
+// group, and chunk 0 also the segment's own tiles first; a chunk may be empty (done at once).
 struct QueryWalk {
-  int64_t seg, tile, ntiles, q_start, length;
+  // Tile indices in int: a segment of 2^37 tokens could not be held in memory, and the
+  // walk is live across the whole loop (registers the hd128 kernel does not have).
+  int tile, ntiles;
+  int64_t q_start, length;
   int64_t next_suffix, suffix_end;
   int r;
   bool own, done;
 
   __device__ __forceinline__ void enter(const PrefixSegments& s, int64_t sg) {
-    seg = sg;
     q_start = s.q_start[sg];
     length = s.length[sg];
-    ntiles = (length + kBwdTile - 1) / kBwdTile;
+    ntiles = static_cast<int>((length + kBwdTile - 1) / kBwdTile);
   }
   __device__ __forceinline__ void start(const PrefixSegments& s, const PrefixGroups& gr,
-                                        int64_t sg, int64_t kt) {
-    enter(s, sg);
-    tile = kt;  // BM == BN: the diagonal query tile
+                                        int64_t sg, int64_t kt, int chunk, int chunks) {
     r = 0;
-    own = true;
     done = false;
     next_suffix = suffix_end = 0;
     if (s.prefix_length[sg] == 0 && gr.count > 0) {
@@ -36,15 +37,21 @@ struct QueryWalk {
         if (gr.prefix_segment[mid] < sg) lo = mid + 1; else hi = mid;
       }
       if (gr.prefix_segment[lo] == sg) {
-        next_suffix = gr.first_suffix[lo];
-        suffix_end = next_suffix + gr.num_suffixes[lo];
+        const int64_t first = gr.first_suffix[lo], g = gr.num_suffixes[lo];
+        next_suffix = first + chunk * g / chunks;
+        suffix_end = first + (chunk + 1) * g / chunks;
       }
     }
+    if (chunk == 0) {
+      enter(s, sg);
+      tile = static_cast<int>(kt);  // BM == BN: the diagonal query tile
+      own = true;
+    } else {
+      next_segment(s);
+    }
   }
-  __device__ __forceinline__ void advance(const PrefixSegments& s, int heads_per_kv) {
-    if (++r < heads_per_kv) return;
-    r = 0;
-    if (++tile < ntiles) return;
+  // The first tile of the next suffix that has one, or done.
+  __device__ __forceinline__ void next_segment(const PrefixSegments& s) {
     own = false;
     tile = 0;
     while (next_suffix < suffix_end) {
@@ -52,6 +59,12 @@ struct QueryWalk {
       if (ntiles > 0) return;
     }
     done = true;
+  }
+  __device__ __forceinline__ void advance(const PrefixSegments& s, int heads_per_kv) {
+    if (++r < heads_per_kv) return;
+    r = 0;
+    if (++tile < ntiles) return;
+    next_segment(s);
   }
 };
 
@@ -65,34 +78,57 @@ struct BwdKvConfig {
 
 template <class T, int D>
 __global__ void __launch_bounds__(kBwdThreads, 2)
-    bwd_kv_kernel(const PrefixAttentionBackward p, float scale_log2, const float* delta,
-                  float* dq_accum, int64_t slots) {
+    bwd_kv_kernel(const PrefixAttentionBackward p, float scale_log2, float scale_f,
+                  int heads_per_kv, const float* delta, float* dq_accum, int64_t slots,
+                  int chunks, float* partials) {
+  // scale_f (the shape's double as float) and heads_per_kv (Hq / Hkv) come as parameters
+  // so they stay in the constant bank: as values computed here they were spilled (ptxas).
   using C = BwdKvConfig<D>;
   constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;
-  const float scale_f = static_cast<float>(p.shape.scale);  // the shape carries a double
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + C::kTile, sStages = sV + C::kTile;
   const uint32_t sDs = sStages + 2 * C::kStage;
   const unsigned char* stage_ptr = smem + 2 * C::kTile;
 
   const int hkv = p.shape.num_heads_kv;
-  const int R = p.shape.num_heads_q / hkv;
+  const int R = heads_per_kv;
   const int64_t ntok = p.shape.total_tokens;
   const int64_t bid = blockIdx.x;
   const int hk = static_cast<int>(bid % hkv);
   // Two passes over the schedule: key tiles of prefix segments (seen by their own queries
-  // and by every suffix of the group: the heavy ones here) first, then the rest; a block
-  // of the other pass exits at once.
-  const int64_t pass_slot = bid / hkv;
-  const bool prefix_pass = pass_slot < slots;
-  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_64,
-                               prefix_pass ? pass_slot : pass_slot - slots);
+  // and by every suffix of the group: the heavy ones here) first, each as `chunks`
+  // adjacent blocks (chunk 0, the heaviest, first), then the rest; a block of the other
+  // pass exits at once.
+  const int64_t prefix_blocks = slots * chunks * hkv;
+  const bool prefix_pass = bid < prefix_blocks;
+  const int64_t pass_slot = prefix_pass ? bid / hkv / chunks : (bid - prefix_blocks) / hkv;
+  // Recomputed after the walk rather than kept live through it (it was spilled).
+  auto chunk_of_block = [&] { return prefix_pass ? static_cast<int>(bid / hkv % chunks) : 0; };
+  const int chunk = chunk_of_block();
+  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_64, pass_slot);
   if (tr.seg < 0 || (p.segments.prefix_length[tr.seg] == 0) != prefix_pass) return;
   const int64_t kt = tr.tile;  // earlier key tiles are seen by more of their own queries
+  // Split (prefix pass, chunks > 1): float32 partials to slot `chunk`, summed by
+  // bwd_split_reduce_kernel; else dk, dv directly.
+  const bool split = prefix_pass && chunks > 1;
+  const int64_t slot_stride = ntok * hkv * D;  // one (T, Hkv, D) float32 array
   const int64_t kseg_start = p.segments.q_start[tr.seg];
   const int64_t k0 = kt * B;
   const int64_t klen = p.segments.length[tr.seg];
   const int kvalid = static_cast<int>(klen - k0 < B ? klen - k0 : B);
+  const int64_t ktok0 = kseg_start + k0;
+
+  QueryWalk cur;
+  cur.start(p.segments, p.groups, tr.seg, kt, chunk, prefix_pass ? chunks : 1);
+  if (cur.done) {  // an empty chunk (chunk > 0 only): its partials are zeros
+    float* dst = partials + 2 * chunk * slot_stride + hk * D;
+    for (int i = threadIdx.x; i < kvalid * (D / 4); i += kBwdThreads) {
+      const int64_t off = (ktok0 + i / (D / 4)) * hkv * D + i % (D / 4) * 4;
+      *reinterpret_cast<float4*>(dst + off) = make_float4(0.f, 0.f, 0.f, 0.f);
+      *reinterpret_cast<float4*>(dst + slot_stride + off) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    return;
+  }
 
   load_tile<D, kBwdThreads>(sK, static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride,
                             kseg_start + k0, p.k.token_stride, B, kvalid);
@@ -102,8 +138,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   // Loads a work item's Q, dO (async) and its rows' lse, delta (plain loads).
   auto issue = [&](const QueryWalk& w, int st) {
     const int h = hk * R + w.r;
-    const int64_t tok0 = w.q_start + w.tile * B;
-    const int64_t left = w.length - w.tile * B;
+    const int64_t tok0 = w.q_start + static_cast<int64_t>(w.tile) * B;
+    const int64_t left = w.length - static_cast<int64_t>(w.tile) * B;
     const int valid = static_cast<int>(left < B ? left : B);
     const uint32_t base = sStages + st * C::kStage;
     load_tile<D, kBwdThreads>(base, static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride,
@@ -120,8 +156,6 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     }
   };
 
-  QueryWalk cur;
-  cur.start(p.segments, p.groups, tr.seg, kt);
   issue(cur, 0);
   cp_async_commit();
 
@@ -148,7 +182,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const int st = it & 1;
     const uint32_t sQ = sStages + st * C::kStage, sdO = sQ + C::kTile;
     const float* rows = reinterpret_cast<const float*>(stage_ptr + st * C::kStage + 2 * C::kTile);
-    const int64_t qoff = cur.tile * B;
+    const int64_t qoff = static_cast<int64_t>(cur.tile) * B;
     const int64_t left = cur.length - qoff;
     const int qvalid = static_cast<int>(left < B ? left : B);
     const bool causal = cur.own;
@@ -264,8 +298,25 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     cur = nxt;
   }
 
+  if (split) {
+    // Unscaled float32 partials straight from the fragments: a quad writes 32 contiguous
+    // bytes of a row per dt (full sectors); the reduce applies the scale once.
+    float* dst = partials + 2 * chunk_of_block() * slot_stride + hk * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = kr0 + g + 8 * r;
+      if (row >= kvalid) continue;
+      const int64_t off = (ktok0 + row) * hkv * D + 2 * t;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        *reinterpret_cast<float2*>(dst + off + dt * 8) = make_float2(dk[dt][2 * r], dk[dt][2 * r + 1]);
+        *reinterpret_cast<float2*>(dst + slot_stride + off + dt * 8) =
+            make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+      }
+    }
+    return;
+  }
   // dK (times scale) and dV, staged through this warp's own rows of sK / sV.
-  const int64_t ktok0 = kseg_start + k0;
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
 #pragma unroll

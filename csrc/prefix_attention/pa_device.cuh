@@ -150,27 +150,29 @@ __device__ __forceinline__ TileRef find_tile(const PrefixSegments& s, const int6
 template <int BN>
 struct KeyTiles {
   int64_t prefix_start, prefix_length, q_start, length;
-  int64_t num_prefix, count;
+  // Tile counts in int (a segment of 2^37 tokens could not be held in memory): the struct
+  // is live across the kernels' key loops, where the hd128 forward runs out of registers.
+  int num_prefix, count;
 
   __device__ __forceinline__ KeyTiles(const PrefixSegments& s, int64_t seg, int64_t q0, int bm) {
     prefix_start = s.prefix_start[seg];
     prefix_length = s.prefix_length[seg];
     q_start = s.q_start[seg];
     length = s.length[seg];
-    num_prefix = (prefix_length + BN - 1) / BN;
+    num_prefix = static_cast<int>((prefix_length + BN - 1) / BN);
     const int64_t last = q0 + bm < length ? q0 + bm : length;
-    count = num_prefix + (last + BN - 1) / BN;
+    count = num_prefix + static_cast<int>((last + BN - 1) / BN);
   }
-  __device__ __forceinline__ void get(int64_t j, int64_t& start, int& valid, bool& causal,
+  __device__ __forceinline__ void get(int j, int64_t& start, int& valid, bool& causal,
                                       int64_t& offset) const {
     if (j < num_prefix) {
-      start = prefix_start + j * BN;
-      const int64_t left = prefix_length - j * BN;
+      start = prefix_start + static_cast<int64_t>(j) * BN;
+      const int64_t left = prefix_length - static_cast<int64_t>(j) * BN;
       valid = left < BN ? static_cast<int>(left) : BN;
       causal = false;
       offset = 0;
     } else {
-      offset = (j - num_prefix) * BN;
+      offset = static_cast<int64_t>(j - num_prefix) * BN;
       start = q_start + offset;
       const int64_t left = length - offset;
       valid = left < BN ? static_cast<int>(left) : BN;

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
   const uint16_t* kb = static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride;
   const uint16_t* vb = static_cast<const uint16_t*>(p.v.data) + hk * p.v.head_stride;
 
-  auto issue_kv = [&](int64_t j) {
+  auto issue_kv = [&](int j) {
     int64_t start, off;
     int valid;
     bool causal;
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
     l_run[mt][0] = l_run[mt][1] = 0.f;
   }
 
-  for (int64_t j = 0; j < keys.count; ++j) {
+  for (int j = 0; j < keys.count; ++j) {
     if (j + 1 < keys.count) {
       issue_kv(j + 1);
       cp_async_commit();

@@ -11,7 +11,8 @@ namespace diffkern {
 namespace pa {
 
 // Backward workspace: delta (Hq x T float32), then, for the atomic dQ path only, the
-// (T, Hq, D) float32 dQ accumulator; each part 256-byte aligned.
+// (T, Hq, D) float32 dQ accumulator, then, when prefix key tiles are split (C > 1 chunks,
+// pa_bwd_split.h), the float32 partial dK/dV of every chunk; each part 256-byte aligned.
 inline int64_t align256(int64_t b) { return (b + 255) / 256 * 256; }
 inline int64_t delta_bytes(const PrefixAttentionShape& s) {
   return align256(s.total_tokens * s.num_heads_q * 4);
@@ -24,6 +25,10 @@ template <class T, int D>
 Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream);
 template <class T, int D>
 Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream);
+// Blocks of the backward's KV kernel that run at once on the current device (SMs x
+// blocks per SM); 0 when the device cannot be queried. Feeds the split rule.
+template <class T, int D>
+int64_t bwd_kv_resident_blocks();
 
 }  // namespace pa
 }  // namespace diffkern

@@ -99,6 +99,10 @@ struct PrefixAttentionBackward {
   // Workspace sized by prefix_attention_backward_workspace_bytes (CUDA: device memory;
   // may be null when that returns 0).
   void* workspace = nullptr;
+  // Its size in bytes, or -1: "as prefix_attention_backward_workspace_bytes returns on the
+  // launching device". Known, it lets the CUDA backward fall back to fewer split chunks
+  // when the workspace was sized on a device with another SM count (pa_bwd_split.h).
+  int64_t workspace_bytes = -1;
   bool deterministic = false;  // same bits every run (no floating-point atomics)
 };
 
@@ -108,7 +112,8 @@ Status prefix_attention_backward_cpu(const PrefixAttentionBackward& p, int num_t
 Status prefix_attention_forward_cuda(const PrefixAttentionForward& p, void* stream);
 Status prefix_attention_backward_cuda(const PrefixAttentionBackward& p, void* stream);
 // Bytes of device workspace the CUDA backward needs for this shape (depends on shapes and
-// counts only, never on lengths' values, so it is known without a host round trip).
+// counts only, never on lengths' values, so it is known without a host round trip; and on
+// the current device's SM count, through the split rule of pa_bwd_split.h).
 int64_t prefix_attention_backward_workspace_bytes(const PrefixAttentionShape& shape,
                                                   int64_t num_segments, int64_t num_groups,
                                                   bool deterministic);

@@ -17,6 +17,7 @@
 
 #include "common/cuda_check.cuh"
 #include "common/dtype.h"
+#include "prefix_attention/pa_bwd_split.h"
 #include "prefix_attention/pa_kernels.h"
 #include "prefix_attention/prefix_attention.h"
 
@@ -91,10 +92,21 @@ Status prefix_attention_backward_cuda(const PrefixAttentionBackward& p, void* st
 int64_t prefix_attention_backward_workspace_bytes(const PrefixAttentionShape& shape,
                                                   int64_t num_segments, int64_t num_groups,
                                                   bool deterministic) {
-  (void)num_segments;
-  (void)num_groups;
   if (shape.total_tokens <= 0 || shape.num_heads_q <= 0) return 0;
-  return pa::delta_bytes(shape) + (deterministic ? 0 : pa::dq_accum_bytes(shape));
+  const int64_t fixed = pa::delta_bytes(shape) + (deterministic ? 0 : pa::dq_accum_bytes(shape));
+  // The same chunk count launch_bwd will choose on this device (it asks the same rule).
+  int64_t resident = 0;
+  const bool bf16 = shape.dtype == DType::bfloat16;
+  if (shape.dtype == DType::float16 || bf16) {
+    if (shape.head_dim == 64)
+      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 64>()
+                      : pa::bwd_kv_resident_blocks<Float16, 64>();
+    else if (shape.head_dim == 128)
+      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 128>()
+                      : pa::bwd_kv_resident_blocks<Float16, 128>();
+  }
+  const int chunks = pa::bwd_prefix_chunks(shape, num_segments, num_groups, resident);
+  return fixed + pa::bwd_partials_bytes(shape, chunks);
 }
 
 }  // namespace diffkern

@@ -5,7 +5,7 @@
 //   [6..12] q_start, length, prefix_start, prefix_length, order, order_tiles_64, _128
 //   [13] group count  [14..16] prefix_segment, first_suffix, num_suffixes
 //   [17 + 3 i .. 19 + 3 i] data, token stride, head stride of q, k, v, out, dout, dq, dk, dv
-//   [41] lse  [42] workspace  [43] deterministic  [44] stream
+//   [41] lse  [42] workspace  [43] deterministic  [44] stream  [45] workspace bytes (-1: unknown)
 #include <cstdint>
 
 #include "prefix_attention/prefix_attention.h"
@@ -55,6 +55,7 @@ extern "C" int pa_backward(const int64_t* a, double scale) {
   p.dv = tensor(a, 7);
   p.lse = reinterpret_cast<const float*>(a[41]);
   p.workspace = reinterpret_cast<void*>(a[42]);
+  p.workspace_bytes = a[45];
   p.deterministic = a[43] != 0;
   const Status s = prefix_attention_backward_cuda(p, reinterpret_cast<void*>(a[44]));
   return static_cast<int>(s.code()) * 1000 + s.cuda_error();

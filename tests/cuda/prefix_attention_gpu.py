@@ -14,6 +14,7 @@ and a timing at (P, S, G) = (4096, 512, 8), 32 heads, head dim 128.
 import argparse
 import ctypes
 import math
+import os
 import random
 import sys
 
@@ -120,7 +121,7 @@ class Kernels:
 
     @staticmethod
     def _args(q, k, v, L, tensors, lse, workspace=None, deterministic=False):
-        a = [0] * 45
+        a = [0] * 46
         a[0], a[1], a[2], a[3] = L.T, q.shape[1], k.shape[1], q.shape[2]
         a[4], a[5] = DTYPE_CODE[q.dtype], L.count
         for i, t in enumerate(L.seg):
@@ -136,7 +137,8 @@ class Kernels:
         a[42] = workspace.data_ptr() if workspace is not None else 0
         a[43] = int(deterministic)
         a[44] = torch.cuda.current_stream().cuda_stream
-        return (ctypes.c_int64 * 45)(*a)
+        a[45] = workspace.numel() if workspace is not None else -1
+        return (ctypes.c_int64 * 46)(*a)
 
     alloc = staticmethod(lambda x: torch.full_like(x, math.nan))  # NaN-poisoned outputs
 
@@ -259,7 +261,13 @@ def cases(tiny):
         ([(1100, [130, 64, 1])], 4, 1, 64),
         ([(0, [50, 20]), (129, [128, 127])], 2, 2, 128),
         (rand_groups, 8, 2, 128),
+        SPLIT_CASE,
     ]
+
+
+# Split prefix key tiles (pa_bwd_split.h): one KV head and a mean G of 5 make the rule pick
+# C = 4 on any GPU; the group of 2 leaves chunks empty. main() also runs it with C forced.
+SPLIT_CASE = ([(200, [64, 1, 130, 0, 65, 33, 7, 100]), (70, [90, 2])], 4, 1, 128)
 
 
 def timing(K, hkv=32):
@@ -307,6 +315,33 @@ def timing(K, hkv=32):
           f" ratio fwd {t_sf / t_fwd:.2f}x, fwd+bwd {t_sfb / (t_fwd + t_bwd):.2f}x")
 
 
+def timing_split(K, hkv):
+    """Backward ms at (4096, 512, 8), 32 query heads, D = 128, with few KV heads (where the
+    split rule picks C > 1 on an H200) against the split turned off (DK_PA_BWD_CHUNKS=1)."""
+    from triton.testing import do_bench
+
+    P, S, G, H, D = 4096, 512, 8, 32, 128
+    L = Layout([(P, [S] * G)], "cuda")
+    scale = 1 / math.sqrt(D)
+    q, k, v, dout = (torch.randn(L.T, h, D, device="cuda", dtype=torch.bfloat16)
+                     for h in (H, hkv, hkv, H))
+    out, lse = K.forward(q, k, v, L, scale)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    res = []
+    for forced in (None, "1"):
+        if forced:
+            os.environ["DK_PA_BWD_CHUNKS"] = forced
+        for det in (False, True):
+            nbytes = K.lib.pa_workspace_bytes(K._args(q, k, v, L, [q], lse), int(det))
+            ws = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            res.append(do_bench(lambda: K.backward(q, k, v, out, dout, lse, L, scale, det, ws=ws,
+                                                   grads=grads),
+                                warmup=50, rep=300, return_mode="median"))
+        os.environ.pop("DK_PA_BWD_CHUNKS", None)
+    print(f"timing split, GQA {H}/{hkv}: bwd {res[0]:.3f} ms (rule) vs {res[2]:.3f} ms (no split);"
+          f" deterministic {res[1]:.3f} vs {res[3]:.3f} ms")
+
+
 def cpu_selftest():
     """The expanded-form reference equals dense masked attention under the contract's mask."""
     torch.manual_seed(0)
@@ -348,6 +383,15 @@ def main():
         for i, (groups, hq, hkv, d) in enumerate(cases(args.tiny)):
             for dd in ((d,) if args.tiny else (64, 128)):
                 ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
+    if not args.tiny:
+        # The split with C forced (DK_PA_BWD_CHUNKS, read by the launcher at each call): the
+        # unsplit path on a multi-member group, and an uneven C.
+        for forced in ("1", "3"):
+            os.environ["DK_PA_BWD_CHUNKS"] = forced
+            print(f"DK_PA_BWD_CHUNKS={forced}:", end=" ")
+            groups, hq, hkv, d = SPLIT_CASE
+            ok &= check_case(K, groups, hq, hkv, d, torch.bfloat16, seed=77)
+            del os.environ["DK_PA_BWD_CHUNKS"]
     if not args.tiny and not args.quick:
         # 64-bit offsets: token stride 2^20 elements, T = 2300 tokens (reads and writes)
         ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5, big=True)
@@ -356,6 +400,8 @@ def main():
         timing(K)
         if not args.quick:
             timing(K, hkv=8)
+            for hkv in (4, 2, 1):
+                timing_split(K, hkv)
     print("ALL OK" if ok else "SOME FAILED")
     return 0 if ok else 1
 
