@@ -898,6 +898,60 @@ def test_sns_no_plateau_on_rigid_blocks():
     assert not slow, f"(problem, SNS iterations, Sinkhorn iterations): {slow}"
 
 
+def _sinkhorn_easy_problems():
+    """Problems that Sinkhorn solves within its first check: eps of the order of the cost's
+    spread, costs that are ~0 or far above eps, duplicated rows, ties (the half of the
+    sweep's small problems where SNS's warm-up alone used to double the time)."""
+    rng = np.random.default_rng(11)
+    for k in range(60):
+        n, m = (int(v) for v in rng.integers(1, 40, 2))
+        kind = k % 4
+        if kind == 0:  # eps ~ the spread
+            C = rng.random((n, m))
+            eps = float(rng.uniform(0.3, 1.0))
+        elif kind == 1:  # entries ~0 or forbidden at eps
+            C = np.where(rng.random((n, m)) < 0.5, 1e-9, 1e3)
+            C[:, 0] = 1e-9
+            eps = 1e-2
+        elif kind == 2:  # duplicated rows, large eps
+            C = np.repeat(rng.random((1, m)), n, axis=0)
+            eps = 0.5
+        else:  # integer ties at eps = max C
+            C = rng.integers(0, 3, (n, m)).astype(np.float64)
+            eps = max(float(C.max()), 1.0)
+        yield torch.from_numpy(C), eps
+
+
+def test_sns_leaves_easy_problems_to_sinkhorn():
+    """ProbeSinkhorn: where the second Sinkhorn iteration shows that Sinkhorn will be done in
+    a few more, SNS takes no warm-up and no Newton step: at most Sinkhorn's iterations plus
+    the two probe iterations (iteration counts, not time), converged."""
+    worse = []
+    for k, (C, eps) in enumerate(_sinkhorn_easy_problems()):
+        sk = dk.ot.sinkhorn(C, eps=eps, method="sinkhorn", tol=1e-6)
+        sn = dk.ot.sinkhorn(C, eps=eps, tol=1e-6)
+        assert bool(sk.converged) and bool(sn.converged), k
+        if int(sk.iterations) <= 10 and (int(sn.newton_steps) > 0 or
+                                          int(sn.iterations) > int(sk.iterations) + 2):
+            worse.append((k, int(sn.iterations), int(sn.newton_steps), int(sk.iterations)))
+    assert not worse, f"(problem, SNS iterations, Newton steps, Sinkhorn iterations): {worse}"
+
+
+def test_sns_probe_keeps_newton_for_hard_problems():
+    """The probe must not hand a problem that Sinkhorn needs thousands of iterations for to
+    Sinkhorn: a point cloud at eps = 1e-3 still converges in a few Newton steps."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(300, 2, generator=g, dtype=F64), torch.rand(300, 2, generator=g, dtype=F64)
+    C = torch.cdist(x, y) ** 2
+    C = C / C.max()
+    sk = dk.ot.sinkhorn(C, eps=1e-3, method="sinkhorn", tol=1e-6, max_iter=100_000)
+    sn = dk.ot.sinkhorn(C, eps=1e-3, tol=1e-6)
+    assert bool(sn.converged)
+    assert int(sk.iterations) > 500  # the problem is hard for Sinkhorn
+    assert 1 <= int(sn.newton_steps) and int(sn.iterations) <= 40, (int(sn.iterations),
+                                                                      int(sn.newton_steps))
+
+
 def test_fixed_iterations_rounds_with_failed_newton_steps():
     """Fixed mode on a problem where Newton steps fail: still exactly max_iter iterations per
     element, and enough of them converge (SNS's Sinkhorn phases are Sinkhorn iterations)."""

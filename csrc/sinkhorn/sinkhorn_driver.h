@@ -155,16 +155,40 @@ class Driver {
       measure(active);
       if (check(0, "start") == 0) return;
     }
+    const BatchScalars& s = w_.s;
     const int64_t want = o_.warm_start ? std::min<int64_t>(2, o_.newton_warmup) : o_.newton_warmup;
     int64_t it = std::min(std::max<int64_t>(0, want), o_.max_iter);
-    if (o_.warm_start) {
-      sinkhorn_iterations(it, active);
+    bool newton_due = true;  // tolerance mode: some live element is due a Newton step
+    if (o_.warm_start || fixed) {
+      if (o_.warm_start) {
+        sinkhorn_iterations(it, active);
+      } else {
+        warmup(it, active);
+      }
+      measure(active);
+      if (!fixed && check(it, "sinkhorn") == 0) return;
     } else {
-      warmup(it, active);
+      // The probe (ProbeSinkhorn): elements that Sinkhorn finishes at once skip the warm-up.
+      if (o_.max_iter <= 0) return;
+      const int64_t probe = std::min(kProbeIterations, o_.max_iter);
+      sinkhorn_iterations(probe - 1, active);
+      if (probe > 1) measure(active);
+      bk_.for_batch(KeepErr{s, active});
+      sinkhorn_iterations(1, active);
+      measure(active);
+      const int phase = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, o_.check_every), 1 << 20));
+      bk_.for_batch(ProbeSinkhorn{s, o_.tol, phase});
+      if (check(probe, "probe") == 0) return;
+      if (any_newton_) {  // the warm-up, for the elements not left to Sinkhorn
+        bk_.for_batch(SelectRound{s, st_.iterations, o_.max_iter});
+        const int64_t k = std::min(std::max<int64_t>(0, it - probe), o_.max_iter - probe);
+        warmup(k, s.newton);
+        measure(active);
+        if (check(probe + k, "sinkhorn") == 0) return;
+      }
+      newton_due = any_newton_;
+      it = min_active_iterations_;
     }
-    measure(active);
-    if (!fixed && check(it, "sinkhorn") == 0) return;
-    const BatchScalars& s = w_.s;
     // The row side of the sparsification threshold depends on a only: once per solve.
     bk_.for_each(n_, RowThresholds{p_.a, w_.log_a_n, w_.inv_a, n_, std::log(double(m_))});
     // A round: a Newton step for the elements out of their Sinkhorn phase (JudgeNewton), then
@@ -176,7 +200,6 @@ class Driver {
     // rates (a Newton round is one iteration, a chunk check_every), so tolerance mode runs
     // until the slowest live element reaches max_iter, and holds back any element that would
     // pass it (SelectRound, LimitChunk).
-    bool newton_due = true;
     int64_t lo = it;  // tolerance mode: fewest iterations of a live element
     // Bound on rounds: in fixed mode each round is one iteration; in tolerance mode every
     // element at `lo` advances within two rounds (a Newton round counts even a failed

@@ -160,6 +160,44 @@ struct UpdateActive {
   }
 };
 
+// SNS's probe (tolerance mode, cold start). The eps-scaled warm-up and a first Newton round
+// cost 20 + R Sinkhorn iterations (R = Backend::newton_cost()), while half of all small
+// problems (large eps against the cost's spread, costs that are ~0 or forbidden at eps,
+// ties) converge by Sinkhorn within 10: for them SNS was 2x slower on the CPU and up to 4x
+// on a GPU. So SNS first runs kProbeIterations plain iterations at eps; an element whose
+// last iteration contracted its error fast enough that Sinkhorn is predicted to reach tol
+// within kProbeHorizon more iterations (log(target / e2) / log(e2 / e1) <= horizon) is left
+// to Sinkhorn for `phase` iterations (then it is due a Newton step if it has not converged,
+// from where it is: no eps-scaling); the others take the warm-up. Why the second iteration's
+// contraction and not the first's: the first includes the start's transient (the benchmark
+// problems contract 2x in it and then need thousands of iterations). On the benchmark
+// problems no element is predicted easy: the probe costs them two iterations and a check.
+constexpr int64_t kProbeIterations = 2;
+constexpr double kProbeHorizon = 8.0;
+
+struct KeepErr {  // err_prev = err where mask
+  BatchScalars s;
+  const int* mask;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    if (mask[b]) s.err_prev[b] = s.err[b];
+  }
+};
+
+struct ProbeSinkhorn {
+  BatchScalars s;
+  double tol;
+  int phase;  // Sinkhorn iterations an easy element runs before a Newton step
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    if (!s.active[b]) return;
+    const double e1 = s.err_prev[b], e2 = s.err[b];
+    const double target = fmax(tol, kFloorRatio * s.floor[b]);
+    // Both logs are negative when e2 < e1 and e2 > target; NaN compares false.
+    const bool easy = e2 > 0 && e2 < e1 &&
+                      (!(e2 > target) || log(target / e2) >= kProbeHorizon * log(e2 / e1));
+    if (easy) s.sk_left[b] = phase;
+  }
+};
+
 // Start of a round: Newton step for the elements out of their Sinkhorn phase, Sinkhorn
 // iterations for the others; an element at max_iter takes nothing.
 struct SelectRound {
