@@ -63,26 +63,41 @@ DK_HOST_DEVICE float mul_rn(float a, float b) {
   return a * b;
 #endif
 }
-// The Gaussian tables (gaussian_table.h): one copy for the host, one in the device's
-// constant memory; kernels copy it to shared memory (random lookups from constant memory
-// would serialize across a warp) and pass that.
+// The Gaussian tables (gaussian_table.h) in the layout the map reads: the 26 x 64 cubic
+// cells, then the 64 far-tail values each stored as a cell (v, 0, 0, 0). A tail word then
+// takes the same lookup and cubic as any other (0 * f + 0 ... + v is v exactly, f >= 0), so
+// the map has no branch: the GPU issues a select instead of a divergent branch and its
+// reconvergence (~3 instructions per element of ~45). One copy for the host, one in the
+// device's constant memory; kernels copy it to shared memory (random lookups from constant
+// memory would serialize across a warp) and pass that.
 constexpr int kGaussianCellFloats = DK_FD_GAUSSIAN_LEVELS * DK_FD_GAUSSIAN_CELLS_PER_LEVEL * 4;
-constexpr int kGaussianTailFloats = 64;
-constexpr int kGaussianTableFloats = kGaussianCellFloats + kGaussianTailFloats;
+constexpr int kGaussianTailValues = 64;
+constexpr uint32_t kGaussianTailCell = DK_FD_GAUSSIAN_LEVELS * DK_FD_GAUSSIAN_CELLS_PER_LEVEL;
+constexpr int kGaussianTableFloats = kGaussianCellFloats + 4 * kGaussianTailValues;
+
 // 16-byte aligned: a cell's 4 coefficients are one vector load on the GPU.
-alignas(16) inline constexpr float kGaussianTableHost[kGaussianTableFloats] = {
-    DK_FD_GAUSSIAN_CELLS, DK_FD_GAUSSIAN_TAIL};
+struct alignas(16) GaussianTable {
+  float v[kGaussianTableFloats];
+};
+constexpr GaussianTable make_gaussian_table() {
+  constexpr float cells[kGaussianCellFloats] = {DK_FD_GAUSSIAN_CELLS};
+  constexpr float tail[kGaussianTailValues] = {DK_FD_GAUSSIAN_TAIL};
+  GaussianTable t{};
+  for (int i = 0; i < kGaussianCellFloats; ++i) t.v[i] = cells[i];
+  for (int i = 0; i < kGaussianTailValues; ++i) t.v[kGaussianCellFloats + 4 * i] = tail[i];
+  return t;
+}
+inline constexpr GaussianTable kGaussianTableHost = make_gaussian_table();
 #if defined(__CUDACC__)
-static __constant__ __align__(16) float kGaussianTableDevice[kGaussianTableFloats] = {
-    DK_FD_GAUSSIAN_CELLS, DK_FD_GAUSSIAN_TAIL};
+static __constant__ GaussianTable kGaussianTableDevice = make_gaussian_table();
 #endif
 
 // The table where the calling code runs: the host copy, or the device's constant copy.
 DK_HOST_DEVICE const float* gaussian_table() {
 #if defined(__CUDA_ARCH__)
-  return kGaussianTableDevice;
+  return kGaussianTableDevice.v;
 #else
-  return kGaussianTableHost;
+  return kGaussianTableHost.v;
 #endif
 }
 
@@ -99,28 +114,24 @@ DK_HOST_DEVICE int leading_zeros(uint32_t x) {  // x != 0
 // conversion: it and the leading-zero count are the slow instructions here).
 DK_HOST_DEVICE float gaussian_from_word(uint32_t w, const float* table) {
   const uint32_t t = 0x80000000u - (w & 0x7fffffffu);  // in [1, 2^31]
-  float a;
-  if (t < 64u) {
-    a = table[kGaussianCellFloats + t];
-  } else {
-    // t's leading one moved to bit 31: the 6 cell bits are then bits 30..25 and the
-    // position in the cell is bits 24..0, of which the top 23 become f's mantissa:
-    // f = floor(position * 2^-2) * 2^-23 in [0, 1), exact (for levels up to e = 29 the
-    // dropped bits are zero; at e = 30 one bit is dropped).
-    const int lz = leading_zeros(t);
-    const uint32_t n = t << lz;
-    const uint32_t level = 25u - static_cast<uint32_t>(lz);  // e - 6, 0..25
-    const uint32_t cell = (n >> 25) & 63u;
-    const float f = sub_rn(half_detail::bits_float(0x3f800000u | ((n >> 2) & 0x7fffffu)), 1.0f);
-    const uint32_t index = 64u * level + cell;
+  // t's leading one moved to bit 31: the 6 cell bits are then bits 30..25 and the position
+  // in the cell is bits 24..0, of which the top 23 become f's mantissa:
+  // f = floor(position * 2^-2) * 2^-23 in [0, 1), exact (for levels up to e = 29 the dropped
+  // bits are zero; at e = 30 one bit is dropped). For t < 64 (the far tail) the level is
+  // meaningless and the cell is the tail value's (v, 0, 0, 0), whatever f is.
+  const int lz = leading_zeros(t);
+  const uint32_t n = t << lz;
+  const uint32_t level = 25u - static_cast<uint32_t>(lz);  // e - 6, 0..25 when t >= 64
+  const uint32_t cell = (n >> 25) & 63u;
+  const uint32_t index = t < 64u ? kGaussianTailCell + t : 64u * level + cell;
+  const float f = sub_rn(half_detail::bits_float(0x3f800000u | ((n >> 2) & 0x7fffffu)), 1.0f);
 #if defined(__CUDA_ARCH__)
-    const float4 c4 = reinterpret_cast<const float4*>(table)[index];
-    const float c[4] = {c4.x, c4.y, c4.z, c4.w};
+  const float4 c4 = reinterpret_cast<const float4*>(table)[index];
+  const float c[4] = {c4.x, c4.y, c4.z, c4.w};
 #else
-    const float* c = table + 4 * index;
+  const float* c = table + 4 * index;
 #endif
-    a = add_rn(mul_rn(add_rn(mul_rn(add_rn(mul_rn(c[3], f), c[2]), f), c[1]), f), c[0]);
-  }
+  const float a = add_rn(mul_rn(add_rn(mul_rn(add_rn(mul_rn(c[3], f), c[2]), f), c[1]), f), c[0]);
   // The sign bit of w becomes z's (a > 0 always).
   return half_detail::bits_float(half_detail::float_bits(a) | (w & 0x80000000u));
 }

@@ -16,6 +16,12 @@
 // contents (the bindings check the array's shape, dtype and device; Python builds the rows
 // from tensors it checked); distinct rows must not overlap in memory.
 //
+// The CUDA entry points that take a descriptor array also take it in host memory when it has
+// at most kFdInlineRows rows (rows_in = FdRowsIn::host; `sources` then in host memory too):
+// the rows then travel by value in the kernel's parameters, with no device array and no
+// copy (dk.zo's module hooks launch once per module of a few tensors, where building and
+// copying a device array cost more than the kernel).
+//
 // Every entry point returns a Status, never allocates, and never synchronizes: the CUDA
 // ones launch on `stream` (a cudaStream_t) on the current device and return
 // Status::unsupported in builds without CUDA. CPU ones use num_threads OpenMP threads
@@ -30,6 +36,10 @@
 namespace diffkern {
 
 constexpr int kFdDescriptorColumns = 5;
+// Rows a CUDA launch can take by value (48 bytes each with its source pointer: 1.5 KB of
+// kernel parameters, within the 4 KB every CUDA version allows, next to the terms' 1 KB).
+constexpr int kFdInlineRows = 32;
+enum class FdRowsIn : int { device = 0, host = 1 };
 // Terms of one update call: the CUDA kernel takes them by value (no device copy).
 constexpr int kFdMaxUpdateTerms = 64;
 // sum_sq's output: [total, partial_0, ..., partial_{P-1}]. The partition of the group space
@@ -60,7 +70,8 @@ Status fd_perturb_cpu(const int64_t* desc, const int64_t* sources, int64_t num_t
                       fd::Distribution dist, const double* norm_sq, int num_threads);
 Status fd_perturb_cuda(const int64_t* desc, const int64_t* sources, int64_t num_tensors,
                        int64_t total_groups, uint64_t seed, uint32_t k, float scale,
-                       fd::Distribution dist, const double* norm_sq, void* stream);
+                       fd::Distribution dist, const double* norm_sq, void* stream,
+                       FdRowsIn rows_in = FdRowsIn::device);
 
 // theta <- round(theta - lr * (g + weight_decay * theta)), g = sum_j c_j z(seed_j, k_j, t, i)
 // accumulated in float32 in the order of `terms` (from 0). 0 < num_terms <= kFdMaxUpdateTerms;
@@ -72,7 +83,7 @@ Status fd_update_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_gro
 Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
                       const FdTerm* terms, int num_terms, float lr, float weight_decay,
                       fd::Distribution dist, const double* norm_sq, int64_t norm_stride,
-                      void* stream);
+                      void* stream, FdRowsIn rows_in = FdRowsIn::device);
 
 // out[i] = z(seed, k, t, i) for i < numel, float32.
 Status fd_directions_cpu(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t numel,
@@ -86,6 +97,7 @@ Status fd_sum_sq_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_gro
                      uint64_t seed, uint32_t k, fd::Distribution dist, double* out,
                      int num_threads);
 Status fd_sum_sq_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
-                      uint64_t seed, uint32_t k, fd::Distribution dist, double* out, void* stream);
+                      uint64_t seed, uint32_t k, fd::Distribution dist, double* out, void* stream,
+                      FdRowsIn rows_in = FdRowsIn::device);
 
 }  // namespace diffkern

@@ -8,16 +8,22 @@
 //    search over the descriptors. (The first version had one block per 1024 elements, each
 //    starting with a serial binary search by thread 0 behind a __syncthreads: the kernel
 //    was latency-bound at 17-22% of the copy bandwidth.)
-//  - a block walks the rows its range meets; per row the storage dtype is dispatched once
-//    and the groups are strided over the threads, two in flight per thread, loaded and
-//    stored as one 8- or 16-byte vector each;
+//  - a block walks the rows its range meets; per row the storage dtype is dispatched once;
+//    the part of the row at 16-byte aligned addresses moves as 16-byte units (8 elements of
+//    16 bits, 4 of float32; fd_vector_io.cuh), thread-strided with 32-bit indices, 2 groups
+//    per thread and step, the next step's units loaded before this step's generator runs;
+//    the few groups at the edges (a misaligned view, a partial last group) go element-wise;
+//  - the distribution is a template parameter (no per-group dispatch; the Rademacher
+//    kernels neither fill nor reserve the Gaussian table);
 //  - the Gaussian table lives in shared memory (per-lane random lookups).
-// No allocation, no synchronization: everything is on `stream`.
+// No allocation, no synchronization: everything is on `stream`. Short lists travel by
+// value in the kernel's parameters (RowList).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cuda_check.cuh"
@@ -25,16 +31,20 @@
 #include "common/launch.h"
 #include "fd_grad/fd_grad.h"
 #include "fd_grad/fd_group_ops.cuh"
+#include "fd_grad/fd_vector_io.cuh"
 
 namespace diffkern {
 namespace {
 
+using fd::Distribution;
 using fd::Row;
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 2;             // groups in flight per thread (run_segment)
+constexpr int kGroupsPerStep = 2;  // groups per thread per step (run_units, groups_grid)
 // At least 4 resident blocks of 256 threads per SM (caps registers at 64 per thread: the
-// generator's latency is hidden by other warps, not by more registers).
+// generator's latency is hidden by other warps, not by more registers). A higher count for
+// the Rademacher kernels (memory-bound, where more warps would keep more loads in flight)
+// spilled inside the unit loops at 40 and 48 registers (nvcc 13.0, sm_90), so 4 for both.
 constexpr int kMinBlocksPerSm = 4;
 
 // Terms of an update, by value in the kernel's parameters (graph-capturable, no copies).
@@ -43,55 +53,66 @@ struct Terms {
   int count;
 };
 
-// The Gaussian table in shared memory (random per-lane lookups; constant memory would
-// serialize them), filled by the whole block; not needed for Rademacher directions.
-__device__ __forceinline__ const float* shared_gaussian_table(fd::Distribution dist) {
-  __shared__ float table[fd::kGaussianTableFloats];
-  if (dist == fd::Distribution::gaussian) {
-    const float* src = fd::gaussian_table();
-    for (int i = threadIdx.x; i < fd::kGaussianTableFloats; i += blockDim.x) table[i] = src[i];
+// The tensor list of a launch: a descriptor array (and source pointers) in device memory,
+// or up to kFdInlineRows rows copied into the kernel's parameters by the host. Kernels take
+// it as a __grid_constant__ parameter, so pointing into it reads the parameter space
+// directly (no per-thread copy); rows are read once per block and segment.
+struct RowList {
+  const int64_t* desc;     // device rows, unless inline_rows
+  const int64_t* sources;  // device source pointers or null (in place), unless inline_rows
+  int64_t num_rows;
+  bool inline_rows;
+  bool inline_sources_given;
+  int64_t inline_desc[kFdInlineRows * kFdDescriptorColumns];
+  int64_t inline_sources[kFdInlineRows];
+
+  __device__ __forceinline__ const int64_t* rows() const { return inline_rows ? inline_desc : desc; }
+  __device__ __forceinline__ const int64_t* source_pointers() const {
+    if (!inline_rows) return sources;
+    return inline_sources_given ? inline_sources : nullptr;
   }
-  __syncthreads();
-  return table;
+};
+
+Status make_row_list(const int64_t* desc, const int64_t* sources, int64_t num_rows,
+                     FdRowsIn rows_in, RowList& list) {
+  std::memset(&list, 0, sizeof list);
+  list.num_rows = num_rows;
+  if (rows_in == FdRowsIn::device) {
+    list.desc = desc;
+    list.sources = sources;
+    return Status::ok;
+  }
+  if (rows_in != FdRowsIn::host || num_rows > kFdInlineRows) return Status::invalid_argument;
+  list.inline_rows = true;
+  if (num_rows > 0)
+    std::memcpy(list.inline_desc, desc, sizeof(int64_t) * kFdDescriptorColumns * num_rows);
+  if (sources != nullptr && num_rows > 0) {
+    list.inline_sources_given = true;
+    std::memcpy(list.inline_sources, sources, sizeof(int64_t) * num_rows);
+  }
+  return Status::ok;
 }
 
-// Groups [j0, j1) of one row, thread-strided across the block. Whole groups at aligned
-// addresses take the vector path, two at a time (both loads in flight before the
-// generator runs); the rest (a partial last group, an unaligned view) the element path.
-template <class T, class Op>
-__device__ __forceinline__ void run_segment(const Row& row, const void* source, int64_t j0,
-                                            int64_t j1, const Op& op, const float* table) {
-  using V = fd::Group4<T>;
-  struct alignas(sizeof(V)) A { V g; };
-  const T* src = static_cast<const T*>(source);
-  T* dst = static_cast<T*>(row.data);
-  int64_t j = j0 + threadIdx.x;
-  const bool aligned = reinterpret_cast<uintptr_t>(src) % sizeof(V) == 0 &&
-                       reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
-  if (aligned) {
-    const int64_t whole = j1 < row.numel / 4 ? j1 : row.numel / 4;
-    for (; j + kThreads < whole; j += 2 * kThreads) {
-      const V a = reinterpret_cast<const A*>(src + 4 * j)->g;
-      const V b = reinterpret_cast<const A*>(src + 4 * (j + kThreads))->g;
-      float xa[4], xb[4];
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        xa[l] = to_compute(a.v[l]);
-        xb[l] = to_compute(b.v[l]);
-      }
-      op(row, j, table, xa);
-      op(row, j + kThreads, table, xb);
-      A oa, ob;
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        oa.g.v[l] = from_compute<T>(xa[l]);
-        ob.g.v[l] = from_compute<T>(xb[l]);
-      }
-      *reinterpret_cast<A*>(dst + 4 * j) = oa;
-      *reinterpret_cast<A*>(dst + 4 * (j + kThreads)) = ob;
-    }
+// The Gaussian table in shared memory (random per-lane lookups; constant memory would
+// serialize them), filled by the whole block; Rademacher kernels have none.
+template <Distribution D>
+__device__ __forceinline__ const float* shared_gaussian_table() {
+  if constexpr (D == Distribution::gaussian) {
+    __shared__ __align__(16) float table[fd::kGaussianTableFloats];
+    const float* src = fd::gaussian_table();
+    for (int i = threadIdx.x; i < fd::kGaussianTableFloats; i += blockDim.x) table[i] = src[i];
+    __syncthreads();
+    return table;
+  } else {
+    return nullptr;
   }
-  for (; j < j1; j += kThreads) {
+}
+
+// Groups [a, b) of one row, element-wise (any alignment, a partial last group).
+template <class T, class Op>
+__device__ __forceinline__ void run_groups(const Row& row, const T* src, T* dst, int64_t a,
+                                           int64_t b, const Op& op, const float* table) {
+  for (int64_t j = a + threadIdx.x; j < b; j += kThreads) {
     float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int count = fd::load_group(src, row.numel, j, x);
     op(row, j, table, x);
@@ -99,19 +120,96 @@ __device__ __forceinline__ void run_segment(const Row& row, const void* source, 
   }
 }
 
+// The `units` 16-byte units from group j_begin of a row (src and dst 16-byte aligned there):
+// each thread takes kGroupsPerStep groups per step (one unit of 16-bit elements, two of
+// float32, kThreads units apart), loading the next step's units before running the
+// generator on this step's. Indices are 32-bit within chunks of 2^30 units.
+template <class T>
+__device__ __forceinline__ void load_step(const uint4* s, uint32_t n, uint32_t u,
+                                          uint4 (&v)[kGroupsPerStep / fd::kUnitGroups<T>]) {
+  constexpr int U = kGroupsPerStep / fd::kUnitGroups<T>;
+#pragma unroll
+  for (int i = 0; i < U; ++i)
+    if (u + i * kThreads < n) v[i] = fd::load_unit(s + u + i * kThreads);
+}
+
+template <class T, class Op>
+__device__ __forceinline__ void run_units(const Row& row, const T* src, T* dst, int64_t j_begin,
+                                          int64_t units, const Op& op, const float* table) {
+  constexpr int G = fd::kUnitGroups<T>;
+  constexpr int U = kGroupsPerStep / G;
+  constexpr int64_t kChunk = int64_t{1} << 30;
+  for (int64_t done = 0; done < units; done += kChunk) {
+    const uint32_t n = static_cast<uint32_t>(units - done < kChunk ? units - done : kChunk);
+    const int64_t jc = j_begin + done * G;
+    const uint4* s = reinterpret_cast<const uint4*>(src + 4 * jc);
+    uint4* d = reinterpret_cast<uint4*>(dst + 4 * jc);
+    uint4 cur[U];
+    uint32_t u = threadIdx.x;
+    load_step<T>(s, n, u, cur);
+    for (; u < n; u += U * kThreads) {
+      uint4 next[U];
+      load_step<T>(s, n, u + U * kThreads, next);
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const uint32_t ui = u + i * kThreads;
+        if (ui < n) {
+          float x[fd::kUnitElems<T>];
+          fd::unpack_unit<T>(cur[i], x);
+#pragma unroll
+          for (int g = 0; g < G; ++g)
+            op(row, jc + static_cast<int64_t>(ui) * G + g, table,
+               *reinterpret_cast<float(*)[4]>(x + 4 * g));
+          fd::store_unit(d + ui, fd::pack_unit<T>(x));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) cur[i] = next[i];
+    }
+  }
+}
+
+// Groups [j0, j1) of one row: the whole groups from the first 16-byte boundary on (when
+// source and destination share their alignment) as units, the edges element-wise.
+template <class T, class Op>
+__device__ __forceinline__ void run_segment(const Row& row, const void* source, int64_t j0,
+                                            int64_t j1, const Op& op, const float* table) {
+  constexpr int G = fd::kUnitGroups<T>;
+  constexpr uintptr_t kGroupBytes = 4 * sizeof(T);
+  const T* src = static_cast<const T*>(source);
+  T* dst = static_cast<T*>(row.data);
+  const int64_t whole_end = j1 < row.numel / 4 ? j1 : row.numel / 4;
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(src + 4 * j0);
+  const uintptr_t d0 = reinterpret_cast<uintptr_t>(dst + 4 * j0);
+  int64_t body_begin = j1, units = 0;
+  if ((s0 - d0) % 16 == 0 && s0 % kGroupBytes == 0) {
+    const int64_t lead = static_cast<int64_t>((16 - s0 % 16) % 16 / kGroupBytes);
+    if (j0 + lead < whole_end) {
+      body_begin = j0 + lead;
+      units = (whole_end - body_begin) / G;
+    }
+  }
+  const int64_t body_end = body_begin + units * G;
+  run_groups(row, src, dst, j0, body_begin, op, table);
+  run_groups(row, src, dst, body_end, j1, op, table);
+  run_units(row, src, dst, body_begin, units, op, table);
+}
+
 // Runs op(row, j, table, x) on every group of block b's range [b * per_block, ...), x
 // holding the group's elements as float read from the row's source (op rewrites them; they
 // are stored into the row). The block walks the rows its range meets, the storage dtype
 // dispatched once per row.
-template <class Op>
+template <Distribution D, class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
-groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sources,
-              int64_t num_rows, int64_t total, int64_t per_block, Op op) {
+groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_block, Op op) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
-  const float* table = shared_gaussian_table(op.dist);
+  const float* table = shared_gaussian_table<D>();
   if (begin >= end) return;
   op.prepare();  // per-launch scalars that read device memory (sphere norms)
+  const int64_t* desc = list.rows();
+  const int64_t* sources = list.source_pointers();
+  const int64_t num_rows = list.num_rows;
   int64_t r = fd::find_row(desc, num_rows, begin);
   for (int64_t g = begin; g < end && r < num_rows; ++r) {
     const Row row = fd::read_row(desc, r);
@@ -130,36 +228,43 @@ groups_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ sour
   }
 }
 
+template <Distribution D>
 struct PerturbOp {
   uint64_t seed;
   uint32_t k;
   float scale;
-  fd::Distribution dist;
   const double* norm_sq;
   float s;
   __device__ __forceinline__ void prepare() { s = fd::mul_rn(scale, fd::inverse_norm(norm_sq)); }
   __device__ __forceinline__ void operator()(const Row& row, int64_t j, const float* table,
                                              float (&x)[4]) const {
-    fd::perturb_values(row, j, seed, k, s, dist, table, x);
+    fd::perturb_values(row, j, seed, k, s, D, table, x);
   }
 };
 
+template <Distribution D>
 struct UpdateOp {
   Terms terms;
   float lr, wd;
-  fd::Distribution dist;
   const double* norm_sq;
   int64_t norm_stride;
   // The terms stay in the kernel's parameter space (read-only: a per-thread copy of 64
   // terms would live in local memory); sphere directions rescale each coefficient by its
-  // inverse norm where it is used.
+  // inverse norm where it is used. One Philox call per group and term (update_values).
   __device__ __forceinline__ void prepare() {}
   __device__ __forceinline__ void operator()(const Row& row, int64_t j, const float* table,
                                              float (&x)[4]) const {
-    fd::update_values(row, j, terms.term, terms.count, lr, wd, dist, norm_sq, norm_stride, table,
-                      x);
+    fd::update_values(row, j, terms.term, terms.count, lr, wd, D, norm_sq, norm_stride, table, x);
   }
 };
+
+// f(std::integral_constant<Distribution, D>) for the runtime distribution d (validated).
+template <class F>
+Status with_distribution(Distribution d, F&& f) {
+  if (d == Distribution::gaussian)
+    return f(std::integral_constant<Distribution, Distribution::gaussian>{});
+  return f(std::integral_constant<Distribution, Distribution::rademacher>{});
+}
 
 // Grid of the groups kernels: exactly one wave (every block resident at once, each owning
 // an equal whole number of passes), so no SM idles through a partial last wave.
@@ -167,14 +272,14 @@ struct GroupsGrid {
   unsigned blocks;
   int64_t per_block;
 };
-template <class Op>
+template <Distribution D, class Op>
 Status groups_grid(int64_t total, GroupsGrid& grid) {
   int device = 0, sm_count = 0, per_sm = 0;
   DK_CUDA_TRY(cudaGetDevice(&device));
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  DK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, groups_kernel<Op>,
+  DK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, groups_kernel<D, Op>,
                                                              kThreads, 0));
-  constexpr int64_t pass = static_cast<int64_t>(kThreads) * kUnroll;
+  constexpr int64_t pass = static_cast<int64_t>(kThreads) * kGroupsPerStep;
   const int64_t passes = ceil_div(total, pass);
   const int64_t wave = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
   const int64_t blocks = std::min<int64_t>(passes, wave);
@@ -183,14 +288,24 @@ Status groups_grid(int64_t total, GroupsGrid& grid) {
   return Status::ok;
 }
 
+template <Distribution D, class Op>
+Status launch_groups(const RowList& list, int64_t total, const Op& op, void* stream) {
+  GroupsGrid grid;
+  const Status st = groups_grid<D, Op>(total, grid);
+  if (st != Status::ok) return st;
+  groups_kernel<D, Op><<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      list, total, grid.per_block, op);
+  return last_launch_status();
+}
+
+template <Distribution D>
 __global__ void __launch_bounds__(kThreads)
-directions_kernel(uint64_t seed, uint32_t k, uint32_t t, int64_t numel, fd::Distribution dist,
-                  float* __restrict__ out) {
+directions_kernel(uint64_t seed, uint32_t k, uint32_t t, int64_t numel, float* __restrict__ out) {
   const int64_t groups = (numel + 3) / 4;
-  const float* table = shared_gaussian_table(dist);
+  const float* table = shared_gaussian_table<D>();
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < groups;
        j += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const fd::Float4 z = fd::group_directions(dist, seed, k, t, static_cast<uint64_t>(j), table);
+    const fd::Float4 z = fd::group_directions(D, seed, k, t, static_cast<uint64_t>(j), table);
     float x[4] = {z.v[0], z.v[1], z.v[2], z.v[3]};
     const int64_t rest = numel - 4 * j;
     fd::store_group(out, j, rest >= 4 ? 4 : static_cast<int>(rest), x);
@@ -199,11 +314,14 @@ directions_kernel(uint64_t seed, uint32_t k, uint32_t t, int64_t numel, fd::Dist
 
 // Block p sums partition range p (fixed order within the block: each thread's groups in
 // order, then block_sum's fixed tree), writing partials[p].
+template <Distribution D>
 __global__ void __launch_bounds__(kThreads)
-sum_sq_partials_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64_t total,
-                       uint64_t seed, uint32_t k, fd::Distribution dist, double* partials) {
+sum_sq_partials_kernel(const __grid_constant__ RowList list, int64_t total, uint64_t seed,
+                       uint32_t k, double* partials) {
   __shared__ double scratch[kThreads / 32];
-  const float* table = shared_gaussian_table(dist);
+  const float* table = shared_gaussian_table<D>();
+  const int64_t* desc = list.rows();
+  const int64_t num_rows = list.num_rows;
   const int64_t begin = fd::partition_begin(total, blockIdx.x);
   const int64_t end = fd::partition_begin(total, blockIdx.x + 1);
   double s = 0.0;
@@ -212,7 +330,7 @@ sum_sq_partials_kernel(const int64_t* __restrict__ desc, int64_t num_rows, int64
     for (int64_t g = begin + threadIdx.x; g < end; g += kThreads) {
       r = fd::advance_row(desc, num_rows, r, g);
       const Row row = fd::read_row(desc, r);
-      s += fd::sum_sq_group(row, g - row.first_group, seed, k, dist, table);
+      s += fd::sum_sq_group(row, g - row.first_group, seed, k, D, table);
     }
   }
   s = block_sum<kThreads>(s, scratch);
@@ -227,7 +345,7 @@ __global__ void sum_sq_total_kernel(double* out) {
   out[0] = total;
 }
 
-bool valid_distribution(fd::Distribution d) {
+bool valid_distribution(Distribution d) {
   return static_cast<int>(d) >= 0 && static_cast<int>(d) < fd::kNumDistributions;
 }
 
@@ -240,23 +358,24 @@ bool valid_list(const int64_t* desc, int64_t num_tensors, int64_t total_groups) 
 
 Status fd_perturb_cuda(const int64_t* desc, const int64_t* sources, int64_t num_tensors,
                        int64_t total_groups, uint64_t seed, uint32_t k, float scale,
-                       fd::Distribution dist, const double* norm_sq, void* stream) {
+                       Distribution dist, const double* norm_sq, void* stream, FdRowsIn rows_in) {
   if (!valid_list(desc, num_tensors, total_groups) || !valid_distribution(dist))
     return Status::invalid_argument;
   if (total_groups == 0) return Status::ok;
-  GroupsGrid grid;
-  const Status st = groups_grid<PerturbOp>(total_groups, grid);
+  RowList list;
+  const Status st = make_row_list(desc, sources, num_tensors, rows_in, list);
   if (st != Status::ok) return st;
-  groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      desc, sources, num_tensors, total_groups, grid.per_block,
-      PerturbOp{seed, k, scale, dist, norm_sq, 0.0f});
-  return last_launch_status();
+  return with_distribution(dist, [&](auto d) {
+    constexpr Distribution D = decltype(d)::value;
+    return launch_groups<D>(list, total_groups, PerturbOp<D>{seed, k, scale, norm_sq, 0.0f},
+                            stream);
+  });
 }
 
 Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
                       const FdTerm* terms, int num_terms, float lr, float weight_decay,
-                      fd::Distribution dist, const double* norm_sq, int64_t norm_stride,
-                      void* stream) {
+                      Distribution dist, const double* norm_sq, int64_t norm_stride,
+                      void* stream, FdRowsIn rows_in) {
   if (!valid_list(desc, num_tensors, total_groups) || !valid_distribution(dist) ||
       terms == nullptr || num_terms <= 0 || num_terms > kFdMaxUpdateTerms)
     return Status::invalid_argument;
@@ -264,17 +383,18 @@ Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   Terms t{};
   for (int m = 0; m < num_terms; ++m) t.term[m] = terms[m];
   t.count = num_terms;
-  GroupsGrid grid;
-  const Status st = groups_grid<UpdateOp>(total_groups, grid);
+  RowList list;
+  const Status st = make_row_list(desc, nullptr, num_tensors, rows_in, list);
   if (st != Status::ok) return st;
-  groups_kernel<<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      desc, nullptr, num_tensors, total_groups, grid.per_block,
-      UpdateOp{t, lr, weight_decay, dist, norm_sq, norm_stride});
-  return last_launch_status();
+  return with_distribution(dist, [&](auto d) {
+    constexpr Distribution D = decltype(d)::value;
+    return launch_groups<D>(list, total_groups,
+                            UpdateOp<D>{t, lr, weight_decay, norm_sq, norm_stride}, stream);
+  });
 }
 
 Status fd_directions_cuda(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t numel,
-                          fd::Distribution dist, float* out, void* stream) {
+                          Distribution dist, float* out, void* stream) {
   if (numel < 0 || !valid_distribution(dist)) return Status::invalid_argument;
   if (numel == 0) return Status::ok;
   if (out == nullptr) return Status::invalid_argument;
@@ -282,22 +402,29 @@ Status fd_directions_cuda(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t
   DK_CUDA_TRY(cudaGetDevice(&device));
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   const unsigned blocks = grid_stride_blocks(ceil_div(numel, 4), kThreads, sm_count);
-  directions_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      seed, k, tensor_id, numel, dist, out);
-  return last_launch_status();
+  return with_distribution(dist, [&](auto d) {
+    directions_kernel<decltype(d)::value><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        seed, k, tensor_id, numel, out);
+    return last_launch_status();
+  });
 }
 
 Status fd_sum_sq_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
-                      uint64_t seed, uint32_t k, fd::Distribution dist, double* out,
-                      void* stream) {
+                      uint64_t seed, uint32_t k, Distribution dist, double* out, void* stream,
+                      FdRowsIn rows_in) {
   if (!valid_list(desc, num_tensors, total_groups) || !valid_distribution(dist) || !out)
     return Status::invalid_argument;
+  RowList list;
+  const Status st = make_row_list(desc, nullptr, num_tensors, rows_in, list);
+  if (st != Status::ok) return st;
   const auto s = static_cast<cudaStream_t>(stream);
-  sum_sq_partials_kernel<<<kFdSumSqPartials, kThreads, 0, s>>>(desc, num_tensors, total_groups,
-                                                               seed, k, dist, out + 1);
-  DK_CUDA_TRY(cudaGetLastError());
-  sum_sq_total_kernel<<<1, 1, 0, s>>>(out);
-  return last_launch_status();
+  return with_distribution(dist, [&](auto d) {
+    sum_sq_partials_kernel<decltype(d)::value><<<kFdSumSqPartials, kThreads, 0, s>>>(
+        list, total_groups, seed, k, out + 1);
+    DK_CUDA_TRY(cudaGetLastError());
+    sum_sq_total_kernel<<<1, 1, 0, s>>>(out);
+    return last_launch_status();
+  });
 }
 
 }  // namespace diffkern

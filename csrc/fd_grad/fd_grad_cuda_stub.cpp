@@ -5,11 +5,11 @@
 namespace diffkern {
 
 Status fd_perturb_cuda(const int64_t*, const int64_t*, int64_t, int64_t, uint64_t, uint32_t, float,
-                       fd::Distribution, const double*, void*) {
+                       fd::Distribution, const double*, void*, FdRowsIn) {
   return Status::unsupported;
 }
 Status fd_update_cuda(const int64_t*, int64_t, int64_t, const FdTerm*, int, float, float,
-                      fd::Distribution, const double*, int64_t, void*) {
+                      fd::Distribution, const double*, int64_t, void*, FdRowsIn) {
   return Status::unsupported;
 }
 Status fd_directions_cuda(uint64_t, uint32_t, uint32_t, int64_t, fd::Distribution, float*,
@@ -17,7 +17,7 @@ Status fd_directions_cuda(uint64_t, uint32_t, uint32_t, int64_t, fd::Distributio
   return Status::unsupported;
 }
 Status fd_sum_sq_cuda(const int64_t*, int64_t, int64_t, uint64_t, uint32_t, fd::Distribution,
-                      double*, void*) {
+                      double*, void*, FdRowsIn) {
   return Status::unsupported;
 }
 

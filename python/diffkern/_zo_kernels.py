@@ -10,7 +10,7 @@ csrc/fd_grad/directions.cuh), so it does not depend on the order of the list, on
 tensors are in it, on chunking or on the device. A tensor's id is its index in ``params``
 unless ``tensor_ids`` gives them (pass the global ids when working on part of a list).
 
-Distributions: ``"gaussian"`` (N(0, 1) by Box-Muller), ``"rademacher"`` (+-1) and
+Distributions: ``"gaussian"`` (N(0, 1) by a tabulated inverse CDF), ``"rademacher"`` (+-1) and
 ``"sphere"``: the Gaussian direction of the whole list divided by its norm (unit norm over
 all tensors of the call; the norm comes from :func:`sum_sq` and stays on the device).
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -44,8 +44,23 @@ _U64 = 1 << 64
 # evicted array is freed on its stream like any tensor.
 # dk.zo's module hooks make one list per module (its perturbed copies, which the caching
 # allocator hands the same addresses step after step): the cache holds a model's worth.
-_DESC_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, int]]" = OrderedDict()
+_DESC_CACHE: "OrderedDict[tuple, _RowList]" = OrderedDict()
 _DESC_CACHE_SIZE = 4096
+# CUDA lists of at most this many tensors stay in host memory and go to the kernel by value
+# in its launch parameters (no device array, no copy): a module's handful of tensors.
+# Longer lists are copied to the device once and cached. (Tests set it to 0 to compare.)
+_INLINE_ROWS = _C.FD_INLINE_ROWS
+
+
+class _RowList(NamedTuple):
+    """A launch's tensor list: ``desc`` the (rows, 5) int64 descriptor array, ``total`` the
+    number of groups, ``sources`` the source pointers (``perturb_into``) or None, and
+    ``cuda_device`` >= 0 when ``desc`` and ``sources`` are host arrays for a kernel on that
+    GPU (rows by value), else -1 (the arrays are on the parameters' device)."""
+    desc: torch.Tensor
+    total: int
+    sources: Optional[torch.Tensor]
+    cuda_device: int
 
 
 def _err(fn: str, what: str) -> str:
@@ -122,35 +137,39 @@ def _check_ids(fn: str, tensor_ids, count: int) -> list[int]:
 
 
 def _descriptors(params: list[torch.Tensor], ids: list[int],
-                 sources: Optional[list[torch.Tensor]] = None):
-    """The descriptor array (and total groups) of ``params``; with ``sources``, also the
-    array of their data pointers, packed with the descriptors into one allocation (one
-    copy to the GPU on a cache miss)."""
+                 sources: Optional[list[torch.Tensor]] = None) -> _RowList:
+    """The descriptor rows of ``params`` (and, with ``sources``, their data pointers), packed
+    into one int64 array: in host memory for a short CUDA list (passed by value), else on the
+    parameters' device (one copy on a cache miss)."""
     rows, first = [], 0
     for p, t in zip(params, ids):
         n = p.numel()
         rows.append((p.data_ptr(), n, _DTYPE_CODES[p.dtype], t, first))
         first += (n + 3) // 4
     device = params[0].device
+    by_value = device.type == "cuda" and len(rows) <= _INLINE_ROWS
     src = () if sources is None else tuple(s.data_ptr() for s in sources)
-    key = (device, tuple(rows), src)
+    key = (device, by_value, tuple(rows), src)
     hit = _DESC_CACHE.get(key)
     if hit is not None:
         _DESC_CACHE.move_to_end(key)
-        return hit if sources is not None else hit[:2]
+        return hit
     flat = [v for row in rows for v in row] + list(src)
     packed = torch.tensor(flat, dtype=torch.int64)
-    if device.type == "cuda":
+    if device.type == "cuda" and not by_value:
         # Stream-ordered on the current stream. (A pinned, non-blocking copy was tried for
         # dk.zo's per-module lists and measured no better on the H200: bench/NOTES-zo.md.)
         packed = packed.to(device)
     cols = _C.FD_DESCRIPTOR_COLUMNS
     desc = packed[:len(rows) * cols].view(len(rows), cols)
-    entry = (desc, first, packed[len(rows) * cols:] if sources is not None else None)
+    cuda_device = (device.index if device.index is not None else torch.cuda.current_device()) \
+        if by_value else -1
+    entry = _RowList(desc, first, packed[len(rows) * cols:] if sources is not None else None,
+                     cuda_device)
     _DESC_CACHE[key] = entry
     if len(_DESC_CACHE) > _DESC_CACHE_SIZE:
         _DESC_CACHE.popitem(last=False)
-    return entry if sources is not None else entry[:2]
+    return entry
 
 
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
@@ -168,9 +187,9 @@ def _launch_args(params: list[torch.Tensor]) -> tuple[int, int]:
     return num_threads(), current_stream_handle(params[0])
 
 
-def _sum_sq_buffer(desc, total, seed, k, code, threads, stream, device) -> torch.Tensor:
+def _sum_sq_buffer(rows: _RowList, seed, k, code, threads, stream, device) -> torch.Tensor:
     out = torch.empty(_PARTIALS + 1, dtype=torch.float64, device=device)
-    _C.fd_sum_sq(desc, total, seed, k, code, out, threads, stream)
+    _C.fd_sum_sq(rows.desc, rows.total, seed, k, code, out, threads, stream, rows.cuda_device)
     return out
 
 
@@ -189,14 +208,15 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, k: int, scale: float,
     scale = _check_float(fn, "scale", scale)
     distribution = _check_distribution(fn, distribution)
     ids = _check_ids(fn, tensor_ids, len(params))
-    desc, total = _descriptors(params, ids)
+    rows = _descriptors(params, ids)
     threads, stream = _launch_args(params)
     code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
     with torch.no_grad():
         norm = None
         if distribution == "sphere":
-            norm = _sum_sq_buffer(desc, total, seed, k, code, threads, stream, params[0].device)
-        _C.fd_perturb(desc, total, seed, k, scale, code, norm, None, threads, stream)
+            norm = _sum_sq_buffer(rows, seed, k, code, threads, stream, params[0].device)
+        _C.fd_perturb(rows.desc, rows.total, seed, k, scale, code, norm, None, threads, stream,
+                      rows.cuda_device)
         _bump_versions(params)
 
 
@@ -240,21 +260,22 @@ def perturb_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], seed:
     scale = _check_float(fn, "scale", scale)
     distribution = _check_distribution(fn, distribution)
     ids = _check_ids(fn, tensor_ids, len(dst))
-    desc, total, sources = _descriptors(dst, ids, src)
+    rows = _descriptors(dst, ids, src)
     threads, stream = _launch_args(dst)
     code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
     with torch.no_grad():
         norm = None
         if distribution == "sphere":
             if norm_sq is None:
-                norm = _sum_sq_buffer(desc, total, seed, k, code, threads, stream, dst[0].device)
+                norm = _sum_sq_buffer(rows, seed, k, code, threads, stream, dst[0].device)
             else:
                 if (not isinstance(norm_sq, torch.Tensor) or norm_sq.dtype != torch.float64
                         or norm_sq.device != dst[0].device or norm_sq.numel() < 1):
                     raise ValueError(_err(fn, "norm_sq: expected a float64 tensor with at least "
                                               f"one element on {dst[0].device}"))
                 norm = norm_sq.reshape(-1)
-        _C.fd_perturb(desc, total, seed, k, scale, code, norm, sources, threads, stream)
+        _C.fd_perturb(rows.desc, rows.total, seed, k, scale, code, norm, rows.sources, threads,
+                      stream, rows.cuda_device)
         _bump_versions(dst)
 
 
@@ -285,16 +306,17 @@ def update_(params: Sequence[torch.Tensor], seeds_ks_coeffs: Sequence[tuple[int,
     weight_decay = _check_float(fn, "weight_decay", weight_decay)
     distribution = _check_distribution(fn, distribution)
     ids = _check_ids(fn, tensor_ids, len(params))
-    desc, total = _descriptors(params, ids)
+    rows = _descriptors(params, ids)
     threads, stream = _launch_args(params)
     code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
     with torch.no_grad():
         norm, stride = None, 0
         if distribution == "sphere":
-            norm = torch.stack([_sum_sq_buffer(desc, total, s, kk, code, threads, stream,
+            norm = torch.stack([_sum_sq_buffer(rows, s, kk, code, threads, stream,
                                                params[0].device) for s, kk, _ in checked])
             stride = _PARTIALS + 1
-        _C.fd_update(desc, total, checked, lr, weight_decay, code, norm, stride, threads, stream)
+        _C.fd_update(rows.desc, rows.total, checked, lr, weight_decay, code, norm, stride, threads,
+                     stream, rows.cuda_device)
         _bump_versions(params)
 
 
@@ -334,7 +356,7 @@ def sum_sq(params: Sequence[torch.Tensor], seed: int, k: int, distribution: str 
     k = _check_int(fn, "k", k, _U32)
     distribution = _check_distribution(fn, distribution)
     ids = _check_ids(fn, tensor_ids, len(params))
-    desc, total = _descriptors(params, ids)
+    rows = _descriptors(params, ids)
     threads, stream = _launch_args(params)
     code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
-    return _sum_sq_buffer(desc, total, seed, k, code, threads, stream, params[0].device)[0]
+    return _sum_sq_buffer(rows, seed, k, code, threads, stream, params[0].device)[0]
