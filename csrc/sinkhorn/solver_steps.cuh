@@ -174,6 +174,13 @@ struct UpdateActive {
 // problems no element is predicted easy: the probe costs them two iterations and a check.
 constexpr int64_t kProbeIterations = 2;
 constexpr double kProbeHorizon = 8.0;
+// The second probe, at Sinkhorn's first check (iteration 10), for the elements the first one
+// did not leave to Sinkhorn: there the contraction is past the start's transient, and an
+// element is left to Sinkhorn when it is predicted done within what SNS would still spend,
+// the rest of the warm-up plus two Newton rounds (2 R iterations: a GPU's R of ~16 makes
+// Sinkhorn the faster method up to ~40 more iterations on small problems). Only where a
+// Newton round costs more than the CPU's ~3 iterations (small problems on a GPU).
+constexpr int64_t kProbeSecondIterations = 10;
 
 struct KeepErr {  // err_prev = err where mask
   BatchScalars s;
@@ -185,15 +192,17 @@ struct KeepErr {  // err_prev = err where mask
 
 struct ProbeSinkhorn {
   BatchScalars s;
+  const int* mask;  // the elements probed
   double tol;
-  int phase;  // Sinkhorn iterations an easy element runs before a Newton step
+  double horizon;   // predicted iterations up to which Sinkhorn is left the element
+  int phase;        // Sinkhorn iterations an easy element runs before a Newton step
   DK_HOST_DEVICE void operator()(int64_t b) const {
-    if (!s.active[b]) return;
+    if (!mask[b] || !s.active[b]) return;
     const double e1 = s.err_prev[b], e2 = s.err[b];
     const double target = fmax(tol, kFloorRatio * s.floor[b]);
     // Both logs are negative when e2 < e1 and e2 > target; NaN compares false.
     const bool easy = e2 > 0 && e2 < e1 &&
-                      (!(e2 > target) || log(target / e2) >= kProbeHorizon * log(e2 / e1));
+                      (!(e2 > target) || log(target / e2) >= horizon * log(e2 / e1));
     if (easy) s.sk_left[b] = phase;
   }
 };

@@ -121,9 +121,13 @@ def sanitizer_workload(device: str) -> int:
             dk.ot.sinkhorn(C, a, None, eps=0.05, method=method, max_iter=25,
                            fixed_iterations=True)
             calls += 2
-    # Above 2^17 dense entries SNS solves its Newton systems grid-wide (cooperative CG).
-    C = torch.rand(380, 360, generator=gen, dtype=torch.float32).to(dev)
-    res = dk.ot.sinkhorn(C, eps=0.02, method="sns", tol=1e-5, max_iter=200)
+    # Above 2^17 dense entries SNS solves its Newton systems grid-wide (cooperative CG). A
+    # point cloud at a small eps: Sinkhorn needs thousands of iterations, so SNS's probes do
+    # not leave it to Sinkhorn and it takes Newton steps.
+    x = torch.rand(380, 2, generator=gen, dtype=torch.float32)
+    y = torch.rand(360, 2, generator=gen, dtype=torch.float32)
+    C = (torch.cdist(x, y) ** 2).to(dev)
+    res = dk.ot.sinkhorn(C, eps=2e-3, method="sns", tol=1e-5, max_iter=200)
     assert torch.isfinite(res.plan).all() and bool(res.newton_steps > 0), "grid-wide CG"
     calls += 1
     C = torch.rand(17, 13, generator=gen, dtype=torch.float64).to(dev).requires_grad_(True)
