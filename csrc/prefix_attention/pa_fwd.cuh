@@ -180,18 +180,21 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       float mx[2] = {m_run[mt][0], m_run[mt][1]};
+      // Per row, the last kept column less this lane's 2t: the element test is then a
+      // compare against a constant (col = nt 8 + 2t + (e & 1)).
+      int lim[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        lim[r] = kvalid - 1;
+        if (jrel >= 0) lim[r] = min(lim[r], row0 + mt * 16 + g + r * 8 - jrel * BN);
+        lim[r] -= 2 * t;
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float x = s[mt][nt][e] * scale_log2;
-          if (need_mask) {
-            const int col = nt * 8 + 2 * t + (e & 1);
-            const int row = row0 + mt * 16 + g + (e >> 1) * 8;
-            int lim = kvalid - 1;
-            if (jrel >= 0) lim = min(lim, row - jrel * BN);
-            if (col > lim) x = -INFINITY;
-          }
+          if (need_mask && nt * 8 + (e & 1) > lim[e >> 1]) x = -INFINITY;
           s[mt][nt][e] = x;
           mx[e >> 1] = fmaxf(mx[e >> 1], x);
         }
