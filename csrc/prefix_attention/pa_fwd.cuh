@@ -30,13 +30,49 @@ struct FwdConfig {
   static constexpr int kMinBlocks = MT == 1 ? 1 : 2;
 };
 
+// The forward's key-tile list: the same tiles as KeyTiles, but everything the key loop
+// needs per tile is a 32-bit count relative to the segment, and only the two 64-bit
+// token bases stay live (KeyTiles keeps four int64 fields plus q0 across the loop, and
+// the hd128 forward, with 128 output accumulators and 64 scores live, spilled them).
+// Tile j starts at token base(j) + j * BN; it holds BN keys except the last prefix tile
+// and the last own tile. Own tile j holds key offsets [(j - num_prefix) BN, ...) of the
+// segment, query row r of the tile is offset q0 + r = (diag - num_prefix) BN + r, so the
+// causal test koff + col > q0 + row is col > row - (j - diag) BN: 32-bit and exact.
+template <int BN>
+struct FwdKeyTiles {
+  int64_t prefix_base, own_base;
+  int num_prefix, count, prefix_last_valid, own_last_valid, diag;
+
+  __device__ __forceinline__ FwdKeyTiles(const PrefixSegments& s, int64_t seg, int64_t q0,
+                                         int bm) {
+    const int64_t prefix_length = s.prefix_length[seg], length = s.length[seg];
+    num_prefix = static_cast<int>((prefix_length + BN - 1) / BN);
+    const int64_t last = q0 + bm < length ? q0 + bm : length;
+    const int own = static_cast<int>((last + BN - 1) / BN);  // >= 1: a row sees itself
+    count = num_prefix + own;
+    prefix_base = s.prefix_start[seg];
+    own_base = s.q_start[seg] - static_cast<int64_t>(num_prefix) * BN;
+    const int64_t pleft = prefix_length - static_cast<int64_t>(num_prefix - 1) * BN;
+    prefix_last_valid = static_cast<int>(pleft < BN ? pleft : BN);
+    const int64_t oleft = length - static_cast<int64_t>(own - 1) * BN;
+    own_last_valid = static_cast<int>(oleft < BN ? oleft : BN);
+    diag = num_prefix + static_cast<int>(q0 / BN);  // q0 is a multiple of BM >= BN
+  }
+  __device__ __forceinline__ int64_t start(int j) const {
+    return (j < num_prefix ? prefix_base : own_base) + static_cast<int64_t>(j) * BN;
+  }
+  __device__ __forceinline__ int valid(int j) const {
+    return j == num_prefix - 1 ? prefix_last_valid : j == count - 1 ? own_last_valid : BN;
+  }
+};
+
 template <class T, int D>
 __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlocks)
     fwd_kernel(const PrefixAttentionForward p, float scale_log2) {
   using C = FwdConfig<D>;
   constexpr int MT = DK_PA_FWD_MT;
   constexpr int BM = C::BM, BN = C::BN, NT = BN / 8, DT = D / 8;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sKV = sQ + C::kTileQ;
 
@@ -51,18 +87,16 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
   const int64_t q0 = ((len + BM - 1) / BM - 1 - tr.tile) * BM;
   const int q_valid = static_cast<int>(len - q0 < BM ? len - q0 : BM);
   const int hk = h / (hq / p.shape.num_heads_kv);
-  const KeyTiles<BN> keys(p.segments, seg, q0, BM);
-  const int64_t q_tok0 = keys.q_start + q0;
+  const FwdKeyTiles<BN> keys(p.segments, seg, q0, BM);
+  const int64_t q_tok0 = p.segments.q_start[seg] + q0;
 
   const uint16_t* qb = static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride;
   const uint16_t* kb = static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride;
   const uint16_t* vb = static_cast<const uint16_t*>(p.v.data) + hk * p.v.head_stride;
 
   auto issue_kv = [&](int j) {
-    int64_t start, off;
-    int valid;
-    bool causal;
-    keys.get(j, start, valid, causal, off);
+    const int64_t start = keys.start(j);
+    const int valid = keys.valid(j);
     const uint32_t stage = sKV + static_cast<uint32_t>(j & 1) * 2 * C::kTileKV;
     load_tile<D, C::THREADS>(stage, kb, start, p.k.token_stride, BN, valid);
     load_tile<D, C::THREADS>(stage + C::kTileKV, vb, start, p.v.token_stride, BN, valid);
@@ -136,25 +170,31 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
       }
     }
 
-    int64_t kstart, koff;
-    int kvalid;
-    bool causal;
-    keys.get(j, kstart, kvalid, causal, koff);
-    const bool need_mask = kvalid < BN || (causal && koff + BN - 1 > q0 + row0);
+    // Masking (see FwdKeyTiles): key column col of row `row` is out when col > lim, with
+    // lim = kvalid - 1, lowered to row - jrel BN on and after the diagonal tile (jrel >= 0;
+    // before it every key precedes every row of the tile).
+    const int kvalid = keys.valid(j);
+    const int jrel = j - keys.diag;
+    const bool need_mask = kvalid < BN || (jrel >= 0 && jrel * BN + BN - 1 > row0);
     float alpha[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       float mx[2] = {m_run[mt][0], m_run[mt][1]};
+      // Per row, the last kept column less this lane's 2t: the element test is then a
+      // compare against a constant (col = nt 8 + 2t + (e & 1)).
+      int lim[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        lim[r] = kvalid - 1;
+        if (jrel >= 0) lim[r] = min(lim[r], row0 + mt * 16 + g + r * 8 - jrel * BN);
+        lim[r] -= 2 * t;
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float x = s[mt][nt][e] * scale_log2;
-          if (need_mask) {
-            const int col = nt * 8 + 2 * t + (e & 1);
-            const int row = row0 + mt * 16 + g + (e >> 1) * 8;
-            if (col >= kvalid || (causal && koff + col > q0 + row)) x = -INFINITY;
-          }
+          if (need_mask && nt * 8 + (e & 1) > lim[e >> 1]) x = -INFINITY;
           s[mt][nt][e] = x;
           mx[e >> 1] = fmaxf(mx[e >> 1], x);
         }
@@ -184,8 +224,15 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
         o[mt][i][2] *= alpha[mt][1]; o[mt][i][3] *= alpha[mt][1];
       }
     }
+    // V fragment addresses: one base per kk; the dp-th chunk pair is base ^ (dp << 5)
+    // (swz's XOR touches address bits 4..7 only; every tile base is 1024-aligned).
+    // The empty asm makes the base opaque so the compiler recomputes the 8 addresses
+    // instead of holding 8 loop-invariant registers across the key loop.
+    uint32_t v_row = sV + swz<D>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+    asm volatile("" : "+r"(v_row));
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t v_base = v_row + kk * 16 * D * 2;
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -197,7 +244,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         uint32_t b[4];
-        ldsm_x4_t(b, sV + swz<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, dp * 2 + lane / 16));
+        ldsm_x4_t(b, v_base ^ static_cast<uint32_t>(dp << 5));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma16816<T>(o[mt][2 * dp], a[mt], b);
