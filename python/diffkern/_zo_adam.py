@@ -48,14 +48,16 @@ class ZOAdam(_ZOOptimizer):
 
     def __init__(self, params, lr=1e-3, *, betas=(0.9, 0.999), adam_eps=1e-8,
                  weight_decay=0.0, decoupled_weight_decay=False, eps=1e-3,
-                 num_directions=1, distribution="gaussian", seed=0, group="auto"):
+                 num_directions=1, distribution="gaussian", seed=0, group="auto",
+                 hook_unit_bytes=None):
         fname = self._NAME
         defaults = dict(lr=_number(fname, "lr", lr), betas=_betas(fname, betas),
                         adam_eps=_number(fname, "adam_eps", adam_eps),
                         weight_decay=_number(fname, "weight_decay", weight_decay),
                         decoupled_weight_decay=bool(decoupled_weight_decay))
         super().__init__(params, defaults, eps=eps, num_directions=num_directions,
-                         distribution=distribution, seed=seed, group=group)
+                         distribution=distribution, seed=seed, group=group,
+                         hook_unit_bytes=hook_unit_bytes)
 
     def _apply(self, g, group, ps, seed, coeffs, kdist):
         fname = f"{self._NAME}.step"

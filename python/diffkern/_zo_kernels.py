@@ -279,6 +279,25 @@ def perturb_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], seed:
         _bump_versions(dst)
 
 
+def perturb_into_trusted(dst: list, src: list, seed: int, k: int, scale: float, code: int,
+                         ids: list) -> None:
+    """:func:`perturb_into` without the per-call argument checks, for dk.zo's module hooks
+    (one call per module per forward, where the checks cost ~10 us of host time, several
+    times the launch). The caller guarantees what ``perturb_into`` checks: same-shaped,
+    contiguous, non-overlapping fp32/fp16/bf16 lists on one device, ``dst`` freshly
+    allocated (so no version counter needs a bump: nothing can have saved it), 0 <= seed <
+    2**64, 0 <= k < 2**32, a finite ``scale``, ``code`` a non-sphere entry of the
+    distribution codes (:data:`KERNEL_CODES`) and valid ``ids``. Same bits as
+    ``perturb_into``."""
+    rows = _descriptors(dst, ids, src)
+    _C.fd_perturb(rows.desc, rows.total, seed, k, scale, code, None, rows.sources,
+                  num_threads(), current_stream_handle(dst[0]), rows.cuda_device)
+
+
+# Distribution codes for perturb_into_trusted (sphere needs a norm: not on that path).
+KERNEL_CODES = {"gaussian": _DIST_CODES["gaussian"], "rademacher": _DIST_CODES["rademacher"]}
+
+
 def update_(params: Sequence[torch.Tensor], seeds_ks_coeffs: Sequence[tuple[int, int, float]],
             lr: float, weight_decay: float = 0.0, distribution: str = "gaussian", *,
             tensor_ids: Optional[Sequence[int]] = None) -> None:

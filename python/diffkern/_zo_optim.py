@@ -107,8 +107,10 @@ class _ZOOptimizer(torch.optim.Optimizer):
     _NAME = "diffkern.zo._ZOOptimizer"
 
     def __init__(self, params, defaults, *, eps, num_directions, distribution, seed,
-                 group="auto"):
+                 group="auto", hook_unit_bytes=None):
         fname = self._NAME
+        from ._zo_hooks import check_unit_bytes
+        self.hook_unit_bytes = check_unit_bytes(fname, hook_unit_bytes)
         module = None
         if isinstance(params, nn.Module):
             module = params
@@ -139,7 +141,8 @@ class _ZOOptimizer(torch.optim.Optimizer):
                             f"(zeroth-order steps evaluate it, no backward)")
         groups = self._groups()
         seeds = [_mix(self.seed, self._step_count, g) for g in range(len(groups))]
-        with _Evaluator(groups, self._module, fname, "closure") as ev:
+        with _Evaluator(groups, self._module, fname, "closure",
+                        hook_unit_bytes=self.hook_unit_bytes) as ev:
             coeffs, losses = _directional(ev, closure, groups, seeds, self.num_directions,
                                           self.eps, self.distribution, "central",
                                           group=self.group)
@@ -216,7 +219,7 @@ class ZOSGD(_ZOOptimizer):
 
     def __init__(self, params, lr, *, momentum=0.0, weight_decay=0.0, eps=1e-3,
                  num_directions=1, distribution="gaussian", seed=0, history=True,
-                 group="auto"):
+                 group="auto", hook_unit_bytes=None):
         fname = self._NAME
         lr = _number(fname, "lr", lr)
         momentum = _number(fname, "momentum", momentum, 0.0, 1.0, high_open=True)
@@ -224,7 +227,7 @@ class ZOSGD(_ZOOptimizer):
         self.history = [] if history else None
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
                          eps=eps, num_directions=num_directions, distribution=distribution,
-                         seed=seed, group=group)
+                         seed=seed, group=group, hook_unit_bytes=hook_unit_bytes)
 
     def _apply(self, g, group, ps, seed, coeffs, kdist):
         lr, wd, m = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])

@@ -186,6 +186,9 @@ class _Direction:
 
     def __init__(self, seeds, k, scale, distribution, sign_text):
         self.seeds, self.k, self.scale, self.dist = seeds, k, scale, distribution
+        # The module hooks' trusted kernel call takes these (sphere is already folded into
+        # scale by the caller; a non-finite scale goes the checked way and raises there).
+        self.fused_ok = distribution in ("gaussian", "rademacher") and math.isfinite(scale)
         self.text = f"theta {sign_text} eps*z (direction k={k})"
 
     def scratch(self, g, t, p):
@@ -268,8 +271,9 @@ class _Evaluator:
     """Evaluates loss_fn at perturbed parameters and always restores them exactly
     (see the module docstring for the two strategies)."""
 
-    def __init__(self, groups, module, fname, fn="loss_fn"):
+    def __init__(self, groups, module, fname, fn="loss_fn", hook_unit_bytes=None):
         self.groups, self.module, self.fname, self.fn = groups, module, fname, fn
+        self.unit_bytes = hook_unit_bytes  # see _zo_hooks.plan_units
         self.where = {id(p): (g, t) for g, ps in enumerate(groups) for t, p in enumerate(ps)}
         self.current = None
         self.active = {}  # id(param) -> [param, original data, nesting depth]
@@ -279,53 +283,15 @@ class _Evaluator:
         self.backup = None
         self.count = 0
 
-    # hook strategy
+    # hook strategy (python/diffkern/_zo_hooks.py: the units and the hooks themselves)
     def __enter__(self):
         if self.module is not None:
-            for m in self.module.modules():
-                owned = [p for p in m.parameters(recurse=False) if id(p) in self.where]
-                if owned:
-                    self.handles.append(m.register_forward_pre_hook(self._pre(owned)))
-                    self.handles.append(m.register_forward_hook(self._post(owned),
-                                                                always_call=True))
+            from . import _zo_hooks
+            for m, owned in _zo_hooks.plan_units(self.module, self.where, self.unit_bytes):
+                pre, post = _zo_hooks.make_hooks(self, _zo_hooks.Unit(owned, self.where))
+                self.handles.append(m.register_forward_pre_hook(pre))
+                self.handles.append(m.register_forward_hook(post, always_call=True))
         return self
-
-    def _pre(self, owned):
-        def hook(module, args):
-            pert = self.current
-            if pert is None:
-                return None
-            with torch.no_grad():
-                todo = []
-                for p in owned:
-                    entry = self.active.get(id(p))
-                    if entry is not None:  # re-entered (a module calling itself, tied owners)
-                        entry[2] += 1
-                        continue
-                    todo.append((*self.where[id(p)], p))
-                many = getattr(pert, "scratch_many", None)
-                scratches = (many(todo) if many is not None
-                             else [pert.scratch(g, t, p) for g, t, p in todo])
-                for (_, _, p), s in zip(todo, scratches):
-                    if s is None:
-                        continue
-                    self.active[id(p)] = [p, p.data, 1]
-                    p.data = s
-                    self.seen.add(id(p))
-            return None
-        return hook
-
-    def _post(self, owned):
-        def hook(module, args, output):
-            for p in owned:
-                entry = self.active.get(id(p))
-                if entry is not None:
-                    entry[2] -= 1
-                    if entry[2] == 0:
-                        p.data = entry[1]
-                        del self.active[id(p)]
-            return None
-        return hook
 
     def _restore_swapped(self):
         for p, data, _ in self.active.values():
@@ -696,7 +662,8 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
          num_directions: int = 1, eps: float = 1e-3, seed: Optional[int] = None,
          distribution: str = "gaussian", mode: str = "central",
          coordinates: Optional[Sequence] = None, batch_size: Optional[int] = None,
-         batch_memory: Optional[int] = None, group="auto") -> GradEstimate:
+         batch_memory: Optional[int] = None, group="auto",
+         hook_unit_bytes=None) -> GradEstimate:
     """Zeroth-order gradient estimate of ``loss_fn()`` with respect to ``params``.
 
     ``loss_fn()`` takes no argument and evaluates the model as it currently is (it runs under
@@ -754,6 +721,16 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
     rank all the losses, and every rank returns the same estimate, bit for bit the one a
     single process computes from the same losses. ``seed=None`` draws a seed per rank: pass
     ``seed=`` (a mismatch is reported).
+
+    ``hook_unit_bytes`` (module ``params`` only): None (default) hooks every module that owns
+    trainable parameters. An int B hooks coarser units instead: the largest modules whose
+    whole subtree's trainable parameters fit in B bytes, each swapping in all of them at
+    once (fewer hook calls per forward: the host cost of the module path is per hook); the
+    parameters of a module too large for that keep a hook on that module. ``"auto"``: B =
+    the largest module's own trainable bytes, so no scratch copy is larger than with the
+    default (peak memory: inference + one unit's parameters). The losses and the estimate
+    are bit-identical to the default's when every parameter is read inside its own
+    module's forward (the case the default does not warn about).
     """
     fname = "diffkern.zo.grad"
     if not callable(loss_fn):
@@ -773,8 +750,10 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
     batch = _batch_options(fname, batch_size, batch_memory)
     _check_group(fname, group)
     seed = _check_seed(fname, seed)
+    from ._zo_hooks import check_unit_bytes
+    hook_unit_bytes = check_unit_bytes(fname, hook_unit_bytes)
     if batch is None:
-        ev = _Evaluator([flat], module, fname)
+        ev = _Evaluator([flat], module, fname, hook_unit_bytes=hook_unit_bytes)
     else:
         from ._zo_batched import Batched
         ev = Batched(fname, loss_fn, [flat], module, *batch)
