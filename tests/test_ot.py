@@ -937,6 +937,26 @@ def test_sns_leaves_easy_problems_to_sinkhorn():
     assert not worse, f"(problem, SNS iterations, Newton steps, Sinkhorn iterations): {worse}"
 
 
+@pytest.mark.cuda
+def test_cuda_small_problems_follow_sinkhorn_through_its_early_checks():
+    """On a GPU a small problem's Newton round costs ~16 Sinkhorn iterations, so SNS probes at
+    every check up to iteration 30 (plain Sinkhorn iterations, the same kernels): a problem
+    that Sinkhorn finishes by then is finished by SNS at the same check (or the one two
+    iterations later), with no Newton step."""
+    checked = 0
+    for k, (C, eps) in enumerate(_sinkhorn_easy_problems()):
+        C = C.float().cuda()
+        sk = dk.ot.sinkhorn(C, eps=eps, method="sinkhorn", tol=1e-5)
+        sn = dk.ot.sinkhorn(C, eps=eps, tol=1e-5)
+        assert bool(sn.converged), k
+        if int(sk.iterations) <= 30:
+            checked += 1
+            # <= +2: an element left to Sinkhorn at the first probe checks at 12, not 10
+            assert int(sn.newton_steps) == 0 and int(sn.iterations) <= int(sk.iterations) + 2, (
+                k, int(sn.iterations), int(sn.newton_steps), int(sk.iterations))
+    assert checked >= 50
+
+
 def test_sns_probe_keeps_newton_for_hard_problems():
     """The probe must not hand a problem that Sinkhorn needs thousands of iterations for to
     Sinkhorn: a point cloud at eps = 1e-3 still converges in a few Newton steps."""

@@ -179,8 +179,13 @@ constexpr double kProbeHorizon = 8.0;
 // element is left to Sinkhorn when it is predicted done within what SNS would still spend,
 // the rest of the warm-up plus two Newton rounds (2 R iterations: a GPU's R of ~16 makes
 // Sinkhorn the faster method up to ~40 more iterations on small problems). Only where a
-// Newton round costs more than the CPU's ~3 iterations (small problems on a GPU).
+// Newton round costs more than the CPU's ~3 iterations (small problems on a GPU), and then
+// again at every check up to iteration kProbeLastIterations (Sinkhorn's error can drop
+// suddenly once the plan's support settles: a replay of 1,500 sweep problems on the CPU with
+// the GPU's decisions and a launch-count cost model had 7 problems above 2x with one later
+// probe, 2 with probes at 10 and 20, 1 with probes up to 30).
 constexpr int64_t kProbeSecondIterations = 10;
+constexpr int64_t kProbeLastIterations = 30;
 
 struct KeepErr {  // err_prev = err where mask
   BatchScalars s;
