@@ -286,12 +286,14 @@ def part_b(cfg, device, repeats, copy_ms=None):
     floor_ms = 2 * fwd.median * 1e3 + copy_ms
     rows.append(dict(peer="floor: 2 forwards + 1 copy pass", ms=floor_ms))
 
-    def zosgd_rows():
-        opt = dk.zo.ZOSGD(model, lr=1e-7, eps=1e-3, seed=0, history=False)
+    def zosgd_rows(unit=None):
+        opt = dk.zo.ZOSGD(model, lr=1e-7, eps=1e-3, seed=0, history=False,
+                          hook_unit_bytes=unit)
         t = timed(lambda: opt.step(closure), device, repeats)
         _, peak = peak_memory(lambda: opt.step(closure), device)
-        return [dict(peer="dk.zo.ZOSGD (module, hooks)", ms=t.median * 1e3,
-                     peak_gib=gib(peak), **t.row())]
+        label = "dk.zo.ZOSGD (module, hooks)" if unit is None else \
+            f"dk.zo.ZOSGD (module, hook_unit_bytes={unit!r})"
+        return [dict(peer=label, ms=t.median * 1e3, peak_gib=gib(peak), **t.row())]
 
     def zosgd_list_rows():
         opt = dk.zo.ZOSGD(params, lr=1e-7, eps=1e-3, seed=0, history=False)
@@ -311,6 +313,7 @@ def part_b(cfg, device, repeats, copy_ms=None):
                      **t.row())]
 
     guarded(rows, "dk.zo.ZOSGD (module, hooks)", zosgd_rows)
+    guarded(rows, "dk.zo.ZOSGD (module, hook_unit_bytes='auto')", lambda: zosgd_rows("auto"))
     guarded(rows, "dk.zo.ZOSGD (list: backup copy)", zosgd_list_rows)
     guarded(rows, "MeZO-style step", mezo_rows)
     for r in rows:
@@ -318,11 +321,17 @@ def part_b(cfg, device, repeats, copy_ms=None):
             r["of_floor"] = r["ms"] / floor_ms
         if r.get("peak_gib") is not None and inference_peak:
             r["over_inference"] = r["peak_gib"] * 2**30 / inference_peak - 1
-    zo = next((r for r in rows if r["peer"].startswith("dk.zo.ZOSGD (module") and "ms" in r),
-              None)
+    # The targets read the fastest module-path row whose peak memory is within the target
+    # (the hook granularities trade hooks per forward for scratch memory).
+    allowed = inference_peak * 1.02 + largest if inference_peak else None
+    module_rows = [r for r in rows if r["peer"].startswith("dk.zo.ZOSGD (module") and "ms" in r]
+    within = [r for r in module_rows if allowed is None or r.get("peak_gib") is None
+              or r["peak_gib"] * 2**30 <= allowed]
+    zo = min(within or module_rows, key=lambda r: r["ms"], default=None)
     mezo = next((r for r in rows if r["peer"] == "MeZO-style step" and "ms" in r), None)
     targets = {}
     if zo:
+        targets["zosgd_row"] = zo["peer"]
         targets["zosgd_of_floor"] = zo["ms"] / floor_ms  # target <= 1.15
         if mezo:
             targets["speedup_vs_mezo"] = mezo["ms"] / zo["ms"]  # target >= 1.6

@@ -20,6 +20,9 @@ GPU_BENCHMARKS = [
     dict(name="bench-zo", timeout_s=300,
          argv=["bench/zo.py", "--device", "cuda", "--json", "{results}/bench_zo.json",
                "--plot", "{results}/zo.png"]),
+    dict(name="bench-zo-hooks", timeout_s=120,
+         argv=["bench/zo_hooks.py", "--device", "cuda", "--dtype", "float16", "--unit-bytes",
+               "auto", "100000000", "--json", "{results}/bench_zo_hooks.json"]),
 ]
 
 # Random123 tests/kat_vectors, "philox4x32 10" lines: (counter, key) -> output.
