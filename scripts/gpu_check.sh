@@ -17,8 +17,12 @@
 # bench_cpp_<family>.json, and what the families' benchmarks write, e.g. bench_ot.json).
 #
 # GPU_CHECK_SOAK_SECONDS (default 60; 0: skip) sets the CUDA soak's length.
-# GPU_CHECK_OT_SWEEP_PROBLEMS (default 10000; 0: skip), GPU_CHECK_OT_SWEEP_WORKERS (8) and
-# GPU_CHECK_OT_SWEEP_SECONDS (240) set the CUDA float32 OT sweep (bench/soak_ot.py).
+# GPU_CHECK_OT_SWEEP_PROBLEMS (default 10000; 0: skip), GPU_CHECK_OT_SWEEP_WORKERS (3 per
+# GPU), GPU_CHECK_OT_SWEEP_SECONDS (240) and GPU_CHECK_OT_SWEEP_FIRST (0: the first problem's
+# index, for a sweep run as slices over several calls; bench/soak_ot.py --merge joins them)
+# set the CUDA float32 OT sweep (bench/soak_ot.py). GPU_CHECK_OT_SWEEP_BACKGROUND=1 with 2 or
+# more GPUs runs the sweep on the last GPU, in the background from the start, while every
+# other step runs on the others (CUDA_VISIBLE_DEVICES); its log is sweep.log.
 # GPU_CHECK_BENCH="sinkhorn log_bessel" (families or aliases such as "ot"; default: all;
 # "none": no benchmarks) limits the Python and C++ benchmarks; DK_SANITIZE_FAMILIES (same
 # names) the families the sanitizer exercises; GPU_CHECK_BENCH_ONLY=1 skips the tests and the
@@ -155,6 +159,32 @@ if [ "$DRY" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
     >>"$OUT/run.log" 2>&1 && export PYTHONPATH=/tmp/dk_peers${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+[ "${NGPU:-0}" -ge 1 ] || NGPU=1
+OT_SWEEP_N=${GPU_CHECK_OT_SWEEP_PROBLEMS:-10000}
+OT_SWEEP_S=${GPU_CHECK_OT_SWEEP_SECONDS:-240}
+# ot_sweep_cmd WORKERS: the sweep's command line (6b below).
+ot_sweep_cmd() {
+  echo "$PY" bench/soak_ot.py --device cuda --dtypes float32 --problems "$OT_SWEEP_N" \
+    --first "${GPU_CHECK_OT_SWEEP_FIRST:-0}" --workers "$1" --time-budget "$OT_SWEEP_S" \
+    --timeout 60 --progress 1000 --out "$RES/ot_sweep" --json "$RES/ot_sweep/report.json" \
+    --records "$RES/ot_sweep/records.jsonl"
+}
+SWEEP_PID=""
+if [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ] && wanted ot-sweep \
+   && [ "${GPU_CHECK_OT_SWEEP_BACKGROUND:-0}" = 1 ] && [ "$NGPU" -ge 2 ] && [ "$DRY" != 1 ]; then
+  # The sweep on the last GPU, the rest of the check on the others (see the header).
+  mkdir -p "$RES/ot_sweep"
+  SWEEP_GPU=$(( NGPU - 1 ))
+  SWEEP_T0=$(date +%s)
+  echo "=== [$(( SWEEP_T0 - T0 ))s] ot-sweep-cuda (background, GPU $SWEEP_GPU)" | tee -a "$OUT/sweep.log"
+  # shellcheck disable=SC2046
+  CUDA_VISIBLE_DEVICES=$SWEEP_GPU timeout --kill-after=10 $(( OT_SWEEP_S + 120 )) \
+    $(ot_sweep_cmd "${GPU_CHECK_OT_SWEEP_WORKERS:-1}") >>"$OUT/sweep.log" 2>&1 </dev/null &
+  SWEEP_PID=$!
+  export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( NGPU - 2 )))
+fi
+
 # 2. CUDA tests (the cpu half of the suite runs in CI).
 if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
   skip pytest-cuda "GPU_CHECK_BENCH_ONLY=1"
@@ -229,30 +259,15 @@ fi
 #     are host-bound, but many contexts time-slicing one GPU make single timings noisy),
 #     stopped after GPU_CHECK_OT_SWEEP_SECONDS (default 240; the report says how many were
 #     done); every problem's record comes back in ot_sweep/records.jsonl.
-OT_SWEEP_N=${GPU_CHECK_OT_SWEEP_PROBLEMS:-10000}
-OT_SWEEP_S=${GPU_CHECK_OT_SWEEP_SECONDS:-240}
-NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-[ "${NGPU:-0}" -ge 1 ] || NGPU=1
-if [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ] && wanted ot-sweep; then
+if [ -n "$SWEEP_PID" ]; then
+  : # running in the background; waited for before the multi-GPU step
+elif [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ] && wanted ot-sweep; then
   mkdir -p "$RES/ot_sweep"
-  step ot-sweep-cuda $(( OT_SWEEP_S + 90 )) "$OUT/run.log" "$PY" bench/soak_ot.py --device cuda \
-    --dtypes float32 --problems "$OT_SWEEP_N" --workers "${GPU_CHECK_OT_SWEEP_WORKERS:-$(( 3 * NGPU ))}" \
-    --time-budget "$OT_SWEEP_S" --timeout 60 --progress 1000 --out "$RES/ot_sweep" \
-    --json "$RES/ot_sweep/report.json" --records "$RES/ot_sweep/records.jsonl"
+  # shellcheck disable=SC2046
+  step ot-sweep-cuda $(( OT_SWEEP_S + 90 )) "$OUT/run.log" \
+    $(ot_sweep_cmd "${GPU_CHECK_OT_SWEEP_WORKERS:-$(( 3 * NGPU ))}")
 else
   skip ot-sweep-cuda "GPU_CHECK_OT_SWEEP_PROBLEMS=$OT_SWEEP_N, GPU_CHECK_BENCH_ONLY or GPU_CHECK_STEPS"
-fi
-# 6c. Several GPUs (issue 10): ZOSGD with its directions split over one process per GPU
-#     (NCCL; NVLink multicast stays off, as the machine's environment sets it): replicas
-#     bit-identical to each other and to one GPU running the same seeds, and the speedup.
-if ! wanted multi-gpu; then
-  skip zo-distributed "GPU_CHECK_STEPS"
-elif [ "$NGPU" -lt 2 ]; then
-  skip zo-distributed "$NGPU GPU visible"
-else
-  step zo-distributed 300 "$OUT/run.log" env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-    NVSHMEM_DISABLE_NVLS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
-    scripts/zo_distributed_check.py --out "$RES/zo_distributed.json"
 fi
 # JAX (the TFP and OTT peers) must not grab 75% of the GPU up front: torch shares it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -269,5 +284,30 @@ for LINE in "${PLAN[@]}"; do
   [ -n "${!EXTRA_VAR:-}" ] && read -r -a EXTRA <<<"${!EXTRA_VAR}"
   step "$NAME" "$LIMIT" "$OUT/run.log" "$PY" "${ARGV[@]}" "${EXTRA[@]}"
 done
+
+# The background sweep ends here, after every single-GPU step (the multi-GPU step needs every
+# GPU).
+if [ -n "$SWEEP_PID" ]; then
+  wait "$SWEEP_PID"
+  rc=$?
+  state=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then state="TIMEOUT($(( OT_SWEEP_S + 120 ))s)"
+  elif [ $rc -ne 0 ]; then state="FAIL(rc=$rc)"; fi
+  echo "=== ot-sweep-cuda (background): $state in $(( $(date +%s) - SWEEP_T0 ))s" | tee -a "$OUT/sweep.log"
+  NAMES+=("ot-sweep-cuda"); STATES+=("$state"); SECS+=($(( $(date +%s) - SWEEP_T0 )))
+  unset CUDA_VISIBLE_DEVICES
+fi
+# 6c. Several GPUs (issue 10): ZOSGD with its directions split over one process per GPU
+#     (NCCL; NVLink multicast stays off, as the machine's environment sets it): replicas
+#     bit-identical to each other and to one GPU running the same seeds, and the speedup.
+if ! wanted multi-gpu; then
+  skip zo-distributed "GPU_CHECK_STEPS"
+elif [ "$NGPU" -lt 2 ]; then
+  skip zo-distributed "$NGPU GPU visible"
+else
+  step zo-distributed 300 "$OUT/run.log" env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+    NVSHMEM_DISABLE_NVLS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
+    scripts/zo_distributed_check.py --out "$RES/zo_distributed.json"
+fi
 
 summary
