@@ -19,7 +19,8 @@
 # GPU_CHECK_SOAK_SECONDS (default 60; 0: skip) sets the CUDA soak's length.
 # GPU_CHECK_OT_SWEEP_PROBLEMS (default 10000; 0: skip), GPU_CHECK_OT_SWEEP_WORKERS (3 per
 # GPU), GPU_CHECK_OT_SWEEP_SECONDS (240) and GPU_CHECK_OT_SWEEP_FIRST (0: the first problem's
-# index, for a sweep run as slices over several calls; bench/soak_ot.py --merge joins them)
+# index, for a sweep run as slices over several calls; bench/soak_ot.py --merge joins them),
+# GPU_CHECK_OT_SWEEP_CAP (2000: soak_ot's --sinkhorn-cap, 0: Sinkhorn always in full)
 # set the CUDA float32 OT sweep (bench/soak_ot.py). GPU_CHECK_OT_SWEEP_BACKGROUND=1 with 2 or
 # more GPUs runs the sweep on the last GPU, in the background from the start, while every
 # other step runs on the others (CUDA_VISIBLE_DEVICES); its log is sweep.log.
@@ -168,7 +169,7 @@ ot_sweep_cmd() {
   echo "$PY" bench/soak_ot.py --device cuda --dtypes float32 --problems "$OT_SWEEP_N" \
     --first "${GPU_CHECK_OT_SWEEP_FIRST:-0}" --workers "$1" --time-budget "$OT_SWEEP_S" \
     --timeout 60 --progress 1000 --out "$RES/ot_sweep" --json "$RES/ot_sweep/report.json" \
-    --records "$RES/ot_sweep/records.jsonl"
+    --records "$RES/ot_sweep/records.jsonl" --sinkhorn-cap "${GPU_CHECK_OT_SWEEP_CAP:-2000}"
 }
 SWEEP_PID=""
 if [ "$OT_SWEEP_N" -gt 0 ] && [ "${GPU_CHECK_BENCH_ONLY:-0}" != 1 ] && wanted ot-sweep \
