@@ -261,8 +261,8 @@ def worker_main(conn, seed, device_name, threads, cap=0):
     if threads > 0:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # this worker's GPU (worker_device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # this worker's GPU (worker_device: "cuda:i")
     while True:
         msg = conn.recv()
         if msg is None:
