@@ -352,7 +352,17 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       const int qrow = qr0 + g;
       float* dq_row =
           dq_accum + ((item->tok0 + qrow) * p.shape.num_heads_q + item->h) * D;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // sm_90 vector reductions, 4 contiguous floats each: the quad's lanes t and t ^ 1
+      // swap halves so that an even lane owns columns 2t..2t+3 of the first n-tile of a
+      // 16-column pair and an odd lane columns 8 + 2(t - 1).. of the second: one red.v4
+      // per row and pair instead of two red.v2 (same addends, the atomics' order was
+      // already unordered in this mode).
+      const bool odd = t & 1;
+      float* dq_lane = dq_row + (odd ? 8 + 2 * (t - 1) : 2 * t);
+#else
       float* dq_lane = dq_row + 2 * t;
+#endif
 #pragma unroll
       for (int dd = 0; dd < DT / 2; ++dd) {
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -365,18 +375,25 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          if (qrow + 8 * r >= qvalid) continue;
           float* dst = dq_lane + r * 8 * row_stride + dd * 16;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+          // Every lane shuffles (the row test below differs between quads, not within one).
+          const float s0 = odd ? acc[0][2 * r] : acc[1][2 * r];
+          const float s1 = odd ? acc[0][2 * r + 1] : acc[1][2 * r + 1];
+          const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+          const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+          if (qrow + 8 * r >= qvalid) continue;
+          const float v0 = odd ? r0 : acc[0][2 * r], v1 = odd ? r1 : acc[0][2 * r + 1];
+          const float v2 = odd ? acc[1][2 * r] : r0, v3 = odd ? acc[1][2 * r + 1] : r1;
+          red_add_v4(dst, v0 * scale_f, v1 * scale_f, v2 * scale_f, v3 * scale_f);
+#else
+          if (qrow + 8 * r >= qvalid) continue;
 #pragma unroll
           for (int x = 0; x < 2; ++x) {
-            const float a0 = acc[x][2 * r] * scale_f, a1 = acc[x][2 * r + 1] * scale_f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            atomicAdd(reinterpret_cast<float2*>(dst + x * 8), make_float2(a0, a1));  // one vector red
-#else
-            atomicAdd(dst + x * 8, a0);
-            atomicAdd(dst + x * 8 + 1, a1);
-#endif
+            atomicAdd(dst + x * 8, acc[x][2 * r] * scale_f);
+            atomicAdd(dst + x * 8 + 1, acc[x][2 * r + 1] * scale_f);
           }
+#endif
         }
       }
     }
