@@ -18,6 +18,9 @@ struct QueryWalk {
   int64_t next_suffix, suffix_end;
   int r;
   bool own, done;
+  // Constants of the block that walk_item needs: kept with the walk (in shared memory in
+  // bwd_kv_kernel) rather than in registers across the loop.
+  int ktile, h0;  // the key tile's index in its segment; first query head of the KV head
 
   __device__ __forceinline__ void enter(const PrefixSegments& s, int64_t sg) {
     q_start = s.q_start[sg];
@@ -68,13 +71,51 @@ struct QueryWalk {
   }
 };
 
+// One work item of the walk as the block's threads need it (bwd_kv_kernel keeps three in
+// shared memory; valid == 0 marks the end of the walk).
+struct WalkItem {
+  int64_t tok0;  // first query token of the tile
+  int valid;     // query rows in the tile, 0: no item
+  int h;         // query head
+  int qrel;      // query tile - key tile (own tiles; the causal mask's offset)
+  int own;       // the key tile's own segment: causal
+};
+
+// The key tile's constants that the mask and the epilogue need, kept in shared memory
+// across the walk (in registers they were spilled).
+struct KvTileInfo {
+  int64_t ktok0;  // first key token
+  int kvalid;     // keys in the tile
+  int hk;         // KV head
+  int chunk;      // the block's chunk (0 outside the prefix pass)
+  int split;      // partials instead of dk, dv
+};
+
 template <int D>
 struct BwdKvConfig {
   static constexpr int kTile = kBwdTile * D * 2;
   static constexpr int kStage = 2 * kTile + 2 * kBwdTile * 4;  // Q, dO, lse*log2e, delta
   static constexpr int kDs = kBwdTile * kBwdTile * 2;
-  static constexpr int kSmem = 2 * kTile + 2 * kStage + kDs;  // K, V, 2 stages, dS
+  // The walk's state and a ring of 3 items, after dS (all offsets above are multiples of 256).
+  static constexpr int kItems = 2 * kTile + 2 * kStage + kDs;
+  static constexpr int kWalk = kItems + 3 * static_cast<int>(sizeof(WalkItem));
+  static_assert(sizeof(QueryWalk) <= 128 && sizeof(KvTileInfo) <= 128, "walk area");
+  static constexpr int kInfo = kWalk + 128;
+  static constexpr int kSmem = kInfo + 128;
 };
+
+__device__ __forceinline__ WalkItem walk_item(const QueryWalk& w) {
+  WalkItem it{0, 0, 0, 0, 0};
+  if (w.done) return it;
+  const int64_t qoff = static_cast<int64_t>(w.tile) * kBwdTile;
+  const int64_t left = w.length - qoff;
+  it.tok0 = w.q_start + qoff;
+  it.valid = static_cast<int>(left < kBwdTile ? left : kBwdTile);
+  it.h = w.h0 + w.r;
+  it.qrel = w.tile - w.ktile;
+  it.own = w.own ? 1 : 0;
+  return it;
+}
 
 template <class T, int D>
 __global__ void __launch_bounds__(kBwdThreads, 2)
@@ -120,6 +161,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 
   QueryWalk cur;
   cur.start(p.segments, p.groups, tr.seg, kt, chunk, prefix_pass ? chunks : 1);
+  cur.ktile = static_cast<int>(kt);  // as `tile`: a tile index fits in int
+  cur.h0 = hk * R;
   if (cur.done) {  // an empty chunk (chunk > 0 only): its partials are zeros
     float* dst = partials + 2 * chunk * slot_stride + hk * D;
     for (int i = threadIdx.x; i < kvalid * (D / 4); i += kBwdThreads) {
@@ -136,11 +179,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
                             kseg_start + k0, p.v.token_stride, B, kvalid);
 
   // Loads a work item's Q, dO (async) and its rows' lse, delta (plain loads).
-  auto issue = [&](const QueryWalk& w, int st) {
-    const int h = hk * R + w.r;
-    const int64_t tok0 = w.q_start + static_cast<int64_t>(w.tile) * B;
-    const int64_t left = w.length - static_cast<int64_t>(w.tile) * B;
-    const int valid = static_cast<int>(left < B ? left : B);
+  auto issue = [&](const WalkItem& w, int st) {
+    const int h = w.h;
+    const int64_t tok0 = w.tok0;
+    const int valid = w.valid;
     const uint32_t base = sStages + st * C::kStage;
     load_tile<D, kBwdThreads>(base, static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride,
                               tok0, p.q.token_stride, B, valid);
@@ -156,8 +198,27 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     }
   };
 
-  issue(cur, 0);
-  cp_async_commit();
+  // The walk runs one item ahead of the loads, in thread 0 alone, on state kept in shared
+  // memory: items it and it + 1 are in the ring when iteration it starts, and thread 0
+  // writes item it + 2 over item it - 1 (read by all before the previous iteration's last
+  // barrier). No walk state is live in registers across the loop body, where the hd128
+  // kernel (128 dK/dV accumulators, 64 scores) spilled it.
+  WalkItem* ring = reinterpret_cast<WalkItem*>(smem + C::kItems);
+  QueryWalk* walk = reinterpret_cast<QueryWalk*>(smem + C::kWalk);
+  KvTileInfo* info = reinterpret_cast<KvTileInfo*>(smem + C::kInfo);
+  {
+    const WalkItem first = walk_item(cur);
+    if (threadIdx.x == 0) {
+      *info = KvTileInfo{ktok0, kvalid, hk, chunk, split ? 1 : 0};
+      ring[0] = first;
+      cur.advance(p.segments, R);
+      ring[1] = walk_item(cur);
+      *walk = cur;
+    }
+    issue(first, 0);
+    cp_async_commit();
+  }
+  __syncthreads();  // ring[1] (the loop's first lookahead)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -168,25 +229,28 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  for (int it = 0; !cur.done; ++it) {
-    QueryWalk nxt = cur;
-    nxt.advance(p.segments, R);
-    if (!nxt.done) {
-      issue(nxt, (it + 1) & 1);
+  for (int it = 0;; ++it) {
+    const WalkItem* item = ring + it % 3;
+    const WalkItem* next = ring + (it + 1) % 3;
+    const bool more = next->valid > 0;
+    if (more) {
+      issue(*next, (it + 1) & 1);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
+    if (threadIdx.x == 0) {  // item it + 2 (overlaps the loads above)
+      QueryWalk w = *walk;
+      if (!w.done) w.advance(p.segments, R);
+      ring[(it + 2) % 3] = walk_item(w);
+      *walk = w;
+    }
+    if (more) cp_async_wait<1>(); else cp_async_wait<0>();
     __syncthreads();
+    const int qvalid = item->valid;
+    const bool causal = item->own != 0;
+    const int qrel = item->qrel;  // own tiles: query tile - key tile, >= 0
     const int st = it & 1;
     const uint32_t sQ = sStages + st * C::kStage, sdO = sQ + C::kTile;
     const float* rows = reinterpret_cast<const float*>(stage_ptr + st * C::kStage + 2 * C::kTile);
-    const int64_t qoff = static_cast<int64_t>(cur.tile) * B;
-    const int64_t left = cur.length - qoff;
-    const int qvalid = static_cast<int>(left < B ? left : B);
-    const bool causal = cur.own;
-    const int h = hk * R + cur.r;
 
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 64 queries.
     float s[NT][4], dp[NT][4];
@@ -212,31 +276,49 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       }
     }
     // P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta); masked entries are exactly 0.
-    const bool need_mask = kvalid < B || qvalid < B || (causal && k0 + kr0 + 15 > qoff);
+    // Masking in 32 bits relative to the key tile: the own walk starts at the diagonal
+    // query tile (tile kt), so qoff - k0 = qrel B with qrel >= 0, and the causal test
+    // k0 + key > qoff + q is q < key - qrel B. Per key row the kept queries are then
+    // [lo, hi) (hi = 0 for a key past kvalid), hoisted out of the element loop and less
+    // this lane's 2t, so each element compares a constant column nt 8 + (e & 1). Same
+    // masked set as the 64-bit form (the 64-bit terms were spilled in the hd128 kernel).
+    const int kvalid = info->kvalid;
+    const bool need_mask = kvalid < B || qvalid < B || (causal && kr0 + 15 > qrel * B);
+    int lo[2], hi[2];
+    const int key0 = kr0 + g;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + 8 * r;
+      lo[r] = (causal ? key - qrel * B : 0) - 2 * t;
+      hi[r] = (key < kvalid ? qvalid : 0) - 2 * t;
+    }
+    // Rounded to 16-bit pairs at once ({row g, row g + 8} per n-tile: the mma A fragments
+    // and the dS^T store use these same pairs): 32 registers instead of 64 floats live
+    // through the dV/dK products, where the floats were the peak (same values, rounded once).
+    uint32_t pp[NT][2], pd[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = nt * 8 + 2 * t + (e & 1);
-        const int key = kr0 + g + (e >> 1) * 8;
-        float pe = exp2_fast(s[nt][e] * scale_log2 - rows[q] * kLog2e);
-        if (need_mask && (key >= kvalid || q >= qvalid || (causal && k0 + key > qoff + q)))
-          pe = 0.f;
-        s[nt][e] = pe;
-        dp[nt][e] = pe * (dp[nt][e] - rows[B + q]);
+      for (int r = 0; r < 2; ++r) {
+        float pe[2], ds[2];
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const int e = 2 * r + x;
+          const int q = nt * 8 + 2 * t + x;
+          const int c = nt * 8 + x;
+          pe[x] = exp2_fast(s[nt][e] * scale_log2 - rows[q] * kLog2e);
+          if (need_mask && (c < lo[r] || c >= hi[r])) pe[x] = 0.f;
+          ds[x] = pe[x] * (dp[nt][e] - rows[B + q]);
+        }
+        pp[nt][r] = pack2<T>(pe[0], pe[1]);
+        pd[nt][r] = pack2<T>(ds[0], ds[1]);
       }
     }
     // dV += P^T dO, dK += dS^T Q (B operands: dO, Q rows are the reduction index).
 #pragma unroll
     for (int kk = 0; kk < B / 16; ++kk) {
-      const uint32_t ap[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                              pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const uint32_t as[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]),
-                              pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
-                              pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                              pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+      const uint32_t ap[4] = {pp[2 * kk][0], pp[2 * kk][1], pp[2 * kk + 1][0], pp[2 * kk + 1][1]};
+      const uint32_t as[4] = {pd[2 * kk][0], pd[2 * kk][1], pd[2 * kk + 1][0], pd[2 * kk + 1][1]};
 #pragma unroll
       for (int dd = 0; dd < DT / 2; ++dd) {
         const int brow = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, bch = dd * 2 + lane / 16;
@@ -256,7 +338,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           *reinterpret_cast<uint32_t*>(smem + (sDs - sK) + swz<B>(kr0 + g + 8 * r, nt) + 4 * t) =
-              pack2<T>(dp[nt][2 * r], dp[nt][2 * r + 1]);
+              pd[nt][r];
       __syncthreads();
       const int qr0 = warp * 16;
       uint32_t af[B / 16][4];
@@ -264,7 +346,23 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       for (int kk = 0; kk < B / 16; ++kk)
         ldsm_x4_t(af[kk], sDs + swz<B>(kk * 16 + (lane / 16) * 8 + lane % 8,
                                         warp * 2 + (lane / 8) % 2));
-      const int64_t tok0 = cur.q_start + qoff;
+      // One 64-bit pointer per item (this lane's first row; the second is 8 rows on, an
+      // int stride): the per-element 64-bit (token, head) index math was spilled.
+      const int row_stride = p.shape.num_heads_q * D;  // floats per token
+      const int qrow = qr0 + g;
+      float* dq_row =
+          dq_accum + ((item->tok0 + qrow) * p.shape.num_heads_q + item->h) * D;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // sm_90 vector reductions, 4 contiguous floats each: the quad's lanes t and t ^ 1
+      // swap halves so that an even lane owns columns 2t..2t+3 of the first n-tile of a
+      // 16-column pair and an odd lane columns 8 + 2(t - 1).. of the second: one red.v4
+      // per row and pair instead of two red.v2 (same addends, the atomics' order was
+      // already unordered in this mode).
+      const bool odd = t & 1;
+      float* dq_lane = dq_row + (odd ? 8 + 2 * (t - 1) : 2 * t);
+#else
+      float* dq_lane = dq_row + 2 * t;
+#endif
 #pragma unroll
       for (int dd = 0; dd < DT / 2; ++dd) {
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -276,37 +374,45 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
           mma16816<T>(acc[1], af[kk], b + 2);
         }
 #pragma unroll
-        for (int x = 0; x < 2; ++x)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int q = qr0 + g + 8 * r;
-            if (q < qvalid) {
-              float* dst = dq_accum + ((tok0 + q) * p.shape.num_heads_q + h) * D +
-                           (2 * dd + x) * 8 + 2 * t;
-              const float a0 = acc[x][2 * r] * scale_f, a1 = acc[x][2 * r + 1] * scale_f;
+        for (int r = 0; r < 2; ++r) {
+          float* dst = dq_lane + r * 8 * row_stride + dd * 16;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a0, a1));  // one vector red
+          // Every lane shuffles (the row test below differs between quads, not within one).
+          const float s0 = odd ? acc[0][2 * r] : acc[1][2 * r];
+          const float s1 = odd ? acc[0][2 * r + 1] : acc[1][2 * r + 1];
+          const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+          const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+          if (qrow + 8 * r >= qvalid) continue;
+          const float v0 = odd ? r0 : acc[0][2 * r], v1 = odd ? r1 : acc[0][2 * r + 1];
+          const float v2 = odd ? acc[1][2 * r] : r0, v3 = odd ? acc[1][2 * r + 1] : r1;
+          red_add_v4(dst, v0 * scale_f, v1 * scale_f, v2 * scale_f, v3 * scale_f);
 #else
-              atomicAdd(dst, a0);
-              atomicAdd(dst + 1, a1);
-#endif
-            }
+          if (qrow + 8 * r >= qvalid) continue;
+#pragma unroll
+          for (int x = 0; x < 2; ++x) {
+            atomicAdd(dst + x * 8, acc[x][2 * r] * scale_f);
+            atomicAdd(dst + x * 8 + 1, acc[x][2 * r + 1] * scale_f);
           }
+#endif
+        }
       }
     }
     __syncthreads();  // the stage and dS are rewritten next iteration
-    cur = nxt;
+    if (!more) break;
   }
 
-  if (split) {
+  // The epilogue's constants from shared memory (KvTileInfo).
+  const KvTileInfo ti = *info;
+  const int row0 = kr0 + g;
+  if (ti.split) {
     // Unscaled float32 partials straight from the fragments: a quad writes 32 contiguous
     // bytes of a row per dt (full sectors); the reduce applies the scale once.
-    float* dst = partials + 2 * chunk_of_block() * slot_stride + hk * D;
+    float* dst = partials + 2 * ti.chunk * slot_stride + ti.hk * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = kr0 + g + 8 * r;
-      if (row >= kvalid) continue;
-      const int64_t off = (ktok0 + row) * hkv * D + 2 * t;
+      const int row = row0 + 8 * r;
+      if (row >= ti.kvalid) continue;
+      const int64_t off = (ti.ktok0 + row) * hkv * D + 2 * t;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         *reinterpret_cast<float2*>(dst + off + dt * 8) = make_float2(dk[dt][2 * r], dk[dt][2 * r + 1]);
@@ -321,17 +427,17 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = kr0 + g + 8 * r;
+      const int row = row0 + 8 * r;
       *reinterpret_cast<uint32_t*>(smem + swz<D>(row, dt) + 4 * t) =
           pack2<T>(dk[dt][2 * r] * scale_f, dk[dt][2 * r + 1] * scale_f);
       *reinterpret_cast<uint32_t*>(smem + C::kTile + swz<D>(row, dt) + 4 * t) =
           pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }
   __syncwarp();
-  store_tile<D>(smem, static_cast<uint16_t*>(p.dk.data) + hk * p.dk.head_stride, ktok0,
-                p.dk.token_stride, kr0, 16, kvalid, lane, 32);
-  store_tile<D>(smem + C::kTile, static_cast<uint16_t*>(p.dv.data) + hk * p.dv.head_stride,
-                ktok0, p.dv.token_stride, kr0, 16, kvalid, lane, 32);
+  store_tile<D>(smem, static_cast<uint16_t*>(p.dk.data) + ti.hk * p.dk.head_stride, ti.ktok0,
+                p.dk.token_stride, kr0, 16, ti.kvalid, lane, 32);
+  store_tile<D>(smem + C::kTile, static_cast<uint16_t*>(p.dv.data) + ti.hk * p.dv.head_stride,
+                ti.ktok0, p.dv.token_stride, kr0, 16, ti.kvalid, lane, 32);
 }
 
 }  // namespace pa

@@ -86,6 +86,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// dst[0..3] += v0..v3 as one vector reduction (sm_90+, PTX ISA 8.1 red .v4.f32; dst
+// 16-byte aligned); each element is an independent relaxed atomic add, no return value.
+__device__ __forceinline__ void red_add_v4(float* dst, float v0, float v1, float v2, float v3) {
+  asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n"
+               ::"l"(dst), "f"(v0), "f"(v1), "f"(v2), "f"(v3)
+               : "memory");
+}
+#endif
+
 // Shared-memory tiles are rows of D 16-bit values (D / 8 chunks of 16 bytes); chunk c of
 // row r lives at chunk c ^ (r % 8), so the 8 rows an ldmatrix reads hit 8 distinct bank
 // groups in both the plain and the transposed loads (needs D / 8 >= 8 chunks per row).

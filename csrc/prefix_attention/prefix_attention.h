@@ -96,8 +96,8 @@ struct PrefixAttentionBackward {
   // ignore it.
   const float* lse = nullptr;
   AttentionTensor dq, dk, dv;  // written in full (not accumulated into)
-  // Workspace sized by prefix_attention_backward_workspace_bytes (CUDA: device memory;
-  // may be null when that returns 0).
+  // Workspace sized by prefix_attention_backward_workspace_bytes (CUDA: device memory,
+  // 16-byte aligned; may be null when that returns 0).
   void* workspace = nullptr;
   // Its size in bytes, or -1: "as prefix_attention_backward_workspace_bytes returns on the
   // launching device". Known, it lets the CUDA backward fall back to fewer split chunks

@@ -80,7 +80,10 @@ Status prefix_attention_backward_cuda(const PrefixAttentionBackward& p, void* st
   const Status st = check_shape(p.shape, p.segments);
   if (!st.is_ok()) return st;
   if (p.shape.total_tokens == 0 || p.segments.count == 0) return Status::ok;
+  // The workspace 16-byte aligned: float4 partials and sm_90 red.v4 dQ reductions into it
+  // (a torch allocation is; an odd byte offset into one is not).
   if (!has_schedule(p.segments) || p.lse == nullptr || p.workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0 ||
       (p.groups.count > 0 &&
        (!p.groups.prefix_segment || !p.groups.first_suffix || !p.groups.num_suffixes)))
     return Status::invalid_argument;
