@@ -199,16 +199,22 @@ fi
 #    memcheck, so out-of-bounds accesses hit unallocated memory instead of a neighbour's block.
 if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
   skip memcheck "GPU_CHECK_BENCH_ONLY=1"; skip racecheck "GPU_CHECK_BENCH_ONLY=1"
+  skip synccheck "GPU_CHECK_BENCH_ONLY=1"
 elif ! wanted sanitizer; then
-  skip memcheck "GPU_CHECK_STEPS"; skip racecheck "GPU_CHECK_STEPS"
+  skip memcheck "GPU_CHECK_STEPS"; skip racecheck "GPU_CHECK_STEPS"; skip synccheck "GPU_CHECK_STEPS"
 elif [ -n "$SAN" ] || [ "$DRY" = 1 ]; then
   SAN=${SAN:-compute-sanitizer}
   step memcheck 240 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SAN" --tool memcheck --error-exitcode 1 --leak-check no "$PY" scripts/sanitizer_smoke.py
   step racecheck 240 "$OUT/sanitizer.log" \
     "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/sanitizer_smoke.py
+  # Barrier misuse (a block-wide state one thread writes for the others, e.g. the attention
+  # backward's query walk in shared memory).
+  step synccheck 240 "$OUT/sanitizer.log" \
+    "$SAN" --tool synccheck --error-exitcode 1 "$PY" scripts/sanitizer_smoke.py
 else
   skip memcheck "compute-sanitizer not found"; skip racecheck "compute-sanitizer not found"
+  skip synccheck "compute-sanitizer not found"
 fi
 
 # Which families' benchmarks run (GPU_CHECK_BENCH), and their Python benchmark commands.
