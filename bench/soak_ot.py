@@ -501,7 +501,11 @@ def summarize(args, dtypes, records, failures, hangs, wall, stopped_by_budget, d
     for dt in dtypes:
         recs = [r for r in records if r["dtype"] == dt]
         ok = [r for r in recs if "error" not in r["sns"] and r["sns"]["converged"]]
-        sk_ok = [r for r in recs if "error" not in r["sinkhorn"] and r["sinkhorn"]["converged"]]
+        # A capped Sinkhorn run can pass the independent check (float32: the plan within the
+        # slack) while the solver, a hair above tol, went on to the cap: such a problem has
+        # a bound, not a ratio, and is counted with the capped ones.
+        sk_ok = [r for r in recs if "error" not in r["sinkhorn"] and r["sinkhorn"]["converged"]
+                 and not r.get("sinkhorn_capped")]
         both = [r for r in sk_ok if "error" not in r["sns"]]
         ratio = lambda r: r["sns"]["time"] / r["sinkhorn"]["time"]  # noqa: E731
         ratios = [ratio(r) for r in both]
