@@ -192,7 +192,9 @@ if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
 elif ! wanted tests; then
   skip pytest-cuda "GPU_CHECK_STEPS"
 else
-  step pytest-cuda 300 "$OUT/pytest.log" "$PY" -m pytest -q -m cuda tests -rs
+  # GPU_CHECK_PYTEST_PATHS (default "tests"): a partial run's test files
+  read -r -a PYTEST_PATHS <<<"${GPU_CHECK_PYTEST_PATHS:-tests}"
+  step pytest-cuda 300 "$OUT/pytest.log" "$PY" -m pytest -q -m cuda "${PYTEST_PATHS[@]}" -rs
 fi
 
 # 3. compute-sanitizer on every family's small workload. No caching allocator under
