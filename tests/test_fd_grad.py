@@ -299,9 +299,10 @@ def test_cuda_side_stream(cuda_device):
     assert torch.equal(params[0], want)
 
 
-@pytest.mark.cuda
-def test_cuda_graph_capture_of_perturb(cuda_device):
-    params = [torch.zeros(s, device=cuda_device, dtype=torch.float16) for s in (1000, 37, 4096)]
+def replay_captured_perturb(params, replays):
+    """Captures perturb_(params, seed 1, k 1, scale 0.25) in a CUDA graph (after a warm-up
+    call on a side stream, which builds the descriptors), zeroes the params and replays the
+    graph `replays` times."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up: builds and caches the descriptor array
@@ -312,9 +313,15 @@ def test_cuda_graph_capture_of_perturb(cuda_device):
         zk.perturb_(params, 1, 1, 0.25)
     for p in params:
         p.zero_()
-    graph.replay()
-    graph.replay()
+    for _ in range(replays):
+        graph.replay()
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_perturb(cuda_device):
+    params = [torch.zeros(s, device=cuda_device, dtype=torch.float16) for s in (1000, 37, 4096)]
+    replay_captured_perturb(params, 2)
     for t, p in enumerate(params):
         z = zk.direction(t, p, 1, 1)
         once = (0.25 * z).half()

@@ -15,6 +15,7 @@ import torch
 
 from diffkern import _C
 from diffkern import _zo_kernels as zk
+from tests.test_fd_grad import replay_captured_perturb
 
 STORAGE = [pytest.param(d, id=str(d).split(".")[1])
            for d in (torch.float16, torch.bfloat16, torch.float32)]
@@ -130,18 +131,7 @@ def test_rows_by_value_and_device_rows_give_the_same_bits(cuda_device, count, mo
 def test_rows_by_value_under_graph_capture(cuda_device):
     params = [torch.zeros(s, device=cuda_device, dtype=torch.float16) for s in (1000, 37)]
     assert zk._descriptors(params, [0, 1]).cuda_device >= 0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        zk.perturb_(params, 1, 1, 0.0)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        zk.perturb_(params, 1, 1, 0.25)
-    for p in params:
-        p.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_captured_perturb(params, 1)
     for t, p in enumerate(params):
         assert torch.equal(p, (0.25 * zk.direction(t, p, 1, 1)).half())
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from typing import List, Optional
 
 import torch
 from torch import nn
+
+from ._zo_kernels import check_int_option
 
 
 class _LossCall(nn.Module):
@@ -52,20 +53,11 @@ def check_options(fname, batch_size, batch_memory):
             raise ValueError(f"{fname}: batch_memory is only used with batch_size (batched "
                              f"evaluation)")
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"{fname}: batch_size must be an int or None, got "
-                        f"{type(batch_size).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"{fname}: batch_size must be >= 1, got {batch_size}")
+    size = check_int_option(fname, "batch_size", batch_size, 1, "an int or None")
     if batch_memory is not None:
-        if isinstance(batch_memory, bool) or not isinstance(batch_memory, numbers.Integral):
-            raise TypeError(f"{fname}: batch_memory must be an int (bytes) or None, got "
-                            f"{type(batch_memory).__name__}")
-        if batch_memory < 1:
-            raise ValueError(f"{fname}: batch_memory must be a positive number of bytes, "
-                             f"got {batch_memory}")
-        batch_memory = int(batch_memory)
-    return int(batch_size), batch_memory
+        batch_memory = check_int_option(fname, "batch_memory", batch_memory, 1,
+                                        "an int (bytes) or None", "a positive number of bytes")
+    return size, batch_memory
 
 
 class Batched:

@@ -23,9 +23,9 @@ at setup) and swaps ``.data``.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
+
+from ._zo_kernels import check_int_option
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
@@ -34,12 +34,7 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 def check_unit_bytes(fname, value):
     if value is None or value == "auto":
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fname}: hook_unit_bytes must be None, 'auto' or an int (bytes), "
-                        f"got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{fname}: hook_unit_bytes must be >= 0, got {value}")
-    return int(value)
+    return check_int_option(fname, "hook_unit_bytes", value, 0, "None, 'auto' or an int (bytes)")
 
 
 def _nbytes(p):

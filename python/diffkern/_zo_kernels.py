@@ -20,6 +20,7 @@ math is float32 and each result is rounded once to the storage dtype.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
 
@@ -74,6 +75,19 @@ def _check_int(fn: str, name: str, value, limit: int) -> int:
         raise ValueError(_err(fn, f"{name}: expected 0 <= {name} < 2**{limit.bit_length() - 1}, "
                                   f"got {value}"))
     return value
+
+
+def check_int_option(fname: str, name: str, value, minimum: int, kind: str = "an int",
+                     least: str = "") -> int:
+    """An optional int argument of a dk.zo entry point (batch sizes, byte budgets): a plain
+    int (not a bool) >= minimum; the errors name the function and the argument. ``kind``
+    says what the int is ("an int (bytes)"), ``least`` how to say the minimum (default
+    ">= minimum")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fname}: {name} must be {kind}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{fname}: {name} must be {least or f'>= {minimum}'}, got {value}")
+    return int(value)
 
 
 def _check_float(fn: str, name: str, value) -> float:
