@@ -146,3 +146,11 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # The results are on disk and the process group is destroyed; leave without the
+    # interpreter's teardown: there, about one run in ten on the 2-core CI machine, a gloo
+    # thread of torch's (not diffkern's) aborts the process ("terminate called without an
+    # active exception", exit -6) after everything has finished (seen with a print after
+    # destroy_process_group).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
