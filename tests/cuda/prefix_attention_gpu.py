@@ -270,15 +270,26 @@ def cases(tiny):
 SPLIT_CASE = ([(200, [64, 1, 130, 0, 65, 33, 7, 100]), (70, [90, 2])], 4, 1, 128)
 
 
-def timing(K, hkv=32):
-    from triton.testing import do_bench
+TIMING_SHAPE = (4096, 512, 8, 32, 128)  # P, S, G, query heads, head dim
 
-    P, S, G, H, D = 4096, 512, 8, 32, 128
+
+def timing_inputs(K, hkv):
+    """The timing problem at TIMING_SHAPE with `hkv` KV heads, bf16: (layout, scale, q, k,
+    v, dout, out, lse), the forward already run."""
+    P, S, G, H, D = TIMING_SHAPE
     L = Layout([(P, [S] * G)], "cuda")
     scale = 1 / math.sqrt(D)
     q, k, v, dout = (torch.randn(L.T, h, D, device="cuda", dtype=torch.bfloat16)
                      for h in (H, hkv, hkv, H))
     out, lse = K.forward(q, k, v, L, scale)
+    return L, scale, q, k, v, dout, out, lse
+
+
+def timing(K, hkv=32):
+    from triton.testing import do_bench
+
+    P, S, G, H, D = TIMING_SHAPE
+    L, scale, q, k, v, dout, out, lse = timing_inputs(K, hkv)
     pairs = P * (P + 1) / 2 + G * (S * P + S * (S + 1) / 2)
     f_fwd = 4 * D * H * pairs
     ws = {det: torch.empty(K.lib.pa_workspace_bytes(K._args(q, k, v, L, [q], lse), int(det)),
@@ -320,12 +331,8 @@ def timing_split(K, hkv):
     split rule picks C > 1 on an H200) against the split turned off (DK_PA_BWD_CHUNKS=1)."""
     from triton.testing import do_bench
 
-    P, S, G, H, D = 4096, 512, 8, 32, 128
-    L = Layout([(P, [S] * G)], "cuda")
-    scale = 1 / math.sqrt(D)
-    q, k, v, dout = (torch.randn(L.T, h, D, device="cuda", dtype=torch.bfloat16)
-                     for h in (H, hkv, hkv, H))
-    out, lse = K.forward(q, k, v, L, scale)
+    P, S, G, H, D = TIMING_SHAPE
+    L, scale, q, k, v, dout, out, lse = timing_inputs(K, hkv)
     grads = [torch.empty_like(x) for x in (q, k, v)]
     res = []
     for forced in (None, "1"):
