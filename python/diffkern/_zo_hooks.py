@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._zo_kernels import check_int_option
+from . import _zo_kernels as K
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
@@ -34,7 +34,7 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 def check_unit_bytes(fname, value):
     if value is None or value == "auto":
         return value
-    return check_int_option(fname, "hook_unit_bytes", value, 0, "None, 'auto' or an int (bytes)")
+    return K.check_int_option(fname, "hook_unit_bytes", value, 0, "None, 'auto' or an int (bytes)")
 
 
 def _nbytes(p):
@@ -99,7 +99,6 @@ class Unit:
 def make_hooks(ev, unit):
     """(pre, post) forward hooks of ``unit`` for the evaluator ``ev`` (its ``current``
     perturbation, ``active`` swaps, ``seen`` set and ``where`` map)."""
-    from . import _zo_kernels as K
     codes = K.KERNEL_CODES
     trusted = K.perturb_into_trusted
     params = unit.params
