@@ -125,7 +125,7 @@ elif [ "$DRY" = 1 ]; then
 else
   echo "=== nvidia-smi: $(head -1 "$OUT/run.log")"
   fail gpu "no GPU"
-  for s in build pytest-cuda memcheck racecheck bench-cpp selfcheck benchmarks; do
+  for s in build pytest-cuda memcheck racecheck synccheck bench-cpp selfcheck benchmarks; do
     skip "$s" "no GPU"
   done
   summary
@@ -147,7 +147,7 @@ else
     -Ccmake.define.DIFFKERN_BUILD_BENCH=ON
 fi
 if [ "${STATES[-1]}" != ok ] && [ "${STATES[-1]}" != dry-run ]; then
-  for s in pytest-cuda memcheck racecheck bench-cpp selfcheck benchmarks; do
+  for s in pytest-cuda memcheck racecheck synccheck bench-cpp selfcheck benchmarks; do
     skip "$s" "build failed (see build.log)"
   done
   summary
