@@ -689,6 +689,8 @@ def main(argv=None):
             args.gpus = max(1, torch.cuda.device_count())
     if args.gpus < 1:
         p.error("--gpus must be >= 1")
+    if args.sinkhorn_cap < 0:
+        p.error("--sinkhorn-cap must be >= 0 (0: Sinkhorn runs to --max-iter)")
     rep = sweep(args)
     print_report(rep)
     if args.json:
