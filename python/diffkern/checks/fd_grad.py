@@ -23,6 +23,10 @@ GPU_BENCHMARKS = [
     dict(name="bench-zo-hooks", timeout_s=120,
          argv=["bench/zo_hooks.py", "--device", "cuda", "--dtype", "float16", "--unit-bytes",
                "auto", "100000000", "--json", "{results}/bench_zo_hooks.json"]),
+    # Where a ZOSGD step's time goes (GPU busy / idle, kernels by kind, host ops).
+    dict(name="profile-zo-step", timeout_s=180,
+         argv=["bench/zo_profile.py", "--device", "cuda", "--list",
+               "--json", "{results}/zo_profile.json"]),
 ]
 
 # Random123 tests/kat_vectors, "philox4x32 10" lines: (counter, key) -> output.
