@@ -271,9 +271,12 @@ class _Evaluator:
     """Evaluates loss_fn at perturbed parameters and always restores them exactly
     (see the module docstring for the two strategies)."""
 
-    def __init__(self, groups, module, fname, fn="loss_fn", hook_unit_bytes=None):
+    def __init__(self, groups, module, fname, fn="loss_fn", hook_unit_bytes=None,
+                 unit_cache=None):
         self.groups, self.module, self.fname, self.fn = groups, module, fname, fn
         self.unit_bytes = hook_unit_bytes  # see _zo_hooks.plan_units
+        self.unit_cache = unit_cache  # a dict kept across evaluators (_zo_hooks.cached_units)
+        self.n_params = sum(len(ps) for ps in groups)
         self.where = {id(p): (g, t) for g, ps in enumerate(groups) for t, p in enumerate(ps)}
         self.current = None
         self.active = {}  # id(param) -> [param, original data, nesting depth]
@@ -287,8 +290,9 @@ class _Evaluator:
     def __enter__(self):
         if self.module is not None:
             from . import _zo_hooks
-            for m, owned in _zo_hooks.plan_units(self.module, self.where, self.unit_bytes):
-                pre, post = _zo_hooks.make_hooks(self, _zo_hooks.Unit(owned, self.where))
+            for m, unit in _zo_hooks.cached_units(self.unit_cache, self.module, self.groups,
+                                                  self.where, self.unit_bytes):
+                pre, post = _zo_hooks.make_hooks(self, unit)
                 self.handles.append(m.register_forward_pre_hook(pre))
                 self.handles.append(m.register_forward_hook(post, always_call=True))
         return self
@@ -334,7 +338,7 @@ class _Evaluator:
                 finally:
                     self.current = None
                     self._restore_swapped()
-                if pert is not None:
+                if pert is not None and len(self.seen) < self.n_params:
                     self.unseen |= {id(p) for ps in self.groups for p in ps
                                     if pert.perturbs(*self.where[id(p)])
                                     and id(p) not in self.seen}
@@ -499,9 +503,10 @@ def _fingerprint(*values):
     return _zo_distributed.fingerprint(*values)
 
 
-def _update_(ps, triples, lr, weight_decay, kdist):
+def _update_(ps, triples, lr, weight_decay, kdist, checked=None):
     """theta <- theta - lr * (sum c z + wd * theta): the fused kernel, or per tensor for
-    dtypes it does not store (float64)."""
+    dtypes it does not store (float64). ``checked``: a ``_zo_kernels.CheckedList`` of
+    ``ps`` (an optimizer's, reused every step: same bits, less host time)."""
     if all(p.dtype in _KERNEL_DTYPES for p in ps):
         # The kernel takes at most MAX_UPDATE_TERMS terms a launch: more directions are
         # applied in chunks, in order (the weight decay with the first), so a replay that
@@ -509,8 +514,11 @@ def _update_(ps, triples, lr, weight_decay, kdist):
         kernels = _kernels()
         step = kernels.MAX_UPDATE_TERMS
         for start in range(0, len(triples), step):
-            kernels.update_(ps, triples[start:start + step], lr,
-                            weight_decay if start == 0 else 0.0, kdist)
+            wd = weight_decay if start == 0 else 0.0
+            if checked is not None:
+                kernels.update_checked(checked, triples[start:start + step], lr, wd, kdist)
+            else:
+                kernels.update_(ps, triples[start:start + step], lr, wd, kdist)
         return
     for t, p in enumerate(ps):
         acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
