@@ -15,6 +15,8 @@ from diffkern import _zo_kernels as zk
 
 from ._timing import median_time
 
+ALIASES = ("zo", "fd")  # the Python modules built on it: diffkern.zo, diffkern.fd
+
 # bench/zo.py: the fused kernels and dk.zo against a MeZO-style loop (issue 10's targets).
 GPU_BENCHMARKS = [
     dict(name="bench-zo", timeout_s=300,
