@@ -19,7 +19,7 @@ from tests.test_fd_grad import replay_captured_perturb
 
 STORAGE = [pytest.param(d, id=str(d).split(".")[1])
            for d in (torch.float16, torch.bfloat16, torch.float32)]
-SIZES = (1, 3, 7, 8, 9, 4097)
+SIZES = (1, 3, 7, 8, 9, 15, 16, 17, 4097)  # groups of 8: partial, whole, one more
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
@@ -66,9 +66,9 @@ def _run_all(params: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 def test_vector_and_element_paths_give_the_same_bits(cuda_device, dtype):
     elem = torch.tensor([], dtype=dtype).element_size()
     # (source offset, destination offset) in elements; (0, 0) puts every whole group on the
-    # vector path. 1 element: no group aligned, all element-wise; 8 bytes: 16-bit groups
-    # aligned but off a 16-byte boundary (a lead group, then units); different offsets for
-    # the source and destination of perturb_into: element-wise.
+    # vector path. 1 element, or 8 bytes (off a 16-byte boundary): every group element-wise
+    # (a group is 16 or 32 bytes); different offsets for the source and destination of
+    # perturb_into: element-wise.
     placements = [(0, 0), (1, 1), (8 // elem, 8 // elem), (0, 1), (1, 0)]
     for n in SIZES:
         x = _values(n, dtype, seed=n)

@@ -36,7 +36,7 @@ List make_list(DType dtype) {
     l.desc.insert(l.desc.end(), {static_cast<int64_t>(reinterpret_cast<uintptr_t>(l.storage.back().data())),
                                  kSizes[t], static_cast<int64_t>(dtype), static_cast<int64_t>(t),
                                  l.total_groups});
-    l.total_groups += (kSizes[t] + 3) / 4;
+    l.total_groups += (kSizes[t] + kFdGroupElems - 1) / kFdGroupElems;
     l.bytes += kSizes[t] * elem;
   }
   return l;

@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
     into_desc[into_desc.size() - kFdDescriptorColumns] =
         static_cast<int64_t>(reinterpret_cast<uintptr_t>(copy_dst + 2 * offsets[t]));
     sources.push_back(desc[desc.size() - kFdDescriptorColumns]);
-    total_groups += (sizes[t] + 3) / 4;
+    total_groups += (sizes[t] + kFdGroupElems - 1) / kFdGroupElems;
     payload += sizes[t];
   }
   const int64_t n_tensors = static_cast<int64_t>(sizes.size());

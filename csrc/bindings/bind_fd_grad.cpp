@@ -120,7 +120,7 @@ void fd_perturb(nb::handle desc_obj, int64_t total_groups, uint64_t seed, uint32
   const auto* d = static_cast<const int64_t*>(desc.data);
   const int64_t n = desc.shape[0];
   if (total_groups == 0) return;
-  call_core([&] { return std::string(fn); }, site.where, num_threads, stream, 4 * total_groups,
+  call_core([&] { return std::string(fn); }, site.where, num_threads, stream, kFdGroupElems * total_groups,
             [&](int t) { return fd_perturb_cpu(d, src, n, total_groups, seed, k, scale, dist, norm, t); },
             [&](void* s) {
               return fd_perturb_cuda(d, src, n, total_groups, seed, k, scale, dist, norm, s,
@@ -151,7 +151,7 @@ void fd_update(nb::handle desc_obj, int64_t total_groups,
   const auto* d = static_cast<const int64_t*>(desc.data);
   const int64_t n = desc.shape[0];
   if (total_groups == 0) return;
-  call_core([&] { return std::string(fn); }, site.where, num_threads, stream, 4 * total_groups * num_terms,
+  call_core([&] { return std::string(fn); }, site.where, num_threads, stream, kFdGroupElems * total_groups * num_terms,
             [&](int th) {
               return fd_update_cpu(d, n, total_groups, t.data(), num_terms, lr, weight_decay, dist,
                                    norm, norm_stride, th);
@@ -198,7 +198,7 @@ void fd_sum_sq(nb::handle desc_obj, int64_t total_groups, uint64_t seed, uint32_
   const auto* d = static_cast<const int64_t*>(desc.data);
   const int64_t n = desc.shape[0];
   auto* o = static_cast<double*>(out.data);
-  call_core([&] { return std::string(fn); }, site.where, num_threads, stream, 4 * total_groups,
+  call_core([&] { return std::string(fn); }, site.where, num_threads, stream, kFdGroupElems * total_groups,
             [&](int t) { return fd_sum_sq_cpu(d, n, total_groups, seed, k, dist, o, t); },
             [&](void* s) {
               return fd_sum_sq_cuda(d, n, total_groups, seed, k, dist, o, s, site.rows_in);
@@ -214,12 +214,17 @@ std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> fd_philox(
   return {r.v[0], r.v[1], r.v[2], r.v[3]};
 }
 
-// z of each 32-bit word by the Gaussian map of directions.cuh (host table): for the tests,
-// which check the map on chosen words (the far tail, level edges) against erfcinv.
-std::vector<float> fd_gaussian_from_words(const std::vector<uint32_t>& words) {
-  std::vector<float> out(words.size());
-  for (size_t i = 0; i < words.size(); ++i)
-    out[i] = fd::gaussian_from_word(words[i], fd::gaussian_table());
+// z of each lane's 16 random bits by the Gaussian map of directions.cuh (host table): for
+// the tests, which check the map on chosen bit patterns against the generator's table.
+std::vector<float> fd_gaussian_from_bits(const std::vector<uint32_t>& bits) {
+  std::vector<float> out(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    if (bits[i] > 0xffffu)
+      throw nb::value_error(prefixed("fd_gaussian_from_bits", "bits[" + std::to_string(i) +
+                                     "]: expected a 16-bit value, got " +
+                                     std::to_string(bits[i])).c_str());
+    out[i] = fd::gaussian_from_bits(bits[i], fd::gaussian_table());
+  }
   return out;
 }
 
@@ -227,6 +232,7 @@ std::vector<float> fd_gaussian_from_words(const std::vector<uint32_t>& words) {
 
 void bind_fd_grad(nb::module_& m) {
   m.attr("FD_DESCRIPTOR_COLUMNS") = kFdDescriptorColumns;
+  m.attr("FD_GROUP_ELEMS") = kFdGroupElems;
   m.attr("FD_MAX_UPDATE_TERMS") = kFdMaxUpdateTerms;
   m.attr("FD_INLINE_ROWS") = kFdInlineRows;
   m.attr("FD_SUM_SQ_PARTIALS") = kFdSumSqPartials;
@@ -266,8 +272,8 @@ void bind_fd_grad(nb::module_& m) {
         nb::arg("stream") = 0, nb::arg("cuda_device") = -1,
         "out[0] = sum of z^2 over the listed tensors (float64, deterministic order);\n"
         "out[1:] the FD_SUM_SQ_PARTIALS partial sums.");
-  m.def("fd_gaussian_from_words", &fd_gaussian_from_words, nb::arg("words"),
-        "The Gaussian value of each 32-bit word (the map of csrc/fd_grad/directions.cuh).");
+  m.def("fd_gaussian_from_bits", &fd_gaussian_from_bits, nb::arg("bits"),
+        "The Gaussian value of each lane's 16 random bits (the map of csrc/fd_grad/directions.cuh).");
   m.def("fd_philox", &fd_philox, nb::arg("counter"), nb::arg("key"),
         "Philox-4x32-10 of a 4-word counter and a 2-word key (the known-answer tests).");
 }

@@ -5,28 +5,35 @@
 // any rank.
 //
 // Exact definition (the contract; tests/test_fd_grad.py pins it):
-//  - Elements are taken in groups of 4: element i is lane l = i % 4 of group j = i / 4.
+//  - Elements are taken in groups of 8: element i is lane l = i % 8 of group j = i / 8.
 //    One Philox-4x32-10 call per group (philox.cuh) with
 //      counter = (j mod 2^32, j / 2^32, t, k),  key = (seed mod 2^32, seed / 2^32)
-//    gives four 32-bit words r0..r3. (One call per group, not per element: the 20 integer
-//    multiplies of a call would otherwise cost more than the memory traffic of perturb.)
-//  - Gaussian: element l of the group takes word r_l: its sign bit gives z's sign and
-//      t = 2^31 - (r_l & 0x7fffffff) in [1, 2^31] gives |z| = sqrt(2) erfcinv((t - 1/2) / 2^31),
-//    the half-normal quantile at the middle of one of 2^31 equally likely cells, evaluated
-//    from the tables of gaussian_table.h (exact values for t < 64, else a cubic per cell of
-//    64 cells per binade of t; f, the position in the cell, keeps 23 bits) with float32
-//    additions and multiplications, each rounded
-//    once (no fused multiply-add: the device code uses the _rn intrinsics, which nvcc never
-//    contracts), so the bits are the same on the CPU and the GPU. Within 4.8e-7 of the
-//    exact quantile (scripts/gen_gaussian_table.py checks every cell); |z| <= 6.33.
-//    (Why not Box-Muller: its log, sine and cosine in single-rounded float operations made
-//    the fused perturb pass compute-bound at ~2.7x the memory time; bench/NOTES-zo.md.)
-//  - Rademacher: z_lane = +1 if the top bit of r_lane is 0, else -1.
+//    gives four 32-bit words r0..r3; lane l takes the 16 bits
+//      h_l = (r_{l / 2} >> (16 (l % 2))) & 0xffff
+//    (the low half of r0 for lane 0, its high half for lane 1, ...). Why 16 bits, 8 lanes a
+//    call: the generator's 20 integer multiplies per call, not the memory traffic, bounded
+//    the fused passes; halving the calls per element and the map below took an fp16
+//    perturb pass on an H200 from 52% to 86% of the copy bandwidth (bench/NOTES-zo.md).
+//  - Gaussian: bit 15 of h is z's sign (set: negative) and the 15 bits m = h & 0x7fff give
+//    |z| = v_m, the float16 entry m of gaussian_table.h: the root mean square of N(0, 1)'s
+//    |Z| over the m-th of 2^15 cells of equal probability (scripts/gen_gaussian_table.py).
+//    So z takes 2^16 equally likely values, E[z^2] = 1 up to the float16 rounding of the
+//    entries (1 + 5.7e-7), E[z^4] = 2.9999, |z| <= 4.39: a 16-bit quantization of N(0, 1)
+//    whose second moment is exact, which is what SPSA / RGE / CGE estimates need
+//    (E[z z^T] = I). The float16 value converts to float32 exactly, so the CPU and the GPU
+//    give the same bits by construction.
+//  - Rademacher: z = +1 if bit 15 of h is 0, else -1.
 //  - Uniform on the sphere over the whole parameter set is Gaussian z divided by the
 //    norm over every tensor (sum_sq gives the squared norm; the kernels take it by
 //    pointer so no host round trip is needed).
+// (Until 2026-12 the contract was 4 elements per call, 32 bits each, and an exact-quantile
+// map of 2^31 cells: directions from before then are not reproduced.)
 #pragma once
 #include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
 
 #include "common/half_types.h"
 #include "common/host_device.h"
@@ -63,78 +70,49 @@ DK_HOST_DEVICE float mul_rn(float a, float b) {
   return a * b;
 #endif
 }
-// The Gaussian tables (gaussian_table.h) in the layout the map reads: the 26 x 64 cubic
-// cells, then the 64 far-tail values each stored as a cell (v, 0, 0, 0). A tail word then
-// takes the same lookup and cubic as any other (0 * f + 0 ... + v is v exactly, f >= 0), so
-// the map has no branch: the GPU issues a select instead of a divergent branch and its
-// reconvergence (~3 instructions per element of ~45). One copy for the host, one in the
-// device's constant memory; kernels copy it to shared memory (random lookups from constant
-// memory would serialize across a warp) and pass that.
-constexpr int kGaussianCellFloats = DK_FD_GAUSSIAN_LEVELS * DK_FD_GAUSSIAN_CELLS_PER_LEVEL * 4;
-constexpr int kGaussianTailValues = 64;
-constexpr uint32_t kGaussianTailCell = DK_FD_GAUSSIAN_LEVELS * DK_FD_GAUSSIAN_CELLS_PER_LEVEL;
-constexpr int kGaussianTableFloats = kGaussianCellFloats + 4 * kGaussianTailValues;
 
-// 16-byte aligned: a cell's 4 coefficients are one vector load on the GPU.
+// Elements per Philox call (one 16-byte unit of 16-bit storage, two of float32).
+constexpr int kGroupElems = 8;
+constexpr int kGaussianCells = DK_FD_GAUSSIAN_CELLS;
+
+// The table, as float16 bit patterns: 64 KB. One copy for the host and one in device global
+// memory; the CUDA kernels copy it to shared memory (per-lane random lookups: constant
+// memory would serialize them, and 64 KB is all of it) and pass that.
 struct alignas(16) GaussianTable {
-  float v[kGaussianTableFloats];
+  uint16_t bits[kGaussianCells];
 };
-constexpr GaussianTable make_gaussian_table() {
-  constexpr float cells[kGaussianCellFloats] = {DK_FD_GAUSSIAN_CELLS};
-  constexpr float tail[kGaussianTailValues] = {DK_FD_GAUSSIAN_TAIL};
-  GaussianTable t{};
-  for (int i = 0; i < kGaussianCellFloats; ++i) t.v[i] = cells[i];
-  for (int i = 0; i < kGaussianTailValues; ++i) t.v[kGaussianCellFloats + 4 * i] = tail[i];
-  return t;
-}
-inline constexpr GaussianTable kGaussianTableHost = make_gaussian_table();
+inline constexpr GaussianTable kGaussianTableHost = {{DK_FD_GAUSSIAN_HALF_BITS}};
 #if defined(__CUDACC__)
-static __constant__ GaussianTable kGaussianTableDevice = make_gaussian_table();
+static __device__ const GaussianTable kGaussianTableDevice = {{DK_FD_GAUSSIAN_HALF_BITS}};
 #endif
 
-// The table where the calling code runs: the host copy, or the device's constant copy.
-DK_HOST_DEVICE const float* gaussian_table() {
+// The table where the calling code runs: the host copy, or the device's global copy.
+DK_HOST_DEVICE const uint16_t* gaussian_table() {
 #if defined(__CUDA_ARCH__)
-  return kGaussianTableDevice.v;
+  return kGaussianTableDevice.bits;
 #else
-  return kGaussianTableHost.v;
+  return kGaussianTableHost.bits;
 #endif
 }
 
-DK_HOST_DEVICE int leading_zeros(uint32_t x) {  // x != 0
-#if defined(__CUDA_ARCH__)
-  return __clz(x);
-#else
-  return __builtin_clz(x);
-#endif
+// The 16 bits of lane l (0..7) of a group's Philox words.
+DK_HOST_DEVICE uint32_t lane_bits(const philox::U32x4& r, int l) {
+  return (r.v[l >> 1] >> (16 * (l & 1))) & 0xffffu;
 }
 
-// z of one 32-bit word (the map of the header comment), `table` a 16-byte aligned copy of
-// gaussian_table(). Integer and bit operations except the cubic (no int-to-float
-// conversion: it and the leading-zero count are the slow instructions here).
-DK_HOST_DEVICE float gaussian_from_word(uint32_t w, const float* table) {
-  const uint32_t t = 0x80000000u - (w & 0x7fffffffu);  // in [1, 2^31]
-  // t's leading one moved to bit 31: the 6 cell bits are then bits 30..25 and the position
-  // in the cell is bits 24..0, of which the top 23 become f's mantissa:
-  // f = floor(position * 2^-2) * 2^-23 in [0, 1), exact (for levels up to e = 29 the dropped
-  // bits are zero; at e = 30 one bit is dropped). For t < 64 (the far tail) the level is
-  // meaningless and the cell is the tail value's (v, 0, 0, 0), whatever f is.
-  const int lz = leading_zeros(t);
-  const uint32_t n = t << lz;
-  const uint32_t level = 25u - static_cast<uint32_t>(lz);  // e - 6, 0..25 when t >= 64
-  const uint32_t cell = (n >> 25) & 63u;
-  const uint32_t index = t < 64u ? kGaussianTailCell + t : 64u * level + cell;
-  const float f = sub_rn(half_detail::bits_float(0x3f800000u | ((n >> 2) & 0x7fffffu)), 1.0f);
+// z of one lane's 16 bits h (the map of the header comment); `table`: gaussian_table() or a
+// copy of it. The float16 -> float32 conversion is exact (no NaN in the table).
+DK_HOST_DEVICE float gaussian_from_bits(uint32_t h, const uint16_t* table) {
+  const uint16_t magnitude = table[h & 0x7fffu];
 #if defined(__CUDA_ARCH__)
-  const float4 c4 = reinterpret_cast<const float4*>(table)[index];
-  const float c[4] = {c4.x, c4.y, c4.z, c4.w};
+  const float a = __half2float(__ushort_as_half(magnitude));
 #else
-  const float* c = table + 4 * index;
+  const float a = Float16{magnitude}.to_float();
 #endif
-  const float a = add_rn(mul_rn(add_rn(mul_rn(add_rn(mul_rn(c[3], f), c[2]), f), c[1]), f), c[0]);
-  // The sign bit of w becomes z's (a > 0 always).
-  return half_detail::bits_float(half_detail::float_bits(a) | (w & 0x80000000u));
+  return half_detail::bits_float(half_detail::float_bits(a) | ((h & 0x8000u) << 16));
 }
+
+DK_HOST_DEVICE float rademacher_from_bits(uint32_t h) { return (h & 0x8000u) ? -1.0f : 1.0f; }
 
 // The Philox words of group j of tensor t in direction k.
 DK_HOST_DEVICE philox::U32x4 group_bits(uint64_t seed, uint32_t k, uint32_t t, uint64_t j) {
@@ -143,20 +121,20 @@ DK_HOST_DEVICE philox::U32x4 group_bits(uint64_t seed, uint32_t k, uint32_t t, u
                                static_cast<uint32_t>(seed >> 32));
 }
 
-// The four values z of group j (elements 4j .. 4j + 3) of tensor t in direction k;
+// The 8 values z of group j (elements 8j .. 8j + 7) of tensor t in direction k;
 // `table`: gaussian_table() or a copy of it (read for the Gaussian only).
-struct Float4 {
-  float v[4];
+struct Float8 {
+  float v[kGroupElems];
 };
-DK_HOST_DEVICE Float4 group_directions(Distribution dist, uint64_t seed, uint32_t k, uint32_t t,
-                                       uint64_t j, const float* table) {
+DK_HOST_DEVICE Float8 group_directions(Distribution dist, uint64_t seed, uint32_t k, uint32_t t,
+                                       uint64_t j, const uint16_t* table) {
   const philox::U32x4 r = group_bits(seed, k, t, j);
-  Float4 z;
+  Float8 z;
   if (dist == Distribution::rademacher) {
-    for (int l = 0; l < 4; ++l) z.v[l] = (r.v[l] >> 31) ? -1.0f : 1.0f;
+    for (int l = 0; l < kGroupElems; ++l) z.v[l] = rademacher_from_bits(lane_bits(r, l));
     return z;
   }
-  for (int l = 0; l < 4; ++l) z.v[l] = gaussian_from_word(r.v[l], table);
+  for (int l = 0; l < kGroupElems; ++l) z.v[l] = gaussian_from_bits(lane_bits(r, l), table);
   return z;
 }
 

@@ -11,8 +11,9 @@
 //          from other calls' ids, and are what make a tensor's direction independent of
 //          its position in the list
 //   row[4] first group of the tensor in the flattened group space: the sum of
-//          ceil(numel / 4) over the rows before it (so rows are in order of this column)
-// and `total_groups` = row[4] + ceil(row[1] / 4) of the last row. The core trusts the
+//          ceil(numel / kFdGroupElems) over the rows before it (so rows are in order of
+//          this column; a group is the 8 elements of one Philox call, directions.cuh)
+// and `total_groups` = row[4] + ceil(row[1] / kFdGroupElems) of the last row. The core trusts the
 // contents (the bindings check the array's shape, dtype and device; Python builds the rows
 // from tensors it checked); distinct rows must not overlap in memory.
 //
@@ -36,6 +37,7 @@
 namespace diffkern {
 
 constexpr int kFdDescriptorColumns = 5;
+constexpr int kFdGroupElems = fd::kGroupElems;
 // Rows a CUDA launch can take by value (48 bytes each with its source pointer: 1.5 KB of
 // kernel parameters, within the 4 KB every CUDA version allows, next to the terms' 1 KB).
 constexpr int kFdInlineRows = 32;

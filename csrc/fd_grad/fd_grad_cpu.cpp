@@ -14,7 +14,7 @@ namespace {
 
 using fd::Row;
 
-constexpr int64_t kBlockGroups = 1024;  // 4096 elements per OpenMP work item
+constexpr int64_t kBlockGroups = 512;  // 4096 elements per OpenMP work item
 
 bool valid_distribution(fd::Distribution d) {
   return static_cast<int>(d) >= 0 && static_cast<int>(d) < fd::kNumDistributions;
@@ -25,7 +25,7 @@ template <class F>
 void for_each_group(const int64_t* desc, int64_t num_tensors, int64_t total_groups,
                     int num_threads, F&& f) {
   const int64_t blocks = (total_groups + kBlockGroups - 1) / kBlockGroups;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (total_groups > 256)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (total_groups > 128)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * kBlockGroups;
     const int64_t end = begin + kBlockGroups < total_groups ? begin + kBlockGroups : total_groups;
@@ -86,15 +86,15 @@ Status fd_directions_cpu(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t 
   if (numel < 0 || !valid_distribution(dist)) return Status::invalid_argument;
   if (numel == 0) return Status::ok;
   if (out == nullptr) return Status::invalid_argument;
-  const int64_t groups = (numel + 3) / 4;
+  const int64_t groups = fd::groups_of(numel);
   num_threads = resolve_num_threads(num_threads);
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (groups > 1024)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (groups > 512)
   for (int64_t j = 0; j < groups; ++j) {
-    const fd::Float4 z =
+    const fd::Float8 z =
         fd::group_directions(dist, seed, k, tensor_id, static_cast<uint64_t>(j), fd::gaussian_table());
-    const int64_t rest = numel - 4 * j;
-    const int count = rest >= 4 ? 4 : static_cast<int>(rest);
-    for (int l = 0; l < count; ++l) out[4 * j + l] = z.v[l];
+    const int64_t rest = numel - fd::kGroupElems * j;
+    const int count = rest >= fd::kGroupElems ? fd::kGroupElems : static_cast<int>(rest);
+    for (int l = 0; l < count; ++l) out[fd::kGroupElems * j + l] = z.v[l];
   }
   return Status::ok;
 }
@@ -107,7 +107,7 @@ Status fd_sum_sq_cpu(const int64_t* desc, int64_t num_tensors, int64_t total_gro
   num_threads = resolve_num_threads(num_threads);
   double* partials = out + 1;
   // Each partial sums its own range in group order: the result does not depend on threads.
-#pragma omp parallel for schedule(dynamic, 8) num_threads(num_threads) if (total_groups > 4096)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(num_threads) if (total_groups > 2048)
   for (int64_t p = 0; p < kFdSumSqPartials; ++p) {
     const int64_t begin = fd::partition_begin(total_groups, p);
     const int64_t end = fd::partition_begin(total_groups, p + 1);

@@ -1,26 +1,29 @@
 // CUDA kernels of the finite-difference family: one launch over every tensor of the list.
 //
-// perturb and update are compute-bound on the generator (10 Philox rounds per 4 elements
-// and the Gaussian map) once the memory side is organised, so the layout aims at keeping
-// the arithmetic units busy and loads in flight (bench/NOTES-zo.md has the measurements):
+// perturb and update are bounded by the generator (10 Philox rounds per 8 elements) and the
+// memory traffic once the memory side is organised, so the layout aims at keeping the
+// arithmetic units busy and loads in flight (bench/NOTES-zo.md has the measurements):
 //  - one wave of blocks (as many as fit at once), each owning one contiguous range of the
 //    flattened group space: no partial last wave, and each block starts with one binary
 //    search over the descriptors. (The first version had one block per 1024 elements, each
 //    starting with a serial binary search by thread 0 behind a __syncthreads: the kernel
 //    was latency-bound at 17-22% of the copy bandwidth.)
 //  - a block walks the rows its range meets; per row the storage dtype is dispatched once;
-//    the part of the row at 16-byte aligned addresses moves as 16-byte units (8 elements of
-//    16 bits, 4 of float32; fd_vector_io.cuh), thread-strided with 32-bit indices, 2 groups
-//    per thread and step, the next step's units loaded before this step's generator runs;
-//    the few groups at the edges (a misaligned view, a partial last group) go element-wise;
+//    a row whose source and destination are 16-byte aligned moves as 16-byte units (a group
+//    of 8 elements is one unit of 16-bit elements, two of float32; fd_vector_io.cuh),
+//    thread-strided with 32-bit indices, two units per thread and step, the next step's
+//    units loaded before this step's generator runs; a partial last group, and rows at an
+//    odd address (a view), go element-wise;
 //  - the distribution is a template parameter (no per-group dispatch; the Rademacher
 //    kernels neither fill nor reserve the Gaussian table);
-//  - the Gaussian table lives in shared memory (per-lane random lookups).
+//  - the Gaussian table (64 KB of float16) lives in dynamic shared memory: per-lane random
+//    lookups. That allows 3 blocks of 256 threads per SM (4 for Rademacher).
 // No allocation, no synchronization: everything is on `stream`. Short lists travel by
 // value in the kernel's parameters (RowList).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -40,12 +43,18 @@ using fd::Distribution;
 using fd::Row;
 
 constexpr int kThreads = 256;
-constexpr int kGroupsPerStep = 2;  // groups per thread per step (run_units, groups_grid)
-// At least 4 resident blocks of 256 threads per SM (caps registers at 64 per thread: the
-// generator's latency is hidden by other warps, not by more registers). A higher count for
-// the Rademacher kernels (memory-bound, where more warps would keep more loads in flight)
-// spilled inside the unit loops at 40 and 48 registers (nvcc 13.0, sm_90), so 4 for both.
-constexpr int kMinBlocksPerSm = 4;
+constexpr int kStepUnits = 2;  // 16-byte units per thread per step (run_units, groups_grid)
+// Groups per thread per step: 2 of 16-bit elements, 1 of float32.
+template <class T>
+constexpr int kStepGroups = kStepUnits / fd::kGroupUnits<T>;
+// Resident blocks of 256 threads per SM the kernels are compiled for (the register cap:
+// the generator's latency is hidden by other warps, not by more registers): 4 (64
+// registers) without the table; 3 with it, which is what 64 KB of shared memory per block
+// allows (85 registers).
+template <Distribution D>
+constexpr int kMinBlocksPerSm = D == Distribution::gaussian ? 3 : 4;
+template <Distribution D>
+constexpr size_t kTableBytes = D == Distribution::gaussian ? sizeof(fd::GaussianTable) : 0;
 
 // Terms of an update, by value in the kernel's parameters (graph-capturable, no copies).
 struct Terms {
@@ -93,106 +102,127 @@ Status make_row_list(const int64_t* desc, const int64_t* sources, int64_t num_ro
   return Status::ok;
 }
 
-// The Gaussian table in shared memory (random per-lane lookups; constant memory would
-// serialize them), filled by the whole block; Rademacher kernels have none.
+// The Gaussian table in dynamic shared memory (random per-lane lookups; constant memory
+// would serialize them), copied by the whole block in 16-byte pieces; Rademacher kernels
+// have none and launch without the shared memory.
 template <Distribution D>
-__device__ __forceinline__ const float* shared_gaussian_table() {
+__device__ __forceinline__ const uint16_t* shared_gaussian_table() {
   if constexpr (D == Distribution::gaussian) {
-    __shared__ __align__(16) float table[fd::kGaussianTableFloats];
-    const float* src = fd::gaussian_table();
-    for (int i = threadIdx.x; i < fd::kGaussianTableFloats; i += blockDim.x) table[i] = src[i];
+    extern __shared__ __align__(16) unsigned char fd_dynamic_smem[];
+    uint4* table = reinterpret_cast<uint4*>(fd_dynamic_smem);
+    const uint4* src = reinterpret_cast<const uint4*>(fd::gaussian_table());
+    constexpr int kPieces = static_cast<int>(sizeof(fd::GaussianTable) / sizeof(uint4));
+    for (int i = threadIdx.x; i < kPieces; i += blockDim.x) table[i] = src[i];
     __syncthreads();
-    return table;
+    return reinterpret_cast<const uint16_t*>(table);
   } else {
     return nullptr;
   }
 }
 
-// Groups [a, b) of one row, element-wise (any alignment, a partial last group).
+// Lets `kernel` use the table's dynamic shared memory (past the 48 KB default) on the
+// current device: once per device (a bit per device ordinal; the attribute is per function
+// and device, and setting it is not a stream operation, so it is done before any capture).
+template <Distribution D, class Kernel>
+Status allow_table(Kernel kernel, std::atomic<uint64_t>& done) {
+  if constexpr (kTableBytes<D> > 0) {
+    int device = 0;
+    DK_CUDA_TRY(cudaGetDevice(&device));
+    const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+    if (bit == 0 || !(done.load(std::memory_order_acquire) & bit)) {
+      DK_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kTableBytes<D>)));
+      done.fetch_or(bit, std::memory_order_acq_rel);
+    }
+  }
+  return Status::ok;
+}
+
+// Groups [a, b) of one row, element-wise (a partial last group, a row at an odd address).
 template <class T, class Op>
 __device__ __forceinline__ void run_groups(const Row& row, const T* src, T* dst, int64_t a,
-                                           int64_t b, const Op& op, const float* table) {
+                                           int64_t b, const Op& op, const uint16_t* table) {
   for (int64_t j = a + threadIdx.x; j < b; j += kThreads) {
-    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float x[fd::kGroupElems] = {};
     const int count = fd::load_group(src, row.numel, j, x);
     op(row, j, table, x);
     fd::store_group(dst, j, count, x);
   }
 }
 
-// The `units` 16-byte units from group j_begin of a row (src and dst 16-byte aligned there):
-// each thread takes kGroupsPerStep groups per step (one unit of 16-bit elements, two of
-// float32, kThreads units apart), loading the next step's units before running the
-// generator on this step's. Indices are 32-bit within chunks of 2^30 units.
+// The `groups` whole groups from group j_begin of a row (src and dst 16-byte aligned), as
+// 16-byte units: each thread takes kStepGroups groups per step (kStepUnits units, the
+// groups kThreads apart), loading the next step's units before running the generator on
+// this step's. Indices are 32-bit within chunks of 2^30 groups.
 template <class T>
-__device__ __forceinline__ void load_step(const uint4* s, uint32_t n, uint32_t u,
-                                          uint4 (&v)[kGroupsPerStep / fd::kUnitGroups<T>]) {
-  constexpr int U = kGroupsPerStep / fd::kUnitGroups<T>;
+__device__ __forceinline__ void load_step(const uint4* s, uint32_t n, uint32_t g,
+                                          uint4 (&v)[kStepUnits]) {
+  constexpr int S = kStepGroups<T>, GU = fd::kGroupUnits<T>;
 #pragma unroll
-  for (int i = 0; i < U; ++i)
-    if (u + i * kThreads < n) v[i] = fd::load_unit(s + u + i * kThreads);
+  for (int i = 0; i < S; ++i) {
+    const uint32_t gi = g + i * kThreads;
+    if (gi < n) {
+#pragma unroll
+      for (int q = 0; q < GU; ++q) v[i * GU + q] = fd::load_unit(s + static_cast<size_t>(gi) * GU + q);
+    }
+  }
 }
 
 template <class T, class Op>
 __device__ __forceinline__ void run_units(const Row& row, const T* src, T* dst, int64_t j_begin,
-                                          int64_t units, const Op& op, const float* table) {
-  constexpr int G = fd::kUnitGroups<T>;
-  constexpr int U = kGroupsPerStep / G;
+                                          int64_t groups, const Op& op, const uint16_t* table) {
+  constexpr int S = kStepGroups<T>, GU = fd::kGroupUnits<T>, E = fd::kUnitElems<T>;
   constexpr int64_t kChunk = int64_t{1} << 30;
-  for (int64_t done = 0; done < units; done += kChunk) {
-    const uint32_t n = static_cast<uint32_t>(units - done < kChunk ? units - done : kChunk);
-    const int64_t jc = j_begin + done * G;
-    const uint4* s = reinterpret_cast<const uint4*>(src + 4 * jc);
-    uint4* d = reinterpret_cast<uint4*>(dst + 4 * jc);
-    uint4 cur[U];
-    uint32_t u = threadIdx.x;
-    load_step<T>(s, n, u, cur);
-    for (; u < n; u += U * kThreads) {
-      uint4 next[U];
-      load_step<T>(s, n, u + U * kThreads, next);
+  for (int64_t done = 0; done < groups; done += kChunk) {
+    const uint32_t n = static_cast<uint32_t>(groups - done < kChunk ? groups - done : kChunk);
+    const int64_t jc = j_begin + done;
+    const uint4* s = reinterpret_cast<const uint4*>(src + fd::kGroupElems * jc);
+    uint4* d = reinterpret_cast<uint4*>(dst + fd::kGroupElems * jc);
+    uint4 cur[kStepUnits];
+    uint32_t g = threadIdx.x;
+    load_step<T>(s, n, g, cur);
+    for (; g < n; g += S * kThreads) {
+      uint4 next[kStepUnits];
+      load_step<T>(s, n, g + S * kThreads, next);
 #pragma unroll
-      for (int i = 0; i < U; ++i) {
-        const uint32_t ui = u + i * kThreads;
-        if (ui < n) {
-          float x[fd::kUnitElems<T>];
-          fd::unpack_unit<T>(cur[i], x);
+      for (int i = 0; i < S; ++i) {
+        const uint32_t gi = g + i * kThreads;
+        if (gi < n) {
+          float x[fd::kGroupElems];
 #pragma unroll
-          for (int g = 0; g < G; ++g)
-            op(row, jc + static_cast<int64_t>(ui) * G + g, table,
-               *reinterpret_cast<float(*)[4]>(x + 4 * g));
-          fd::store_unit(d + ui, fd::pack_unit<T>(x));
+          for (int q = 0; q < GU; ++q)
+            fd::unpack_unit<T>(cur[i * GU + q], *reinterpret_cast<float(*)[E]>(x + q * E));
+          op(row, jc + gi, table, x);
+#pragma unroll
+          for (int q = 0; q < GU; ++q)
+            fd::store_unit(d + static_cast<size_t>(gi) * GU + q,
+                           fd::pack_unit<T>(*reinterpret_cast<float(*)[E]>(x + q * E)));
         }
       }
 #pragma unroll
-      for (int i = 0; i < U; ++i) cur[i] = next[i];
+      for (int i = 0; i < kStepUnits; ++i) cur[i] = next[i];
     }
   }
 }
 
-// Groups [j0, j1) of one row: the whole groups from the first 16-byte boundary on (when
-// source and destination share their alignment) as units, the edges element-wise.
+// Groups [j0, j1) of one row: the whole groups as units when source and destination are
+// 16-byte aligned (a group is 16 or 32 bytes, so then every group is), the partial last
+// group and misaligned rows element-wise.
 template <class T, class Op>
 __device__ __forceinline__ void run_segment(const Row& row, const void* source, int64_t j0,
-                                            int64_t j1, const Op& op, const float* table) {
-  constexpr int G = fd::kUnitGroups<T>;
-  constexpr uintptr_t kGroupBytes = 4 * sizeof(T);
+                                            int64_t j1, const Op& op, const uint16_t* table) {
   const T* src = static_cast<const T*>(source);
   T* dst = static_cast<T*>(row.data);
-  const int64_t whole_end = j1 < row.numel / 4 ? j1 : row.numel / 4;
-  const uintptr_t s0 = reinterpret_cast<uintptr_t>(src + 4 * j0);
-  const uintptr_t d0 = reinterpret_cast<uintptr_t>(dst + 4 * j0);
-  int64_t body_begin = j1, units = 0;
-  if ((s0 - d0) % 16 == 0 && s0 % kGroupBytes == 0) {
-    const int64_t lead = static_cast<int64_t>((16 - s0 % 16) % 16 / kGroupBytes);
-    if (j0 + lead < whole_end) {
-      body_begin = j0 + lead;
-      units = (whole_end - body_begin) / G;
-    }
+  const int64_t whole = row.numel / fd::kGroupElems;
+  const int64_t whole_end = j1 < whole ? j1 : whole;
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  if (aligned && j0 < whole_end) {
+    run_units(row, src, dst, j0, whole_end - j0, op, table);
+    run_groups(row, src, dst, whole_end, j1, op, table);
+  } else {
+    run_groups(row, src, dst, j0, j1, op, table);
   }
-  const int64_t body_end = body_begin + units * G;
-  run_groups(row, src, dst, j0, body_begin, op, table);
-  run_groups(row, src, dst, body_end, j1, op, table);
-  run_units(row, src, dst, body_begin, units, op, table);
 }
 
 // Runs op(row, j, table, x) on every group of block b's range [b * per_block, ...), x
@@ -200,11 +230,11 @@ __device__ __forceinline__ void run_segment(const Row& row, const void* source, 
 // are stored into the row). The block walks the rows its range meets, the storage dtype
 // dispatched once per row.
 template <Distribution D, class Op>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D>)
 groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_block, Op op) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
-  const float* table = shared_gaussian_table<D>();
+  const uint16_t* table = shared_gaussian_table<D>();
   if (begin >= end) return;
   op.prepare();  // per-launch scalars that read device memory (sphere norms)
   const int64_t* desc = list.rows();
@@ -213,7 +243,7 @@ groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_b
   int64_t r = fd::find_row(desc, num_rows, begin);
   for (int64_t g = begin; g < end && r < num_rows; ++r) {
     const Row row = fd::read_row(desc, r);
-    const int64_t row_end = row.first_group + (row.numel + 3) / 4;
+    const int64_t row_end = row.first_group + fd::groups_of(row.numel);
     const int64_t seg_end = row_end < end ? row_end : end;
     if (seg_end <= g) continue;  // an empty row
     const void* source = fd::row_source(sources, r, row);
@@ -236,8 +266,8 @@ struct PerturbOp {
   const double* norm_sq;
   float s;
   __device__ __forceinline__ void prepare() { s = fd::mul_rn(scale, fd::inverse_norm(norm_sq)); }
-  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const float* table,
-                                             float (&x)[4]) const {
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const uint16_t* table,
+                                             float (&x)[fd::kGroupElems]) const {
     fd::perturb_values(row, j, seed, k, s, D, table, x);
   }
 };
@@ -252,8 +282,8 @@ struct UpdateOp {
   // terms would live in local memory); sphere directions rescale each coefficient by its
   // inverse norm where it is used. One Philox call per group and term (update_values).
   __device__ __forceinline__ void prepare() {}
-  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const float* table,
-                                             float (&x)[4]) const {
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const uint16_t* table,
+                                             float (&x)[fd::kGroupElems]) const {
     fd::update_values(row, j, terms.term, terms.count, lr, wd, D, norm_sq, norm_stride, table, x);
   }
 };
@@ -278,8 +308,10 @@ Status groups_grid(int64_t total, GroupsGrid& grid) {
   DK_CUDA_TRY(cudaGetDevice(&device));
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   DK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, groups_kernel<D, Op>,
-                                                             kThreads, 0));
-  constexpr int64_t pass = static_cast<int64_t>(kThreads) * kGroupsPerStep;
+                                                             kThreads, kTableBytes<D>));
+  // A step covers 2 groups per thread of 16-bit rows, 1 of float32: sized for the former
+  // (the wave has the same number of blocks either way; float32 blocks loop twice as often).
+  constexpr int64_t pass = static_cast<int64_t>(kThreads) * kStepUnits;
   const int64_t passes = ceil_div(total, pass);
   const int64_t wave = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
   const int64_t blocks = std::min<int64_t>(passes, wave);
@@ -290,10 +322,13 @@ Status groups_grid(int64_t total, GroupsGrid& grid) {
 
 template <Distribution D, class Op>
 Status launch_groups(const RowList& list, int64_t total, const Op& op, void* stream) {
-  GroupsGrid grid;
-  const Status st = groups_grid<D, Op>(total, grid);
+  static std::atomic<uint64_t> table_allowed{0};
+  Status st = allow_table<D>(groups_kernel<D, Op>, table_allowed);
   if (st != Status::ok) return st;
-  groups_kernel<D, Op><<<grid.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  GroupsGrid grid;
+  st = groups_grid<D, Op>(total, grid);
+  if (st != Status::ok) return st;
+  groups_kernel<D, Op><<<grid.blocks, kThreads, kTableBytes<D>, static_cast<cudaStream_t>(stream)>>>(
       list, total, grid.per_block, op);
   return last_launch_status();
 }
@@ -301,14 +336,14 @@ Status launch_groups(const RowList& list, int64_t total, const Op& op, void* str
 template <Distribution D>
 __global__ void __launch_bounds__(kThreads)
 directions_kernel(uint64_t seed, uint32_t k, uint32_t t, int64_t numel, float* __restrict__ out) {
-  const int64_t groups = (numel + 3) / 4;
-  const float* table = shared_gaussian_table<D>();
+  const int64_t groups = fd::groups_of(numel);
+  const uint16_t* table = shared_gaussian_table<D>();
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < groups;
        j += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const fd::Float4 z = fd::group_directions(D, seed, k, t, static_cast<uint64_t>(j), table);
-    float x[4] = {z.v[0], z.v[1], z.v[2], z.v[3]};
-    const int64_t rest = numel - 4 * j;
-    fd::store_group(out, j, rest >= 4 ? 4 : static_cast<int>(rest), x);
+    const fd::Float8 z = fd::group_directions(D, seed, k, t, static_cast<uint64_t>(j), table);
+    const int64_t rest = numel - fd::kGroupElems * j;
+    fd::store_group(out, j, rest >= fd::kGroupElems ? fd::kGroupElems : static_cast<int>(rest),
+                    z.v);
   }
 }
 
@@ -319,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
 sum_sq_partials_kernel(const __grid_constant__ RowList list, int64_t total, uint64_t seed,
                        uint32_t k, double* partials) {
   __shared__ double scratch[kThreads / 32];
-  const float* table = shared_gaussian_table<D>();
+  const uint16_t* table = shared_gaussian_table<D>();
   const int64_t* desc = list.rows();
   const int64_t num_rows = list.num_rows;
   const int64_t begin = fd::partition_begin(total, blockIdx.x);
@@ -401,9 +436,13 @@ Status fd_directions_cuda(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t
   int device = 0, sm_count = 0;
   DK_CUDA_TRY(cudaGetDevice(&device));
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const unsigned blocks = grid_stride_blocks(ceil_div(numel, 4), kThreads, sm_count);
+  const unsigned blocks = grid_stride_blocks(fd::groups_of(numel), kThreads, sm_count);
   return with_distribution(dist, [&](auto d) {
-    directions_kernel<decltype(d)::value><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+    constexpr Distribution D = decltype(d)::value;
+    static std::atomic<uint64_t> table_allowed{0};
+    const Status st = allow_table<D>(directions_kernel<D>, table_allowed);
+    if (st != Status::ok) return st;
+    directions_kernel<D><<<blocks, kThreads, kTableBytes<D>, static_cast<cudaStream_t>(stream)>>>(
         seed, k, tensor_id, numel, out);
     return last_launch_status();
   });
@@ -419,7 +458,11 @@ Status fd_sum_sq_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   if (st != Status::ok) return st;
   const auto s = static_cast<cudaStream_t>(stream);
   return with_distribution(dist, [&](auto d) {
-    sum_sq_partials_kernel<decltype(d)::value><<<kFdSumSqPartials, kThreads, 0, s>>>(
+    constexpr Distribution D = decltype(d)::value;
+    static std::atomic<uint64_t> table_allowed{0};
+    const Status st = allow_table<D>(sum_sq_partials_kernel<D>, table_allowed);
+    if (st != Status::ok) return st;
+    sum_sq_partials_kernel<D><<<kFdSumSqPartials, kThreads, kTableBytes<D>, s>>>(
         list, total_groups, seed, k, out + 1);
     DK_CUDA_TRY(cudaGetLastError());
     sum_sq_total_kernel<<<1, 1, 0, s>>>(out);

@@ -1,5 +1,5 @@
-// What the CPU and CUDA kernels of fd_grad.h do to one group of 4 elements (one Philox
-// call), written once for both: locating a group's tensor, loading and storing its
+// What the CPU and CUDA kernels of fd_grad.h do to one group of kGroupElems = 8 elements
+// (one Philox call), written once for both: locating a group's tensor, loading and storing its
 // elements in any storage dtype, and the perturb / update / sum-of-squares arithmetic.
 #pragma once
 #include <cmath>
@@ -29,6 +29,9 @@ DK_HOST_DEVICE Row read_row(const int64_t* desc, int64_t r) {
              static_cast<uint32_t>(p[3]), p[4]};
 }
 
+// Groups of a tensor of n elements (the last one may be partial).
+DK_HOST_DEVICE int64_t groups_of(int64_t n) { return (n + kGroupElems - 1) / kGroupElems; }
+
 DK_HOST_DEVICE int64_t first_group(const int64_t* desc, int64_t r) {
   return desc[r * kFdDescriptorColumns + 4];
 }
@@ -52,59 +55,30 @@ DK_HOST_DEVICE int64_t advance_row(const int64_t* desc, int64_t num_rows, int64_
   return r;
 }
 
-// Whole groups at an address aligned to the group's size move as one 8- or 16-byte access
-// on the GPU (torch's allocations are aligned; a view with an odd offset takes the
-// element-wise path). Bits: the same either way.
+// The (up to) 8 elements of group j of a tensor of n elements, as float; returns how many
+// there are. Element by element (the CUDA kernels move the aligned bulk as 16-byte units,
+// fd_vector_io.cuh; this is the CPU's path and the GPU's path for edges). Unrolled with a
+// predicate rather than a loop to `count`: a dynamic index into x would put x in local
+// memory on the GPU (measured: 3x slower perturb).
 template <class T>
-struct Group4 {
-  T v[4];
-};
-template <class T>
-DK_HOST_DEVICE bool vector_ok(const T* p, int count) {
-#if defined(__CUDA_ARCH__)
-  return count == 4 && (reinterpret_cast<uintptr_t>(p) % sizeof(Group4<T>)) == 0;
-#else
-  (void)p;
-  (void)count;
-  return false;
-#endif
-}
-
-// The (up to) 4 elements of group j of a tensor of n elements, as float.
-template <class T>
-DK_HOST_DEVICE int load_group(const T* data, int64_t n, int64_t j, float (&x)[4]) {
-  const int64_t base = 4 * j;
-  const int count = n - base >= 4 ? 4 : static_cast<int>(n - base);
-  if (vector_ok(data + base, count)) {
-    struct alignas(sizeof(Group4<T>)) A { Group4<T> g; };
-    const Group4<T> g = reinterpret_cast<const A*>(data + base)->g;
-    for (int l = 0; l < 4; ++l) x[l] = to_compute(g.v[l]);
-    return 4;
-  }
-  // Unrolled with a predicate rather than a loop to `count`: a dynamic index into x would
-  // put x in local memory on the GPU (measured: 3x slower perturb).
+DK_HOST_DEVICE int load_group(const T* data, int64_t n, int64_t j, float (&x)[kGroupElems]) {
+  const int64_t base = kGroupElems * j;
+  const int count = n - base >= kGroupElems ? kGroupElems : static_cast<int>(n - base);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int l = 0; l < 4; ++l)
+  for (int l = 0; l < kGroupElems; ++l)
     if (l < count) x[l] = to_compute(data[base + l]);
   return count;
 }
 
 template <class T>
-DK_HOST_DEVICE void store_group(T* data, int64_t j, int count, const float (&x)[4]) {
-  const int64_t base = 4 * j;
-  if (vector_ok(data + base, count)) {
-    struct alignas(sizeof(Group4<T>)) A { Group4<T> g; };
-    A a;
-    for (int l = 0; l < 4; ++l) a.g.v[l] = from_compute<T>(x[l]);
-    *reinterpret_cast<A*>(data + base) = a;
-    return;
-  }
+DK_HOST_DEVICE void store_group(T* data, int64_t j, int count, const float (&x)[kGroupElems]) {
+  const int64_t base = kGroupElems * j;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int l = 0; l < 4; ++l)
+  for (int l = 0; l < kGroupElems; ++l)
     if (l < count) data[base + l] = from_compute<T>(x[l]);
 }
 
@@ -125,13 +99,13 @@ DK_HOST_DEVICE void with_storage(int dtype, void* data, F&& f) {
   }
 }
 
-// x <- x + scale * z for the 4 values of group j (lanes past the tensor's end are computed
+// x <- x + scale * z for the 8 values of group j (lanes past the tensor's end are computed
 // and never stored), each product and sum rounded once in float32.
 DK_HOST_DEVICE void perturb_values(const Row& row, int64_t j, uint64_t seed, uint32_t k,
-                                   float scale, Distribution dist, const float* table,
-                                   float (&x)[4]) {
-  const Float4 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j), table);
-  for (int l = 0; l < 4; ++l) x[l] = add_rn(x[l], mul_rn(scale, z.v[l]));
+                                   float scale, Distribution dist, const uint16_t* table,
+                                   float (&x)[kGroupElems]) {
+  const Float8 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j), table);
+  for (int l = 0; l < kGroupElems; ++l) x[l] = add_rn(x[l], mul_rn(scale, z.v[l]));
 }
 
 // Coefficient m of an update: c_m, times its direction's inverse norm for sphere directions
@@ -145,15 +119,17 @@ DK_HOST_DEVICE float term_coeff(const FdTerm* terms, int m, const double* norm_s
 // x <- x - lr * (sum_m c_m z_m + wd * x), terms accumulated in order from 0.
 DK_HOST_DEVICE void update_values(const Row& row, int64_t j, const FdTerm* terms, int num_terms,
                                   float lr, float wd, Distribution dist, const double* norm_sq,
-                                  int64_t norm_stride, const float* table, float (&x)[4]) {
-  float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                                  int64_t norm_stride, const uint16_t* table,
+                                  float (&x)[kGroupElems]) {
+  float g[kGroupElems] = {};
   for (int m = 0; m < num_terms; ++m) {
-    const Float4 z = group_directions(dist, terms[m].seed, terms[m].k, row.id,
+    const Float8 z = group_directions(dist, terms[m].seed, terms[m].k, row.id,
                                       static_cast<uint64_t>(j), table);
     const float c = term_coeff(terms, m, norm_sq, norm_stride);
-    for (int l = 0; l < 4; ++l) g[l] = add_rn(g[l], mul_rn(c, z.v[l]));
+    for (int l = 0; l < kGroupElems; ++l) g[l] = add_rn(g[l], mul_rn(c, z.v[l]));
   }
-  for (int l = 0; l < 4; ++l) x[l] = sub_rn(x[l], mul_rn(lr, add_rn(g[l], mul_rn(wd, x[l]))));
+  for (int l = 0; l < kGroupElems; ++l)
+    x[l] = sub_rn(x[l], mul_rn(lr, add_rn(g[l], mul_rn(wd, x[l]))));
 }
 
 // Load (from `source`, of row's numel and dtype), transform, store (into the row) one
@@ -161,7 +137,7 @@ DK_HOST_DEVICE void update_values(const Row& row, int64_t j, const FdTerm* terms
 template <class T>
 DK_HOST_DEVICE void perturb_group(const Row& row, const void* source, int64_t j, uint64_t seed,
                                   uint32_t k, float scale, Distribution dist) {
-  float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float x[kGroupElems] = {};
   const int count = load_group(static_cast<const T*>(source), row.numel, j, x);
   perturb_values(row, j, seed, k, scale, dist, gaussian_table(), x);
   store_group(static_cast<T*>(row.data), j, count, x);
@@ -178,7 +154,7 @@ DK_HOST_DEVICE void update_group(const Row& row, int64_t j, const FdTerm* terms,
                                  float lr, float wd, Distribution dist, const double* norm_sq,
                                  int64_t norm_stride) {
   T* data = static_cast<T*>(row.data);
-  float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float x[kGroupElems] = {};
   const int count = load_group(data, row.numel, j, x);
   update_values(row, j, terms, num_terms, lr, wd, dist, norm_sq, norm_stride, gaussian_table(), x);
   store_group(data, j, count, x);
@@ -186,15 +162,15 @@ DK_HOST_DEVICE void update_group(const Row& row, int64_t j, const FdTerm* terms,
 
 // Sum of z^2 over the valid elements of group j (double, lane order).
 DK_HOST_DEVICE double sum_sq_group(const Row& row, int64_t j, uint64_t seed, uint32_t k,
-                                   Distribution dist, const float* table) {
-  const Float4 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j), table);
-  const int64_t rest = row.numel - 4 * j;
-  const int count = rest >= 4 ? 4 : static_cast<int>(rest);
+                                   Distribution dist, const uint16_t* table) {
+  const Float8 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j), table);
+  const int64_t rest = row.numel - kGroupElems * j;
+  const int count = rest >= kGroupElems ? kGroupElems : static_cast<int>(rest);
   double s = 0.0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int l = 0; l < 4; ++l)
+  for (int l = 0; l < kGroupElems; ++l)
     if (l < count) s += static_cast<double>(z.v[l]) * z.v[l];
   return s;
 }

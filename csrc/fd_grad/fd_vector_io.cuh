@@ -23,15 +23,17 @@
 #include <cstdint>
 
 #include "common/half_types.h"
+#include "fd_grad/directions.cuh"
 
 namespace diffkern {
 namespace fd {
 
-// Elements of storage type T in one 16-byte unit, and groups of 4 in it.
+// Elements of storage type T in one 16-byte unit, and units in one group of kGroupElems
+// (8) elements: 1 of 16-bit elements, 2 of float32.
 template <class T>
 constexpr int kUnitElems = 16 / static_cast<int>(sizeof(T));
 template <class T>
-constexpr int kUnitGroups = kUnitElems<T> / 4;
+constexpr int kGroupUnits = kGroupElems / kUnitElems<T>;
 
 // (Not __ldca / __stwb: their volatile asm comes out as LDG.E.128.STRONG.SM.)
 __device__ __forceinline__ uint4 load_unit(const uint4* p) {

@@ -51,6 +51,8 @@ _DESC_CACHE_SIZE = 4096
 # in its launch parameters (no device array, no copy): a module's handful of tensors.
 # Longer lists are copied to the device once and cached. (Tests set it to 0 to compare.)
 _INLINE_ROWS = _C.FD_INLINE_ROWS
+# Elements per generator call (a group: directions.cuh); descriptors count groups.
+_GROUP = _C.FD_GROUP_ELEMS
 
 
 class _RowList(NamedTuple):
@@ -159,7 +161,7 @@ def _descriptors(params: list[torch.Tensor], ids: list[int],
     for p, t in zip(params, ids):
         n = p.numel()
         rows.append((p.data_ptr(), n, _DTYPE_CODES[p.dtype], t, first))
-        first += (n + 3) // 4
+        first += (n + _GROUP - 1) // _GROUP
     device = params[0].device
     by_value = device.type == "cuda" and len(rows) <= _INLINE_ROWS
     src = () if sources is None else tuple(s.data_ptr() for s in sources)
