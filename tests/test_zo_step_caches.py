@@ -1,8 +1,9 @@
-"""What dk.zo's optimizers keep across steps to save host time (the hook units of the module
-path, a checked parameter list for the update, descriptors by pointer) never changes a
+"""What dk.zo keeps across calls to save host time (the optimizers' hook units of the module
+path, lists of tensors checked before by signature, descriptors by pointer) never changes a
 result: a cached step equals a fresh optimizer's step bit for bit, and every change to the
 model between steps (a module replaced, a parameter re-allocated or converted, the unit
 budget) is seen."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -115,38 +116,55 @@ def test_reallocated_parameter_is_updated_not_its_old_storage():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_update_checked_equals_update(dtype):
+def test_list_cache_same_bits(dtype):
+    """perturb_/update_/sum_sq on a list whose signature is cached give the bits of a cold
+    call (the cache cleared before each reference call)."""
     torch.manual_seed(0)
     a = [torch.randn(n, dtype=dtype) for n in (1, 7, 64, 1001)]
     b = [x.clone() for x in a]
     terms = [(11, 0, 0.5), (11, 1, -0.25)]
-    K.update_(a, terms, 0.1, 0.01, "gaussian")
-    clist = K.CheckedList("test", b)
-    K.update_checked(clist, terms, 0.1, 0.01, "gaussian")
-    assert _equal(a, b)
-    K.update_(a, terms, 0.1, 0.0, "rademacher")
-    K.update_checked(clist, terms, 0.1, 0.0, "rademacher")
-    assert _equal(a, b)
+    for step in range(3):
+        K._LIST_CACHE.clear()
+        K.update_(a, terms, 0.1, 0.01, "gaussian")
+        K.perturb_(a, 5, step, 0.3, "rademacher", tensor_ids=[3, 1, 2, 0])
+        K.update_(b, terms, 0.1, 0.01, "gaussian")  # warm after the first step
+        K.perturb_(b, 5, step, 0.3, "rademacher", tensor_ids=[3, 1, 2, 0])
+        assert _equal(a, b)
+    assert K.sum_sq(b, 3, 1).item() == K.sum_sq(a, 3, 1).item()
 
 
-def test_update_checked_rechecks_a_changed_list():
+def test_list_cache_rechecks_a_changed_list():
     t = torch.randn(10)
-    clist = K.CheckedList("test", [t])
-    K.update_checked(clist, [(1, 0, 1.0)], 0.1)
-    t.data = torch.randn(5, 2).t()  # same object, now a non-contiguous view
+    K.update_([t], [(1, 0, 1.0)], 0.1)  # cached
+    t.data = torch.randn(5, 2).t()  # the same object, now a non-contiguous view
     with pytest.raises(ValueError, match="contiguous"):
-        K.update_checked(clist, [(1, 0, 1.0)], 0.1)
+        K.update_([t], [(1, 0, 1.0)], 0.1)
     t.data = torch.randn(10).double()
     with pytest.raises(TypeError, match="dtype"):
-        K.update_checked(clist, [(1, 0, 1.0)], 0.1)
+        K.perturb_([t], 1, 0, 1.0)
+    u = torch.randn(10)
+    K.perturb_([u], 1, 0, 1.0)
+    with pytest.raises(TypeError, match="tensor"):
+        K.perturb_([u, "not a tensor"], 1, 0, 1.0)
+    with pytest.raises(ValueError, match="tensor_ids"):
+        K.perturb_([u], 1, 0, 1.0, tensor_ids=[0, 1])
+    with pytest.raises(TypeError):
+        K.perturb_([u], 1, 0, 1.0, tensor_ids=[np.int64(0)])  # only exact ints are cached
+    # A reallocated tensor (new pointer): its new storage is written, the old one is not.
+    old = u.data
+    u.data = old.clone()
+    before = old.clone()
+    K.perturb_([u], 1, 1, 1.0)
+    assert torch.equal(old, before) and not torch.equal(u, before)
 
 
-def test_update_checked_checks_its_arguments():
-    clist = K.CheckedList("test", [torch.zeros(4)])
+def test_update_checks_its_arguments_with_a_cached_list():
+    x = [torch.zeros(4)]
+    K.update_(x, [(1, 0, 1.0)], 0.1)
     with pytest.raises(ValueError, match="triples"):
-        K.update_checked(clist, [], 0.1)
+        K.update_(x, [], 0.1)
     with pytest.raises(TypeError, match="lr"):
-        K.update_checked(clist, [(1, 0, 1.0)], "fast")
+        K.update_(x, [(1, 0, 1.0)], "fast")
 
 
 def test_perturb_into_trusted_cache_same_bits():

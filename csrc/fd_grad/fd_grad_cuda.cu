@@ -48,11 +48,12 @@ constexpr int kStepUnits = 2;  // 16-byte units per thread per step (run_units, 
 template <class T>
 constexpr int kStepGroups = kStepUnits / fd::kGroupUnits<T>;
 // Resident blocks of 256 threads per SM the kernels are compiled for (the register cap:
-// the generator's latency is hidden by other warps, not by more registers): 4 (64
-// registers) without the table; 3 with it, which is what 64 KB of shared memory per block
-// allows (85 registers).
-template <Distribution D>
-constexpr int kMinBlocksPerSm = D == Distribution::gaussian ? 3 : 4;
+// the generator's latency is hidden by other warps, not by more registers): 3 with the
+// table, which is what 64 KB of shared memory per block allows (85 registers); 4 (64
+// registers) for the Rademacher perturb; 3 for the Rademacher update, which spilled 168
+// bytes at 64 (nvcc 13.0, sm_90: its loop over the terms keeps 8 sums live).
+template <Distribution D, bool kUpdate>
+constexpr int kMinBlocksPerSm = D == Distribution::gaussian || kUpdate ? 3 : 4;
 template <Distribution D>
 constexpr size_t kTableBytes = D == Distribution::gaussian ? sizeof(fd::GaussianTable) : 0;
 
@@ -230,7 +231,7 @@ __device__ __forceinline__ void run_segment(const Row& row, const void* source, 
 // are stored into the row). The block walks the rows its range meets, the storage dtype
 // dispatched once per row.
 template <Distribution D, class Op>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D>)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, Op::kUpdate>)
 groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_block, Op op) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
@@ -260,6 +261,7 @@ groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_b
 
 template <Distribution D>
 struct PerturbOp {
+  static constexpr bool kUpdate = false;
   uint64_t seed;
   uint32_t k;
   float scale;
@@ -274,6 +276,7 @@ struct PerturbOp {
 
 template <Distribution D>
 struct UpdateOp {
+  static constexpr bool kUpdate = true;
   Terms terms;
   float lr, wd;
   const double* norm_sq;

@@ -188,6 +188,52 @@ def _descriptors(params: list[torch.Tensor], ids: list[int],
     return entry
 
 
+# Lists already checked, by signature: a training loop calls perturb_/update_ on the same
+# few hundred tensors every step, and the full checks cost ~2.5 us a tensor (~1 ms for an
+# OPT-1.3B, where the GPU then waits). The signature (data pointer, dtype, size,
+# contiguity, device of every tensor, and the ids) decides everything the checks and the
+# descriptors depend on, so a list with a known signature skips both.
+_LIST_CACHE: "OrderedDict[tuple, _RowList]" = OrderedDict()
+_LIST_CACHE_SIZE = 256
+
+
+def _list_signature(params, tensor_ids):
+    """The cache key of a list (None when it cannot be cached or is not a list of tensors:
+    the full checks then run and raise what they raise)."""
+    if not isinstance(params, (list, tuple)) or not params:
+        return None
+    if tensor_ids is not None:
+        ids = tuple(tensor_ids) if isinstance(tensor_ids, (list, tuple)) else None
+        if ids is None or not all(type(t) is int for t in ids):
+            return None
+    else:
+        ids = None
+    try:
+        sig = tuple((p.data_ptr(), p.dtype, p.numel(), p.is_contiguous(), p.device)
+                    for p in params if type(p) is torch.Tensor or isinstance(p, torch.Tensor))
+    except RuntimeError:  # e.g. a tensor without storage
+        return None
+    return (sig, ids) if len(sig) == len(params) else None
+
+
+def _checked_rows(fn: str, params, tensor_ids) -> tuple[list[torch.Tensor], _RowList]:
+    """(params as a list, their descriptors), checked in full unless the same signature was
+    checked before (_LIST_CACHE)."""
+    key = _list_signature(params, tensor_ids)
+    if key is not None:
+        hit = _LIST_CACHE.get(key)
+        if hit is not None:
+            _LIST_CACHE.move_to_end(key)
+            return list(params), hit
+    params = _check_params(fn, params)
+    rows = _descriptors(params, _check_ids(fn, tensor_ids, len(params)))
+    if key is not None:
+        _LIST_CACHE[key] = rows
+        if len(_LIST_CACHE) > _LIST_CACHE_SIZE:
+            _LIST_CACHE.popitem(last=False)
+    return params, rows
+
+
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
 
@@ -218,13 +264,11 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, k: int, scale: float,
     ``distribution="sphere"`` z has unit norm over the whole list (one extra reduction
     launch, no host synchronization)."""
     fn = "perturb_"
-    params = _check_params(fn, params)
+    params, rows = _checked_rows(fn, params, tensor_ids)
     seed = _check_int(fn, "seed", seed, _U64)
     k = _check_int(fn, "k", k, _U32)
     scale = _check_float(fn, "scale", scale)
     distribution = _check_distribution(fn, distribution)
-    ids = _check_ids(fn, tensor_ids, len(params))
-    rows = _descriptors(params, ids)
     threads, stream = _launch_args(params)
     code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
     with torch.no_grad():
@@ -330,13 +374,12 @@ def update_(params: Sequence[torch.Tensor], seeds_ks_coeffs: Sequence[tuple[int,
     launch; z is regenerated, never stored. The sum runs in float32 in the order of
     ``seeds_ks_coeffs`` (at most ``MAX_UPDATE_TERMS`` triples (seed, k, c))."""
     fn = "update_"
-    params = _check_params(fn, params)
+    params, rows = _checked_rows(fn, params, tensor_ids)
     checked = _check_terms(fn, seeds_ks_coeffs)
     lr = _check_float(fn, "lr", lr)
     weight_decay = _check_float(fn, "weight_decay", weight_decay)
     distribution = _check_distribution(fn, distribution)
-    ids = _check_ids(fn, tensor_ids, len(params))
-    _launch_update(params, _descriptors(params, ids), checked, lr, weight_decay, distribution)
+    _launch_update(params, rows, checked, lr, weight_decay, distribution)
 
 
 def _check_terms(fn: str, seeds_ks_coeffs) -> list[tuple[int, int, float]]:
@@ -372,44 +415,6 @@ def _launch_update(params, rows, checked, lr, weight_decay, distribution) -> Non
         _bump_versions(params)
 
 
-class CheckedList:
-    """A parameter list checked once, for many kernel calls on the same tensors (an
-    optimizer's group, every step). Each call compares a cheap signature of the tensors
-    (data pointer, contiguity, dtype, size, device kind: ~0.5 us a tensor) with the one
-    checked last; only when it changed (a parameter re-allocated, moved, converted) are the
-    full checks and the descriptors redone. Saves ~2/3 of ``update_``'s host time on a
-    400-tensor model (bench/NOTES-zo.md)."""
-
-    __slots__ = ("fn", "params", "ids", "_signature", "_rows")
-
-    def __init__(self, fn: str, params, tensor_ids=None):
-        self.fn = fn
-        self.params = _check_params(fn, params)
-        self.ids = _check_ids(fn, tensor_ids, len(self.params))
-        self._signature = None
-        self._rows = None
-
-    def rows(self) -> _RowList:
-        sig = tuple((p.data_ptr(), p.is_contiguous(), p.dtype, p.numel(), p.is_cuda)
-                    for p in self.params)
-        if sig != self._signature:
-            _check_params(self.fn, self.params)
-            self._rows = _descriptors(self.params, self.ids)
-            self._signature = sig
-        return self._rows
-
-
-def update_checked(clist: CheckedList, seeds_ks_coeffs, lr: float, weight_decay: float = 0.0,
-                   distribution: str = "gaussian") -> None:
-    """:func:`update_` on a :class:`CheckedList` (same bits, less host time per call)."""
-    fn = clist.fn
-    checked = _check_terms(fn, seeds_ks_coeffs)
-    lr = _check_float(fn, "lr", lr)
-    weight_decay = _check_float(fn, "weight_decay", weight_decay)
-    distribution = _check_distribution(fn, distribution)
-    _launch_update(clist.params, clist.rows(), checked, lr, weight_decay, distribution)
-
-
 def direction(param_index: int, like: torch.Tensor, seed: int, k: int,
               distribution: str = "gaussian") -> torch.Tensor:
     """z(seed, k, param_index, .) as a new float32 tensor shaped like ``like`` (on its
@@ -441,12 +446,10 @@ def sum_sq(params: Sequence[torch.Tensor], seed: int, k: int, distribution: str 
     device; no host synchronization). The order of the sum is fixed, so the bits repeat run
     to run. ``"sphere"`` gives the squared norm of its underlying Gaussian direction."""
     fn = "sum_sq"
-    params = _check_params(fn, params)
+    params, rows = _checked_rows(fn, params, tensor_ids)
     seed = _check_int(fn, "seed", seed, _U64)
     k = _check_int(fn, "k", k, _U32)
     distribution = _check_distribution(fn, distribution)
-    ids = _check_ids(fn, tensor_ids, len(params))
-    rows = _descriptors(params, ids)
     threads, stream = _launch_args(params)
     code = _DIST_CODES["gaussian" if distribution == "sphere" else distribution]
     return _sum_sq_buffer(rows, seed, k, code, threads, stream, params[0].device)[0]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .zo import (_DISTRIBUTIONS, _Evaluator, _check_choice, _check_count, _check_eps,
                  _check_group, _check_params, _check_seed, _direction, _directional,
-                 _kernel_distribution, _kernels, _update_, _KERNEL_DTYPES, _MASK64)
+                 _kernel_distribution, _kernels, _update_, _MASK64)
 
 
 class HistoryEntry(NamedTuple):
@@ -63,16 +63,15 @@ def _estimate_tensor(p, t, seed, coeffs, kdist):
 
 
 @torch.no_grad()
-def _apply_step(ps, triples, lr, weight_decay, momentum, buffers, kdist, checked=None):
+def _apply_step(ps, triples, lr, weight_decay, momentum, buffers, kdist):
     """One group's update; shared by ZOSGD.step and replay so both give the same bits.
 
     momentum 0: theta <- theta - lr (sum c z + wd theta), the fused kernel.
     momentum m: b <- m b + sum c z + wd theta (b starts at 0), theta <- theta - lr b.
     ``buffers``: list of the group's momentum buffers (None entries are created).
-    ``checked``: the group's ``CheckedList`` (ZOSGD's, kept across steps), or None.
     """
     if momentum == 0.0:
-        _update_(ps, triples, lr, weight_decay, kdist, checked)
+        _update_(ps, triples, lr, weight_decay, kdist)
         return
     for i, p in enumerate(ps):
         if buffers[i] is None:
@@ -127,7 +126,6 @@ class _ZOOptimizer(torch.optim.Optimizer):
         self.group = group  # the directions of a step split across ranks: see zo.grad
         self._module = module
         self._step_count = 0
-        self._checked = {}      # group index -> (ids of its tensors, CheckedList)
         self._unit_plan = {}    # the module path's hook units, kept across steps (_Evaluator)
         super().__init__(params, defaults)
         for g, group in enumerate(self.param_groups):
@@ -135,19 +133,6 @@ class _ZOOptimizer(torch.optim.Optimizer):
 
     def _groups(self):
         return [list(group["params"]) for group in self.param_groups]
-
-    def _checked_list(self, g, ps):
-        """Group g's parameters as a ``_zo_kernels.CheckedList`` (checked once, re-checked
-        only when a tensor changed), or None where the fused kernel does not store them
-        all. Rebuilt when the group's list of tensors changed."""
-        if not all(p.dtype in _KERNEL_DTYPES and p.is_contiguous() for p in ps):
-            return None
-        key = tuple(map(id, ps))
-        entry = self._checked.get(g)
-        if entry is None or entry[0] != key:
-            entry = (key, _kernels().CheckedList(f"{self._NAME}.step", ps))
-            self._checked[g] = entry
-        return entry[1]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -249,7 +234,7 @@ class ZOSGD(_ZOOptimizer):
         lr, wd, m = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])
         triples = [(seed, k, c) for k, c in enumerate(coeffs)]
         buffers = [self.state[p].get("momentum_buffer") for p in ps] if m else None
-        _apply_step(ps, triples, lr, wd, m, buffers, kdist, self._checked_list(g, ps))
+        _apply_step(ps, triples, lr, wd, m, buffers, kdist)
         if m:
             for p, b in zip(ps, buffers):
                 self.state[p]["momentum_buffer"] = b

@@ -503,10 +503,9 @@ def _fingerprint(*values):
     return _zo_distributed.fingerprint(*values)
 
 
-def _update_(ps, triples, lr, weight_decay, kdist, checked=None):
+def _update_(ps, triples, lr, weight_decay, kdist):
     """theta <- theta - lr * (sum c z + wd * theta): the fused kernel, or per tensor for
-    dtypes it does not store (float64). ``checked``: a ``_zo_kernels.CheckedList`` of
-    ``ps`` (an optimizer's, reused every step: same bits, less host time)."""
+    dtypes it does not store (float64)."""
     if all(p.dtype in _KERNEL_DTYPES for p in ps):
         # The kernel takes at most MAX_UPDATE_TERMS terms a launch: more directions are
         # applied in chunks, in order (the weight decay with the first), so a replay that
@@ -514,11 +513,8 @@ def _update_(ps, triples, lr, weight_decay, kdist, checked=None):
         kernels = _kernels()
         step = kernels.MAX_UPDATE_TERMS
         for start in range(0, len(triples), step):
-            wd = weight_decay if start == 0 else 0.0
-            if checked is not None:
-                kernels.update_checked(checked, triples[start:start + step], lr, wd, kdist)
-            else:
-                kernels.update_(ps, triples[start:start + step], lr, wd, kdist)
+            kernels.update_(ps, triples[start:start + step], lr,
+                            weight_decay if start == 0 else 0.0, kdist)
         return
     for t, p in enumerate(ps):
         acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
