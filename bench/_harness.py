@@ -48,6 +48,12 @@ class Timing:
         """Items per second at the median time."""
         return items / self.median
 
+    def scaled(self, factor: float) -> "Timing":
+        """The same timing with every time multiplied by ``factor`` (e.g. 1 / calls for a
+        timed loop of calls)."""
+        return Timing(self.median * factor, self.min * factor, self.runs, self.clock,
+                      [t * factor for t in self.times], self.out)
+
     def row(self, prefix: str = "") -> dict:
         """JSON fields: median/min seconds and runs."""
         return {f"{prefix}time_s": self.median, f"{prefix}min_s": self.min,
