@@ -137,7 +137,9 @@ def test_restore_when_loss_fails(dtype, as_list, failure):
         assert "evaluation 3" in message if failure == "nan" else "shape (2,)" in message
         if failure == "nan":
             assert "nan" in message and "restored" in message
-    assert len(calls) == 3
+    # A loss is read once the next evaluation is issued (no host sync between forwards), so
+    # a NaN is reported after at most one more call; shape and exceptions at once.
+    assert len(calls) == (4 if failure == "nan" else 3)
     assert_same_bits(before, all_params)
     # Hooks are gone: a later forward uses the stored weights.
     assert not any(m._forward_pre_hooks for m in net.modules())

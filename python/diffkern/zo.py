@@ -151,7 +151,10 @@ def _check_params(fname, params, name="params"):
     return flat, module
 
 
-def _loss_value(fname, out, label, fn="loss_fn"):
+def _loss_pending(fname, out, label, fn="loss_fn"):
+    """A loss_fn result checked for its kind and shape (no device sync): a float, or a 0-d
+    float64 copy of the scalar tensor (a copy: a loss_fn may return a buffer it later
+    overwrites), to be read by ``_loss_values``."""
     if isinstance(out, Tensor):
         if out.numel() != 1:
             raise ValueError(f"{fname}: {fn} must return a scalar, but {label} returned a "
@@ -159,16 +162,35 @@ def _loss_value(fname, out, label, fn="loss_fn"):
         if out.is_complex():
             raise ValueError(f"{fname}: {fn} must return a real scalar, but {label} "
                              f"returned a complex tensor")
-        value = float(out.detach().reshape(()).item())
-    elif isinstance(out, numbers.Real) and not isinstance(out, bool):
-        value = float(out)
-    else:
-        raise ValueError(f"{fname}: {fn} must return a scalar tensor or a real number, "
-                         f"but {label} returned {type(out).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{fname}: {fn} returned {value} at {label}; the parameters "
-                         f"were restored")
-    return value
+        return out.detach().reshape(()).to(torch.float64, copy=True)
+    if isinstance(out, numbers.Real) and not isinstance(out, bool):
+        return float(out)
+    raise ValueError(f"{fname}: {fn} must return a scalar tensor or a real number, "
+                     f"but {label} returned {type(out).__name__}")
+
+
+def _loss_values(fname, pending, labels, fn="loss_fn"):
+    """The floats of ``_loss_pending`` results, read with one host sync per device (a step
+    that evaluates twice no longer waits for its first loss before starting the second
+    forward); the first non-finite one raises, naming its evaluation."""
+    values = list(pending)
+    by_device = {}
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        read = torch.stack([values[i] for i in idx]).tolist()
+        for i, x in zip(idx, read):
+            values[i] = float(x)
+    for v, label in zip(values, labels):
+        if not math.isfinite(v):
+            raise ValueError(f"{fname}: {fn} returned {v} at {label}; the parameters "
+                             f"were restored")
+    return values
+
+
+def _loss_value(fname, out, label, fn="loss_fn"):
+    return _loss_values(fname, [_loss_pending(fname, out, label, fn)], [label], fn)[0]
 
 
 # ------------------------------------------------------------------ perturbations
@@ -321,11 +343,26 @@ class _Evaluator:
 
     def evaluate_many(self, loss_fn, perts):
         """Losses at each of ``perts`` in order (the protocol the batched evaluator of
-        ``_zo_batched`` shares)."""
-        return [self.evaluate(loss_fn, pert) for pert in perts]
+        ``_zo_batched`` shares). Each loss is read from the device once the next evaluation
+        has been issued, so the GPU never waits for the host between two forwards (a
+        non-finite loss is then reported one evaluation late, the parameters restored)."""
+        values, prev = [], None
+        for pert in perts:
+            cur = self._evaluate(loss_fn, pert)
+            if prev is not None:
+                values += _loss_values(self.fname, [prev[0]], [prev[1]], self.fn)
+            prev = cur
+        if prev is not None:
+            values += _loss_values(self.fname, [prev[0]], [prev[1]], self.fn)
+        return values
 
     def evaluate(self, loss_fn, pert):
         """The loss at the perturbation ``pert`` (None: unperturbed), parameters restored."""
+        value, label = self._evaluate(loss_fn, pert)
+        return _loss_values(self.fname, [value], [label], self.fn)[0]
+
+    def _evaluate(self, loss_fn, pert):
+        """(the pending loss, its label): see ``evaluate``."""
         self.count += 1
         label = f"evaluation {self.count} ({pert.text if pert else 'unperturbed theta'})"
         with torch.no_grad():
@@ -362,7 +399,7 @@ class _Evaluator:
                             p.copy_(b)
             else:
                 out = loss_fn()
-        return _loss_value(self.fname, out, label, self.fn)
+        return _loss_pending(self.fname, out, label, self.fn), label
 
 
 # ------------------------------------------------------------------ directional estimates
