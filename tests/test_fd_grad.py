@@ -416,3 +416,76 @@ def test_cpu_and_cuda_agree_on_a_long_mixed_list(cuda_device):
     zk.perturb_into(dst_gpu, gpu, 3, 9, 0.5)
     for c, g in zip(dst_cpu, dst_gpu):
         assert torch.equal(c, g.cpu())
+
+
+def _z_at(seed: int, k: int, t: int, index: np.ndarray, distribution: str) -> np.ndarray:
+    """z of the given element indices by the definition (fd_philox per group, lane bits),
+    in float32 as the kernels produce it (the Gaussian through the library's own map of
+    the 16 bits, which test_gaussian_map_on_every_bit_pattern checks)."""
+    out = np.empty(len(index), dtype=np.float32)
+    for n, i in enumerate(index.tolist()):
+        j, lane = divmod(int(i), 8)
+        words = _C.fd_philox((j % 2**32, j >> 32, t, k), (seed % 2**32, seed >> 32))
+        h = (words[lane // 2] >> (16 * (lane % 2))) & 0xFFFF
+        out[n] = (-1.0 if h & 0x8000 else 1.0) if distribution == "rademacher" else \
+            _C.fd_gaussian_from_bits([h])[0]
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_tensor_past_2_31_elements(cuda_device, dtype):
+    """A tensor of 2^31 + 4101 elements (group indices past 2^28, byte offsets past 2^32)
+    followed by a small one in the same list: perturb and update write the values the
+    definition gives at the head, across the 2^31 boundary and at the tail, and the small
+    tensor after it (whose first group is past 2^28) too."""
+    n = 2**31 + 4101
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * torch.tensor([], dtype=dtype).element_size():
+        pytest.skip("not enough free GPU memory")
+    big = torch.zeros(n, dtype=dtype, device=cuda_device)
+    small = torch.zeros(37, dtype=dtype, device=cuda_device)
+    seed, k = 0xDEADBEEF12345, 9
+    zk.perturb_([big, small], seed, k, 1.0, "rademacher", tensor_ids=[3, 4])
+    picks = np.array([0, 1, 7, 8, 2**31 - 9, 2**31 - 1, 2**31, 2**31 + 1, n - 5, n - 1],
+                     dtype=np.int64)
+    got = big[torch.from_numpy(picks).to(cuda_device)].float().cpu().numpy()
+    np.testing.assert_array_equal(got, _z_at(seed, k, 3, picks, "rademacher"))
+    got_small = small.float().cpu().numpy()
+    np.testing.assert_array_equal(got_small, _z_at(seed, k, 4, np.arange(37), "rademacher"))
+    # Gaussian: perturb back to zero-plus-z by an update with lr = -1 (x + z), bf16/fp32
+    # rounding of z itself is exact only in fp32, so compare after the same rounding.
+    big.zero_()
+    zk.update_([big], [(seed, k + 1, 1.0)], -1.0, tensor_ids=[3])
+    got = big[torch.from_numpy(picks).to(cuda_device)].float().cpu()
+    want = torch.from_numpy(_z_at(seed, k + 1, 3, picks, "gaussian")).to(dtype).float()
+    assert torch.equal(got, want)
+    del big, small
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+def test_first_call_of_a_process_inside_graph_capture(cuda_device):
+    """The Gaussian kernels set their shared-memory attribute once per device at their
+    first launch; when that launch is inside a CUDA-graph capture, the capture still works
+    and the replay writes what an eager call writes."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from diffkern import _zo_kernels as zk\n"
+        "x = torch.zeros(1003, device='cuda', dtype=torch.float16)\n"
+        "g = torch.cuda.CUDAGraph()\n"
+        "with torch.cuda.graph(g):\n"
+        "    zk.perturb_([x], 1, 2, 1.0)\n"
+        "    zk.update_([x], [(1, 3, 0.5)], 0.1)\n"
+        "g.replay()\n"
+        "torch.cuda.synchronize()\n"
+        "y = torch.zeros(1003, device='cuda', dtype=torch.float16)\n"
+        "zk.perturb_([y], 1, 2, 1.0)\n"
+        "zk.update_([y], [(1, 3, 0.5)], 0.1)\n"
+        "assert torch.equal(x, y), (x - y).abs().max().item()\n"
+        "assert bool((x != 0).any())\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
