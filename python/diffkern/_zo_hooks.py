@@ -28,6 +28,9 @@ import torch
 from . import _zo_kernels as K
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Views of one flat buffer shaped like a list of tensors, in one C++ call (what
+# torch._utils._unflatten_dense_tensors uses); without it every scratch is its own allocation.
+_UNFLATTEN = getattr(getattr(torch._C, "_nn", None), "unflatten_dense_tensors", None)
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
@@ -143,8 +146,8 @@ class Unit:
         for _, (ps, _) in self.fused:
             uniform = all(p.dtype == ps[0].dtype for p in ps)
             aligned = all(p.numel() * p.element_size() % 16 == 0 for p in ps)
-            self.flat.append(sum(p.numel() for p in ps) if uniform and aligned and len(ps) > 1
-                             else None)
+            self.flat.append(sum(p.numel() for p in ps)
+                             if uniform and aligned and len(ps) > 1 and _UNFLATTEN else None)
 
 
 def make_hooks(ev, unit):
@@ -152,7 +155,7 @@ def make_hooks(ev, unit):
     perturbation, ``active`` swaps, ``seen`` set and ``where`` map)."""
     codes = K.KERNEL_CODES
     trusted = K.perturb_into_trusted
-    unflatten = torch._C._nn.unflatten_dense_tensors  # views of one buffer shaped like src
+    unflatten = _UNFLATTEN
     params = unit.params
     active = ev.active
 
