@@ -11,21 +11,8 @@ from torch import nn
 import diffkern as dk
 from diffkern import _zo_hooks, _zo_kernels as K
 
-from test_zo_hook_units import TinyLM  # noqa: E402  (tied weights, a frozen layer, nesting)
-
-
-def _model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    m = TinyLM().to(dtype=dtype)
-    ids = torch.randint(0, 11, (3, 5))
-
-    def loss_fn():
-        return nn.functional.cross_entropy(m(ids).float().reshape(-1, 11), ids.reshape(-1))
-    return m, loss_fn
-
-
-def _state(m):
-    return [p.detach().clone() for p in m.parameters()]
+# TinyLM: tied weights, a frozen layer, nested units; _model(dtype) builds it with its loss.
+from test_zo_hook_units import _bits as _state, _model  # noqa: E402
 
 
 def _equal(a, b):
@@ -37,8 +24,8 @@ def _equal(a, b):
 def test_cached_steps_equal_fresh_optimizers(unit, dtype):
     """Step s of one optimizer (caches warm from steps 0..s-1) equals step s of an
     optimizer created just before it (cold caches, step counter restored)."""
-    m1, f1 = _model(dtype=dtype)
-    m2, f2 = _model(dtype=dtype)
+    m1, f1 = _model(dtype)
+    m2, f2 = _model(dtype)
     opt = dk.zo.ZOSGD(m1, lr=1e-2, eps=1e-2, seed=3, history=False, hook_unit_bytes=unit)
     for s in range(4):
         l1 = opt.step(f1)
@@ -50,7 +37,7 @@ def test_cached_steps_equal_fresh_optimizers(unit, dtype):
 
 
 def test_unit_plan_is_reused_and_rebuilt_on_change():
-    m, _ = _model()
+    m, _ = _model(torch.float32)
     groups = [[p for p in m.parameters() if p.requires_grad]]
     where = {id(p): (0, t) for t, p in enumerate(groups[0])}
     cache = {}
@@ -74,8 +61,8 @@ def test_unit_plan_is_reused_and_rebuilt_on_change():
 def test_replaced_module_is_perturbed_and_updated_after_caching():
     """A module swapped in between steps gets perturbed (its loss changes the estimate) and
     updated, exactly as with a fresh optimizer."""
-    m1, f1 = _model()
-    m2, f2 = _model()
+    m1, f1 = _model(torch.float32)
+    m2, f2 = _model(torch.float32)
     opt = dk.zo.ZOSGD(m1, lr=1e-2, eps=1e-2, seed=5, history=False, hook_unit_bytes="auto")
     opt.step(f1)
     fresh0 = dk.zo.ZOSGD(m2, lr=1e-2, eps=1e-2, seed=5, history=False, hook_unit_bytes="auto")
@@ -96,8 +83,8 @@ def test_replaced_module_is_perturbed_and_updated_after_caching():
 def test_reallocated_parameter_is_updated_not_its_old_storage():
     """The update's checked list notices a parameter whose storage was replaced between
     steps (p.data = ...) and writes the new storage."""
-    m1, f1 = _model()
-    m2, f2 = _model()
+    m1, f1 = _model(torch.float32)
+    m2, f2 = _model(torch.float32)
     opt1 = dk.zo.ZOSGD(m1, lr=1e-2, eps=1e-2, seed=7, history=False)
     opt2 = dk.zo.ZOSGD(m2, lr=1e-2, eps=1e-2, seed=7, history=False)
     opt1.step(f1)
