@@ -8,8 +8,10 @@ For each profiled run (two inference forwards under no_grad; ZOSGD steps on the 
 path with the given ``hook_unit_bytes``; with ``--list``, ZOSGD on the parameter list) it
 reports, per step: the wall time (host clock around a synchronized step), the GPU busy time
 (the union of the kernels' intervals in the trace), the GPU idle time inside the step
-(wall - busy: where the host, a sync or a copy holds the GPU back), the kernel time by
-kind (dk's fd_grad kernels, matmuls, the rest) and the top kernels and host ops. Why: the
+(wall - busy: where the host, a sync or a copy holds the GPU back), the largest idle gaps
+between two GPU activities (with the kernels on either side), the kernel time by kind
+(dk's fd_grad kernels, matmuls, the rest) and the top kernels and host ops. The profiler's
+own host overhead inflates host-bound gaps: compare runs, not absolute idle times. Why: the
 step is 1.6x the floor "2 forwards + 1 copy pass" while the kernels that dk adds account for
 about a third of the excess; this says where the rest is.
 """
@@ -92,6 +94,15 @@ def profile(label, fn, steps, device):
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + (e - s) / 1e3 / steps
         by_name[name] = by_name.get(name, 0.0) + (e - s) / 1e3 / steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    # The largest idle gaps between consecutive GPU activities of a step (where the GPU
+    # waited for the host), with the kernels on either side.
+    gaps, end, prev = [], None, None
+    for a, b, name in ivs:
+        if end is not None and a - end > 20.0:
+            gaps.append((a - end, prev, name))
+        if end is None or b > end:
+            end, prev = b, name
+    gaps.sort(key=lambda g: -g[0])
     host = sorted(((ev.key, ev.self_cpu_time_total / 1e3 / steps, ev.count // steps)
                    for ev in prof.key_averages()), key=lambda r: -r[1])[:15]
     wall = 1e3 * sorted(walls)[len(walls) // 2]
@@ -99,12 +110,17 @@ def profile(label, fn, steps, device):
                kernels_per_step=len(ivs) // steps,
                kernel_ms_by_kind={k: round(v, 3) for k, v in sorted(by_kind.items())},
                top_kernels=[dict(name=n[:120], ms=round(v, 3)) for n, v in top],
-               top_host_ops=[dict(op=k[:80], self_ms=round(v, 3), calls=c) for k, v, c in host])
+               top_host_ops=[dict(op=k[:80], self_ms=round(v, 3), calls=c) for k, v, c in host],
+               idle_gaps=[dict(us=round(g, 1), after=a[:90], before=b[:90])
+                          for g, a, b in gaps[:12]])
     print(f"\n== {label}: wall {wall:.2f} ms/step, GPU busy {busy:.2f}, idle {wall - busy:.2f}, "
           f"{row['kernels_per_step']} kernels/step", flush=True)
     print("   by kind:", ", ".join(f"{k} {v:.2f}" for k, v in row["kernel_ms_by_kind"].items()))
     for t in row["top_kernels"][:8]:
         print(f"   {t['ms']:8.3f} ms  {t['name'][:100]}")
+    print(f"   largest idle gaps (over all {steps} steps):")
+    for g in row["idle_gaps"][:8]:
+        print(f"   {g['us']:9.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
     print("   host (self CPU ms/step, calls/step):")
     for h in row["top_host_ops"][:10]:
         print(f"   {h['self_ms']:8.3f} ms  {h['calls']:6d}  {h['op']}")
