@@ -245,7 +245,7 @@ def _bump_versions(params: list[torch.Tensor]) -> None:
         return
     try:
         _increment_version(params)
-    except TypeError:  # an older torch: one tensor at a time
+    except (TypeError, AttributeError, RuntimeError):  # an older torch: one at a time
         for p in params:
             _increment_version(p)
 
