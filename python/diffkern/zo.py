@@ -289,6 +289,20 @@ class _Coordinate:
         return (g, t) == (self.g, self.t)
 
 
+def _copy_all(dst, src):
+    """dst[i].copy_(src[i]) for every i: torch's multi-tensor copy (one call, fused launches
+    per device and dtype) where it exists, else one copy per tensor. Same values either way."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        try:
+            foreach(dst, src)
+            return
+        except (RuntimeError, TypeError):  # e.g. a mix it does not take: the plain loop
+            pass
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
 class _Evaluator:
     """Evaluates loss_fn at perturbed parameters and always restores them exactly
     (see the module docstring for the two strategies)."""
@@ -395,8 +409,7 @@ class _Evaluator:
                     out = loss_fn()
                 finally:
                     for ps, bs in zip(self.groups, self.backup):
-                        for p, b in zip(ps, bs):
-                            p.copy_(b)
+                        _copy_all(ps, bs)
             else:
                 out = loss_fn()
         return _loss_pending(self.fname, out, label, self.fn), label
