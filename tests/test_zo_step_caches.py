@@ -166,3 +166,15 @@ def test_perturb_into_trusted_cache_same_bits():
         K.perturb_into_trusted(dst, src, 21, 2, 1e-2, K.KERNEL_CODES["gaussian"], ids, cache)
         assert _equal(dst, plain)
     assert 1 <= len(cache) <= 8
+
+
+def test_list_cache_key_follows_the_inline_rows_switch(monkeypatch):
+    """tests/test_fd_grad_paths.py compares the by-value and device-row paths by switching
+    _INLINE_ROWS on lists whose tensors may reuse freed addresses: a cached list must not
+    carry rows built under the other setting."""
+    x = [torch.zeros(16)]
+    K._LIST_CACHE.clear()
+    K.perturb_(x, 1, 0, 1.0)
+    monkeypatch.setattr(K, "_INLINE_ROWS", 0)
+    K.perturb_(x, 1, 1, 1.0)
+    assert len(K._LIST_CACHE) == 2

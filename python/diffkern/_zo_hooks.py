@@ -101,8 +101,8 @@ def _tree_key(root):
 def cached_units(cache, root, groups, where, unit_bytes):
     """[(module, Unit)] of ``plan_units``, taken from ``cache`` (a dict the caller keeps
     across calls: an optimizer's, one entry) when nothing the plan depends on has changed:
-    the module tree (names, modules, the parameters each registers), the perturbed
-    tensors in order and their kernel eligibility, and ``unit_bytes``. Why: planning walks
+    the module tree (its modules, who is whose child, the parameters each registers), the
+    perturbed tensors in order with their dtype, contiguity and size, and ``unit_bytes``. Why: planning walks
     every module's subtree (~10 ms of host time per step on an OPT-1.3B, where the GPU then
     waits); this key costs one pass over the modules and the parameters."""
     key = (unit_bytes, _tree_key(root),

@@ -213,7 +213,8 @@ def _list_signature(params, tensor_ids):
                     for p in params if type(p) is torch.Tensor or isinstance(p, torch.Tensor))
     except RuntimeError:  # e.g. a tensor without storage
         return None
-    return (sig, ids) if len(sig) == len(params) else None
+    # _INLINE_ROWS too: the tests switch it to compare the by-value and device-row paths.
+    return (sig, ids, _INLINE_ROWS) if len(sig) == len(params) else None
 
 
 def _checked_rows(fn: str, params, tensor_ids) -> tuple[list[torch.Tensor], _RowList]:
@@ -358,7 +359,8 @@ def perturb_into_trusted(dst: list, src: list, seed: int, k: int, scale: float, 
     if cache is None:
         rows = _descriptors(dst, ids, src)
     else:
-        key = (tuple(d.data_ptr() for d in dst), tuple(s_.data_ptr() for s_ in src))
+        key = (tuple(d.data_ptr() for d in dst), tuple(s_.data_ptr() for s_ in src),
+               _INLINE_ROWS)
         rows = cache.get(key)
         if rows is None:
             if len(cache) >= 8:
