@@ -154,7 +154,7 @@ def _check_params(fname, params, name="params"):
 def _loss_pending(fname, out, label, fn="loss_fn"):
     """A loss_fn result checked for its kind and shape (no device sync): a float, or a 0-d
     float64 copy of the scalar tensor (a copy: a loss_fn may return a buffer it later
-    overwrites), to be read by ``_loss_values``."""
+    overwrites), to be read by ``_loss_read``."""
     if isinstance(out, Tensor):
         if out.numel() != 1:
             raise ValueError(f"{fname}: {fn} must return a scalar, but {label} returned a "
@@ -169,28 +169,18 @@ def _loss_pending(fname, out, label, fn="loss_fn"):
                      f"but {label} returned {type(out).__name__}")
 
 
-def _loss_values(fname, pending, labels, fn="loss_fn"):
-    """The floats of ``_loss_pending`` results, read with one host sync per device (a step
-    that evaluates twice no longer waits for its first loss before starting the second
-    forward); the first non-finite one raises, naming its evaluation."""
-    values = list(pending)
-    by_device = {}
-    for i, v in enumerate(values):
-        if isinstance(v, Tensor):
-            by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        read = torch.stack([values[i] for i in idx]).tolist()
-        for i, x in zip(idx, read):
-            values[i] = float(x)
-    for v, label in zip(values, labels):
-        if not math.isfinite(v):
-            raise ValueError(f"{fname}: {fn} returned {v} at {label}; the parameters "
-                             f"were restored")
-    return values
+def _loss_read(fname, pending, label, fn="loss_fn"):
+    """The float of a ``_loss_pending`` result (a host sync for a tensor); a non-finite one
+    raises, naming its evaluation."""
+    value = float(pending.item()) if isinstance(pending, Tensor) else pending
+    if not math.isfinite(value):
+        raise ValueError(f"{fname}: {fn} returned {value} at {label}; the parameters "
+                         f"were restored")
+    return value
 
 
 def _loss_value(fname, out, label, fn="loss_fn"):
-    return _loss_values(fname, [_loss_pending(fname, out, label, fn)], [label], fn)[0]
+    return _loss_read(fname, _loss_pending(fname, out, label, fn), label, fn)
 
 
 # ------------------------------------------------------------------ perturbations
@@ -289,20 +279,6 @@ class _Coordinate:
         return (g, t) == (self.g, self.t)
 
 
-def _copy_all(dst, src):
-    """dst[i].copy_(src[i]) for every i: torch's multi-tensor copy (one call, fused launches
-    per device and dtype) where it exists, else one copy per tensor. Same values either way."""
-    foreach = getattr(torch, "_foreach_copy_", None)
-    if foreach is not None:
-        try:
-            foreach(dst, src)
-            return
-        except (RuntimeError, TypeError):  # e.g. a mix it does not take: the plain loop
-            pass
-    for d, s in zip(dst, src):
-        d.copy_(s)
-
-
 class _Evaluator:
     """Evaluates loss_fn at perturbed parameters and always restores them exactly
     (see the module docstring for the two strategies)."""
@@ -364,16 +340,15 @@ class _Evaluator:
         for pert in perts:
             cur = self._evaluate(loss_fn, pert)
             if prev is not None:
-                values += _loss_values(self.fname, [prev[0]], [prev[1]], self.fn)
+                values.append(_loss_read(self.fname, *prev, self.fn))
             prev = cur
         if prev is not None:
-            values += _loss_values(self.fname, [prev[0]], [prev[1]], self.fn)
+            values.append(_loss_read(self.fname, *prev, self.fn))
         return values
 
     def evaluate(self, loss_fn, pert):
         """The loss at the perturbation ``pert`` (None: unperturbed), parameters restored."""
-        value, label = self._evaluate(loss_fn, pert)
-        return _loss_values(self.fname, [value], [label], self.fn)[0]
+        return _loss_read(self.fname, *self._evaluate(loss_fn, pert), self.fn)
 
     def _evaluate(self, loss_fn, pert):
         """(the pending loss, its label): see ``evaluate``."""
@@ -409,7 +384,7 @@ class _Evaluator:
                     out = loss_fn()
                 finally:
                     for ps, bs in zip(self.groups, self.backup):
-                        _copy_all(ps, bs)
+                        torch._foreach_copy_(ps, bs)  # one call for the list (torch >= 2.1)
             else:
                 out = loss_fn()
         return _loss_pending(self.fname, out, label, self.fn), label
