@@ -47,20 +47,21 @@ def _cell_rms() -> np.ndarray:
     return np.sqrt(1.0 + 2.0 * cells * (xphi[:-1] - xphi[1:]))
 
 
-def _reference_bits(seed: int, k: int, t: int, numel: int) -> np.ndarray:
-    """The 16 random bits of every element by the definition in directions.cuh, from
-    fd_philox's words: lane l of group j takes half l % 2 of word l // 2."""
-    groups = (numel + 7) // 8
-    words = np.empty((groups, 4), dtype=np.uint64)
-    for j in range(groups):
+def _reference_bits(seed: int, k: int, t: int, index) -> np.ndarray:
+    """The 16 random bits of the elements ``index`` (an int or an array of flat indices) by
+    the definition in directions.cuh, from fd_philox's words: lane l of group j takes half
+    l % 2 of word l // 2."""
+    index = np.asarray(index, dtype=np.int64)
+    words = {}
+    for j in np.unique(index // 8).tolist():
         words[j] = _C.fd_philox((j % 2**32, j >> 32, t, k), (seed % 2**32, seed >> 32))
-    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1)  # (groups, word, half)
-    return halves.reshape(-1)[:numel].astype(np.int64)
+    return np.array([(words[i // 8][(i % 8) // 2] >> (16 * (i % 2))) & 0xFFFF
+                     for i in index.tolist()], dtype=np.int64)
 
 
 def _reference_z(seed: int, k: int, t: int, numel: int, distribution: str) -> np.ndarray:
     """z by the definition in directions.cuh, in float64."""
-    h = _reference_bits(seed, k, t, numel)
+    h = _reference_bits(seed, k, t, np.arange(numel))
     sign = np.where(h & 0x8000, -1.0, 1.0)
     if distribution == "rademacher":
         return sign
@@ -76,7 +77,7 @@ def test_directions_follow_their_definition(distribution):
     # relative (2^-25 absolute in float16's subnormal range, where the first cells are).
     np.testing.assert_allclose(z, ref, rtol=2.0**-11 * 1.001, atol=2.0**-25)
     if distribution == "gaussian":  # the sign and the magnitude's index, exactly
-        h = _reference_bits(seed, k, t, 1001)
+        h = _reference_bits(seed, k, t, np.arange(1001))
         assert (np.signbit(z) == (h >> 15).astype(bool)).all()
 
 
@@ -419,17 +420,13 @@ def test_cpu_and_cuda_agree_on_a_long_mixed_list(cuda_device):
 
 
 def _z_at(seed: int, k: int, t: int, index: np.ndarray, distribution: str) -> np.ndarray:
-    """z of the given element indices by the definition (fd_philox per group, lane bits),
-    in float32 as the kernels produce it (the Gaussian through the library's own map of
-    the 16 bits, which test_gaussian_map_on_every_bit_pattern checks)."""
-    out = np.empty(len(index), dtype=np.float32)
-    for n, i in enumerate(index.tolist()):
-        j, lane = divmod(int(i), 8)
-        words = _C.fd_philox((j % 2**32, j >> 32, t, k), (seed % 2**32, seed >> 32))
-        h = (words[lane // 2] >> (16 * (lane % 2))) & 0xFFFF
-        out[n] = (-1.0 if h & 0x8000 else 1.0) if distribution == "rademacher" else \
-            _C.fd_gaussian_from_bits([h])[0]
-    return out
+    """z of the given element indices by the definition, in float32 as the kernels produce
+    it (the Gaussian through the library's own map of the 16 bits, which
+    test_gaussian_map_on_every_bit_pattern checks)."""
+    h = _reference_bits(seed, k, t, index)
+    if distribution == "rademacher":
+        return np.where(h & 0x8000, -1.0, 1.0).astype(np.float32)
+    return np.array(_C.fd_gaussian_from_bits(h.tolist()), dtype=np.float32)
 
 
 @pytest.mark.cuda
