@@ -447,9 +447,14 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
+def _has_option(name):
+    """Whether this build's dk.zo.grad takes the keyword ``name``."""
+    return name in inspect.signature(dk.zo.grad).parameters
+
+
 def _has_batched_grad():
     """Whether this build's dk.zo.grad takes batch_size (batched evaluation by vmap)."""
-    return "batch_size" in inspect.signature(dk.zo.grad).parameters
+    return _has_option("batch_size")
 
 
 def part_d(cfg, device, repeats):
@@ -501,6 +506,11 @@ def part_d(cfg, device, repeats):
              ("sequential, hook_unit_bytes='auto'", lambda: sequential("auto")),
              ("sequential, one hook unit (whole model)", lambda: sequential(whole)),
              ("sequential, list path (backup copy)", lambda: sequential(target=params)),
+             # The host-bound forward captured once in a CUDA graph and replayed per point
+             # (parameters perturbed in place, one backup copy).
+             ("dk.zo.grad(cuda_graph=True)", lambda: dk.zo.grad(
+                 loss_fn, model, estimator="rge", mode="forward", num_directions=ndir,
+                 eps=eps, seed=seed, cuda_graph=True).grads),
              (f"vmap(functional_call), all {ndir}", lambda: vmapped(ndir)),
              (f"vmap(functional_call), chunks of {max(1, ndir // 4)}",
               lambda: vmapped(max(1, ndir // 4)))]
@@ -514,6 +524,11 @@ def part_d(cfg, device, repeats):
                               loss_fn, model, estimator="rge", mode="forward",
                               num_directions=ndir, eps=eps, seed=seed,
                               batch_size=bs).grads))
+    if torch.device(device).type != "cuda" or not _has_option("cuda_graph"):
+        peers = [p for p in peers if p[0] != "dk.zo.grad(cuda_graph=True)"]
+    # The memory reference: one plain forward (inference), no estimate.
+    with torch.no_grad():
+        _, inference_peak = peak_memory(loss_fn, device)
     for label, fn in peers:
         def one(label=label, fn=fn):
             t = timed(fn, device, repeats)
@@ -535,7 +550,7 @@ def part_d(cfg, device, repeats):
         if seq_peak and r.get("peak_gib") is not None:
             r["memory_vs_sequential"] = r["peak_gib"] / seq_peak
     info = dict(params=sum(p.numel() for p in params), width=width, batch=batch,
-                image=size, directions=ndir)
+                image=size, directions=ndir, inference_peak_gib=gib(inference_peak))
     # The target: dk's batched RGE at least as fast as vmap(functional_call) over all
     # directions, within 2x the sequential loop's peak memory: the fastest dk row within it.
     vmap_all = next((r for r in rows if r["peer"].startswith("vmap(functional_call), all")

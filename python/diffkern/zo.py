@@ -692,7 +692,7 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
          distribution: str = "gaussian", mode: str = "central",
          coordinates: Optional[Sequence] = None, batch_size: Optional[int] = None,
          batch_memory: Optional[int] = None, group="auto",
-         hook_unit_bytes=None) -> GradEstimate:
+         hook_unit_bytes=None, cuda_graph: bool = False) -> GradEstimate:
     """Zeroth-order gradient estimate of ``loss_fn()`` with respect to ``params``.
 
     ``loss_fn()`` takes no argument and evaluates the model as it currently is (it runs under
@@ -763,6 +763,17 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
     default (peak memory: inference + one unit's parameters). The losses and the estimate
     are bit-identical to the default's when every parameter is read inside its own
     module's forward (the case the default does not warn about).
+
+    ``cuda_graph=True`` (CUDA parameters; ``_zo_graphed``): for estimates with many points
+    on a model whose forward is bound by host time. The parameters (a module's trainable
+    ones, or the list) are perturbed in place and restored from one backup copy (memory:
+    inference + one copy of them), and ``loss_fn`` is called eagerly once, captured in a
+    CUDA graph once and replayed at every other point. ``loss_fn`` must then be
+    capturable: it returns a one-element CUDA tensor, reads nothing back to the host, keeps
+    its shapes, and its Python side effects run only at the first two calls (a loss_fn
+    that draws a new batch per call is replayed on the captured one). The points are the
+    eager path's, bit for bit; a loss can differ only where the captured kernels round
+    differently from the eager ones. Not with ``batch_size`` or ``hook_unit_bytes``.
     """
     fname = "diffkern.zo.grad"
     if not callable(loss_fn):
@@ -784,17 +795,37 @@ def grad(loss_fn: Callable[[], object], params, *, estimator: str = "spsa",
     seed = _check_seed(fname, seed)
     from ._zo_hooks import check_unit_bytes
     hook_unit_bytes = check_unit_bytes(fname, hook_unit_bytes)
-    if batch is None:
+    graphed = None
+    if cuda_graph not in (True, False):
+        raise TypeError(f"{fname}: cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph:
+        if batch is not None:
+            raise ValueError(f"{fname}: cuda_graph=True and batch_size are exclusive (the "
+                             f"graph replays one forward per point)")
+        if hook_unit_bytes is not None:
+            raise ValueError(f"{fname}: hook_unit_bytes is not used with cuda_graph=True "
+                             f"(the parameters are perturbed in place, not through hooks)")
+        from ._zo_graphed import GraphedLoss, check_params
+        graphed = GraphedLoss(fname, loss_fn, check_params(fname, flat))
+        loss_fn = graphed
+        # In place with a backup copy: the captured forward reads the same addresses at
+        # every point (the hooks' scratch copies would be new allocations each time).
+        ev = _Evaluator([flat], None, fname)
+    elif batch is None:
         ev = _Evaluator([flat], module, fname, hook_unit_bytes=hook_unit_bytes)
     else:
         from ._zo_batched import Batched
         ev = Batched(fname, loss_fn, [flat], module, *batch)
-    with ev:
-        if estimator == "cge":
-            grads, losses = _cge(ev, loss_fn, flat, coords, eps, mode, group=group)
-        else:
-            coeffs, losses = _directional(ev, loss_fn, [flat], [seed], n, eps,
-                                          distribution, mode, group=group)
+    try:
+        with ev:
+            if estimator == "cge":
+                grads, losses = _cge(ev, loss_fn, flat, coords, eps, mode, group=group)
+            else:
+                coeffs, losses = _directional(ev, loss_fn, [flat], [seed], n, eps,
+                                              distribution, mode, group=group)
+    finally:
+        if graphed is not None:
+            graphed.close()
     if estimator != "cge":
         with torch.no_grad():
             grads = _assemble([flat], [seed], coeffs, _kernel_distribution(distribution))
