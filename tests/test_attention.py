@@ -527,6 +527,29 @@ def test_cuda_split_prefix_key_tiles_meet_flash_attention_rule(cuda_device, monk
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_many_query_heads_per_kv_head_take_the_dq_kernel(cuda_device, d):
+    """With >= 32 query heads per KV head the other mode computes dQ with the deterministic
+    mode's kernel (their atomics would collide; pa_kernels.h dq_by_kernel): no dQ
+    accumulator in its workspace, the same bits as the deterministic mode, and
+    FlashAttention's error rule. With 16 per KV head it keeps the atomics."""
+    layout = dk.PrefixLayout.from_lengths(*SPLIT_LENS, device="cuda")
+    dtype = torch.bfloat16
+    for heads, kernel in (((32, 1), True), ((64, 2), True), ((16, 1), False)):
+        atomic_ws = _backward_workspace_bytes(layout, heads, d, dtype, False)
+        det_ws = _backward_workspace_bytes(layout, heads, d, dtype, True)
+        assert (atomic_ws == det_ws) == kernel, heads
+    q, k, v = make_inputs(layout, (32, 1), d, dtype=dtype, device="cuda", grad=True)
+    runs = []
+    for det in (True, False):
+        out = dk.prefix_attention(q, k, v, layout, deterministic=det)
+        runs.append(grads(out, (q, k, v)))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+    _flash_attention_rule("cuda", dtype, d, (32, 1), SPLIT_LENS)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("chunks", ["rule", "3"])
 def test_cuda_split_deterministic_bits_and_modes_agree(cuda_device, monkeypatch, chunks):
     if chunks == "rule":

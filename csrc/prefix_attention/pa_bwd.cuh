@@ -16,7 +16,8 @@
 //      empty chunk writes zeros). Non-prefix key tiles are never split.
 //   2b. bwd_split_reduce_kernel (C > 1 only): sums slots c = 0..C-1 in that order and writes
 //      dk, dv: deterministic in both modes, and the same bits in both modes.
-//   3. Deterministic mode instead: bwd_dq_kernel, query-centric like the forward, recomputes
+//   3. Deterministic mode instead (and the other mode too with >= kDqKernelMinHeadsPerKv query
+//      heads per KV head, pa_kernels.h): bwd_dq_kernel, query-centric like the forward, recomputes
 //      P and dS for its query tile and sums dQ over the key tiles in a fixed order. (dQ is
 //      untouched by the split: in the atomic mode the chunks' atomics are as unordered as
 //      the tiles' always were.)
@@ -70,8 +71,9 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
   const float scale_log2 = static_cast<float>(s.scale * kLog2e);
   char* ws = static_cast<char*>(p.workspace);
   float* delta = reinterpret_cast<float*>(ws);
-  const int64_t fixed_bytes = delta_bytes(s) + (p.deterministic ? 0 : dq_accum_bytes(s));
-  float* dq_accum = p.deterministic ? nullptr : reinterpret_cast<float*>(ws + delta_bytes(s));
+  const bool dq_kernel = dq_by_kernel(s, p.deterministic);
+  const int64_t fixed_bytes = delta_bytes(s) + (dq_kernel ? 0 : dq_accum_bytes(s));
+  float* dq_accum = dq_kernel ? nullptr : reinterpret_cast<float*>(ws + delta_bytes(s));
   int chunks = bwd_prefix_chunks(s, p.segments.count, p.groups.count,
                                  bwd_kv_resident_blocks<T, D>());
   // A workspace sized on another device (other SM count) may hold fewer chunks: use what fits.

@@ -21,6 +21,16 @@ inline int64_t dq_accum_bytes(const PrefixAttentionShape& s) {
   return align256(s.total_tokens * s.num_heads_q * s.head_dim * 4);
 }
 
+// dQ by the query-centric kernel (no atomics) also in the non-deterministic mode when this
+// many query heads or more share a KV head: their float32 atomic adds into the same dQ rows
+// then cost more than recomputing. Measured on an H200 at (4096, 512, 8), Hq = 32, D = 128
+// (bench/NOTES-attention.md): 32 per KV head 11.9 ms with the kernel against 14.5 ms with
+// atomics, 16 equal (7.59 / 7.62 ms), 8 atomics faster (5.57 / 6.31 ms).
+constexpr int kDqKernelMinHeadsPerKv = 32;
+inline bool dq_by_kernel(const PrefixAttentionShape& s, bool deterministic) {
+  return deterministic || s.num_heads_q >= kDqKernelMinHeadsPerKv * s.num_heads_kv;
+}
+
 template <class T, int D>
 Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream);
 template <class T, int D>

@@ -96,7 +96,8 @@ int64_t prefix_attention_backward_workspace_bytes(const PrefixAttentionShape& sh
                                                   int64_t num_segments, int64_t num_groups,
                                                   bool deterministic) {
   if (shape.total_tokens <= 0 || shape.num_heads_q <= 0) return 0;
-  const int64_t fixed = pa::delta_bytes(shape) + (deterministic ? 0 : pa::dq_accum_bytes(shape));
+  const int64_t fixed =
+      pa::delta_bytes(shape) + (pa::dq_by_kernel(shape, deterministic) ? 0 : pa::dq_accum_bytes(shape));
   // The same chunk count launch_bwd will choose on this device (it asks the same rule).
   int64_t resident = 0;
   const bool bf16 = shape.dtype == DType::bfloat16;
