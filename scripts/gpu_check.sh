@@ -135,6 +135,7 @@ fi
 #    GPU_CHECK_WHEEL=path installs a wheel built elsewhere instead (device time is scarce:
 #    the build is ~160 s of it), and GPU_CHECK_BENCH_DIR names where its C++ benchmark
 #    binaries are (scripts/build_gpu_wheel.sh makes both on a machine without a GPU).
+#    GPU_CHECK_OVERLAY=1: see below.
 if [ -n "${GPU_CHECK_WHEEL:-}" ]; then
   step build 120 "$OUT/build.log" \
     "$PY" -m pip install --no-deps --no-index --force-reinstall -v "$GPU_CHECK_WHEEL"
@@ -151,6 +152,15 @@ if [ "${STATES[-1]}" != ok ] && [ "${STATES[-1]}" != dry-run ]; then
     skip "$s" "build failed (see build.log)"
   done
   summary
+fi
+# GPU_CHECK_OVERLAY=1 (with GPU_CHECK_WHEEL): the working tree's Python files replace the
+# wheel's, for Python-only changes made after the wheel was built (the compiled extension
+# stays the wheel's). build.log says which files were copied.
+if [ -n "${GPU_CHECK_WHEEL:-}" ] && [ "${GPU_CHECK_OVERLAY:-0}" = 1 ] && [ "$DRY" != 1 ]; then
+  SITE=$("$PY" -c "import os, diffkern; print(os.path.dirname(diffkern.__file__))")
+  echo "=== overlay: python/diffkern/*.py -> $SITE" >>"$OUT/build.log"
+  (cd python/diffkern && find . -name '*.py' -print -exec install -D -m 644 {} "$SITE/{}" \;) \
+    >>"$OUT/build.log" 2>&1
 fi
 
 # Peers and test-only dependencies the offline machine lacks (POT, OTT-JAX, TFP) travel as

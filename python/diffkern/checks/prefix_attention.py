@@ -137,6 +137,13 @@ def sanitizer_workload(device: str) -> int:
                 err = (a.float().cpu() - b).abs().max().item()
                 assert err <= tol * (1 + b.abs().max().item()), f"error {err} (layout {P}, {S})"
     if dev.type == "cuda":
+        # 32 query heads on one KV head: the atomic mode's dQ goes through the dQ kernel
+        # (pa_kernels.h dq_by_kernel), a route the cases above do not take.
+        layout = dk.PrefixLayout.from_lengths([21], [[6, 1]], device=dev)
+        q, k, v = _inputs(layout, 32, 1, 64, dtype, dev)
+        out = dk.prefix_attention(q, k, v, layout)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        calls += 2
         layout = dk.PrefixLayout.from_lengths([9], [[3, 4]], device=dev)
         q, k, v = _inputs(layout, 2, 1, 128, dtype, dev)
         stream = torch.cuda.Stream(dev)
