@@ -533,7 +533,10 @@ def part_d(cfg, device, repeats):
         def one(label=label, fn=fn):
             t = timed(fn, device, repeats)
             out, peak = peak_memory(fn, device)
-            results[label] = out
+            # Kept on the host: estimates held on the GPU would count in every later
+            # row's peak (each is one copy of the parameters in float32).
+            results[label] = [o.cpu() for o in out]
+            del out
             return [dict(peer=label, ms=t.median * 1e3, peak_gib=gib(peak), **t.row())]
         guarded(rows, label, one)
     if not batched:
