@@ -77,7 +77,8 @@ constexpr int kGaussianCells = DK_FD_GAUSSIAN_CELLS;
 
 // The table, as float16 bit patterns: 64 KB. One copy for the host and one in device global
 // memory; the CUDA kernels copy it to shared memory (per-lane random lookups: constant
-// memory would serialize them, and 64 KB is all of it) and pass that.
+// memory would serialize them, and 64 KB is all of it), as it is or signed (below), and
+// pass that.
 struct alignas(16) GaussianTable {
   uint16_t bits[kGaussianCells];
 };
@@ -112,6 +113,25 @@ DK_HOST_DEVICE float gaussian_from_bits(uint32_t h, const uint16_t* table) {
   return half_detail::bits_float(half_detail::float_bits(a) | ((h & 0x8000u) << 16));
 }
 
+// The table with the sign folded in: 2^16 float16 entries (128 KB), entry h = v_{h & 0x7fff}
+// with bit 15 of h as its sign bit, so z of a lane's 16 bits is one lookup and one
+// conversion (no mask, no OR). The same z as gaussian_from_bits by construction: float16's
+// sign bit is bit 15 and both conversions are exact. Built from gaussian_table() by the
+// CUDA kernels in shared memory (fd_grad_cuda.cu), where the device has room for it.
+struct SignedGaussianTable {
+  const uint16_t* bits;  // 2^16 entries
+};
+constexpr int kSignedGaussianCells = 2 * kGaussianCells;
+
+DK_HOST_DEVICE float gaussian_from_bits(uint32_t h, SignedGaussianTable table) {
+  const uint16_t z = table.bits[h];
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(z));
+#else
+  return Float16{z}.to_float();
+#endif
+}
+
 DK_HOST_DEVICE float rademacher_from_bits(uint32_t h) { return (h & 0x8000u) ? -1.0f : 1.0f; }
 
 // The Philox words of group j of tensor t in direction k.
@@ -122,12 +142,14 @@ DK_HOST_DEVICE philox::U32x4 group_bits(uint64_t seed, uint32_t k, uint32_t t, u
 }
 
 // The 8 values z of group j (elements 8j .. 8j + 7) of tensor t in direction k;
-// `table`: gaussian_table() or a copy of it (read for the Gaussian only).
+// `table`: gaussian_table() or a copy of it, or a SignedGaussianTable (read for the
+// Gaussian only).
 struct Float8 {
   float v[kGroupElems];
 };
+template <class Table>
 DK_HOST_DEVICE Float8 group_directions(Distribution dist, uint64_t seed, uint32_t k, uint32_t t,
-                                       uint64_t j, const uint16_t* table) {
+                                       uint64_t j, const Table& table) {
   const philox::U32x4 r = group_bits(seed, k, t, j);
   Float8 z;
   if (dist == Distribution::rademacher) {

@@ -14,10 +14,16 @@
 //    thread-strided with 32-bit indices, two units per thread and step, the next step's
 //    units loaded before this step's generator runs; a partial last group, and rows at an
 //    odd address (a view), go element-wise;
-//  - the distribution is a template parameter (no per-group dispatch; the Rademacher
-//    kernels neither fill nor reserve the Gaussian table);
-//  - the Gaussian table (64 KB of float16) lives in dynamic shared memory: per-lane random
-//    lookups. That allows 3 blocks of 256 threads per SM (4 for Rademacher).
+//  - the distribution and the kind of Gaussian table are template parameters (no per-group
+//    dispatch; the Rademacher kernels neither fill nor reserve a table);
+//  - the Gaussian table lives in dynamic shared memory (per-lane random lookups). The
+//    perturb / update kernels use the signed table (2^16 float16 z, 128 KB: one lookup and
+//    one conversion per element) with one block of 768 threads per SM, where a block may
+//    have 128 KB (sm_80, sm_90); elsewhere (sm_86 / sm_89: 99 KB), and for the directions
+//    and sum-of-squares kernels, the 2^15 float16 magnitudes (64 KB) with blocks of 256, 3
+//    per SM. Rademacher kernels: blocks of 256, 4 per SM (3 for the update). The signed
+//    table at 768 x 1 took the OPT-1.3B fp16 perturb from 84.4% to 90.3% of the copy
+//    bandwidth in bench/cpp/experiments/fd_perturb_variants.cu (bench/NOTES-zo.md).
 // No allocation, no synchronization: everything is on `stream`. Short lists travel by
 // value in the kernel's parameters (RowList).
 #include <cuda_runtime.h>
@@ -26,6 +32,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -42,20 +49,45 @@ namespace {
 using fd::Distribution;
 using fd::Row;
 
-constexpr int kThreads = 256;
+// The Gaussian table a kernel keeps in shared memory: none (Rademacher), the 2^15 float16
+// magnitudes of gaussian_table.h as they are (64 KB), or the 2^16 signed float16 z built
+// from them (fd::SignedGaussianTable, 128 KB).
+enum class SmemTable { none, magnitude, signed_z };
+template <SmemTable Tb>
+constexpr size_t kTableBytes = Tb == SmemTable::signed_z    ? 2 * sizeof(fd::GaussianTable)
+                               : Tb == SmemTable::magnitude ? sizeof(fd::GaussianTable)
+                                                            : 0;
+// What the kernels that read a table get: a SignedGaussianTable, or the magnitudes'
+// address (null without a table).
+template <SmemTable Tb>
+using TableRef =
+    std::conditional_t<Tb == SmemTable::signed_z, fd::SignedGaussianTable, const uint16_t*>;
+// The directions and sum-of-squares kernels keep the magnitude table: their many blocks of
+// 256 threads each fill one (the grid-stride directions, sum_sq's fixed partition whose
+// block size fixes its summation order).
+template <Distribution D>
+constexpr SmemTable kMagnitudeTable = D == Distribution::gaussian ? SmemTable::magnitude
+                                                                  : SmemTable::none;
+
+constexpr int kThreads = 256;  // per block, but in the groups kernels with the signed table
 constexpr int kStepUnits = 2;  // 16-byte units per thread per step (run_units, groups_grid)
 // Groups per thread per step: 2 of 16-bit elements, 1 of float32.
 template <class T>
 constexpr int kStepGroups = kStepUnits / fd::kGroupUnits<T>;
-// Resident blocks of 256 threads per SM the kernels are compiled for (the register cap:
-// the generator's latency is hidden by other warps, not by more registers): 3 with the
-// table, which is what 64 KB of shared memory per block allows (85 registers); 4 (64
-// registers) for the Rademacher perturb; 3 for the Rademacher update, which spilled 168
-// bytes at 64 (nvcc 13.0, sm_90: its loop over the terms keeps 8 sums live).
-template <Distribution D, bool kUpdate>
-constexpr int kMinBlocksPerSm = D == Distribution::gaussian || kUpdate ? 3 : 4;
-template <Distribution D>
-constexpr size_t kTableBytes = D == Distribution::gaussian ? sizeof(fd::GaussianTable) : 0;
+// Threads per block and resident blocks per SM the groups kernels are compiled for (the
+// register cap: the generator's latency is hidden by other warps, not by more registers).
+// With the signed table, one block of 768 per SM: one 128 KB table per SM (227 KB on
+// sm_90), the same 85-register cap as 3 x 256. With the magnitude table, 3 blocks of 256,
+// what 64 KB per block allows. Rademacher: 4 of 256 (64 registers) for the perturb, 3 for
+// the update, which spilled 168 bytes at 64 (nvcc 13.0, sm_90: its loop over the terms
+// keeps 8 sums live).
+template <SmemTable Tb>
+constexpr int kGroupThreads = Tb == SmemTable::signed_z ? 768 : kThreads;
+template <SmemTable Tb, bool kUpdate>
+constexpr int kMinBlocksPerSm = Tb == SmemTable::signed_z    ? 1
+                                : Tb == SmemTable::magnitude ? 3
+                                : kUpdate                    ? 3
+                                                             : 4;
 
 // Terms of an update, by value in the kernel's parameters (graph-capturable, no copies).
 struct Terms {
@@ -103,47 +135,67 @@ Status make_row_list(const int64_t* desc, const int64_t* sources, int64_t num_ro
   return Status::ok;
 }
 
-// The Gaussian table in dynamic shared memory (random per-lane lookups; constant memory
-// would serialize them), copied by the whole block in 16-byte pieces; Rademacher kernels
-// have none and launch without the shared memory.
-template <Distribution D>
-__device__ __forceinline__ const uint16_t* shared_gaussian_table() {
-  if constexpr (D == Distribution::gaussian) {
+// The 16-byte piece `m` of magnitudes (8 float16) with every sign bit set: the negative
+// half of the signed table.
+__device__ __forceinline__ uint4 negated(uint4 m) {
+  constexpr uint32_t kSigns = 0x80008000u;
+  return make_uint4(m.x | kSigns, m.y | kSigns, m.z | kSigns, m.w | kSigns);
+}
+
+// The kernel's Gaussian table in dynamic shared memory (random per-lane lookups; constant
+// memory would serialize them), filled by the whole block in 16-byte pieces from the global
+// magnitude table, the single source (the signed table: entries m and m + 2^15 are
+// magnitude m without and with the sign bit). A fill per block costs little where it
+// matters: the signed-table kernels run one block per SM, so a launch reads 64 KB per SM
+// from L2 (8.4 MB on an H200's 132 SMs) against the 2 x 2.6 GB an OPT-1.3B fp16 perturb
+// reads and writes. Rademacher kernels have none and launch without the shared memory.
+template <SmemTable Tb>
+__device__ __forceinline__ TableRef<Tb> shared_gaussian_table() {
+  if constexpr (Tb == SmemTable::none) {
+    return nullptr;
+  } else {
     extern __shared__ __align__(16) unsigned char fd_dynamic_smem[];
     uint4* table = reinterpret_cast<uint4*>(fd_dynamic_smem);
     const uint4* src = reinterpret_cast<const uint4*>(fd::gaussian_table());
     constexpr int kPieces = static_cast<int>(sizeof(fd::GaussianTable) / sizeof(uint4));
-    for (int i = threadIdx.x; i < kPieces; i += blockDim.x) table[i] = src[i];
+    for (int i = threadIdx.x; i < kPieces; i += blockDim.x) {
+      const uint4 m = src[i];
+      table[i] = m;
+      if constexpr (Tb == SmemTable::signed_z) table[kPieces + i] = negated(m);
+    }
     __syncthreads();
-    return reinterpret_cast<const uint16_t*>(table);
-  } else {
-    return nullptr;
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(table);
+    if constexpr (Tb == SmemTable::signed_z) return fd::SignedGaussianTable{bits};
+    else return bits;
   }
 }
 
-// Lets `kernel` use the table's dynamic shared memory (past the 48 KB default) on the
-// current device: once per device (a bit per device ordinal; the attribute is per function
-// and device, and setting it is not a stream operation, so it is done before any capture).
-template <Distribution D, class Kernel>
-Status allow_table(Kernel kernel, std::atomic<uint64_t>& done) {
-  if constexpr (kTableBytes<D> > 0) {
+// Lets Kernel use its table's dynamic shared memory (past the 48 KB default) on the
+// current device: once per device and kernel (a bit per device ordinal; the attribute is
+// per function and device, and setting it is not a stream operation, so it is done before
+// any capture).
+template <SmemTable Tb, auto Kernel>
+Status allow_table() {
+  if constexpr (kTableBytes<Tb> > 0) {
+    static std::atomic<uint64_t> done{0};
     int device = 0;
     DK_CUDA_TRY(cudaGetDevice(&device));
     const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
     if (bit == 0 || !(done.load(std::memory_order_acquire) & bit)) {
-      DK_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(kTableBytes<D>)));
+      DK_CUDA_TRY(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kTableBytes<Tb>)));
       done.fetch_or(bit, std::memory_order_acq_rel);
     }
   }
   return Status::ok;
 }
 
-// Groups [a, b) of one row, element-wise (a partial last group, a row at an odd address).
-template <class T, class Op>
+// Groups [a, b) of one row, element-wise (a partial last group, a row at an odd address),
+// by a block of kThr threads.
+template <int kThr, class T, class Op, class Table>
 __device__ __forceinline__ void run_groups(const Row& row, const T* src, T* dst, int64_t a,
-                                           int64_t b, const Op& op, const uint16_t* table) {
-  for (int64_t j = a + threadIdx.x; j < b; j += kThreads) {
+                                           int64_t b, const Op& op, const Table& table) {
+  for (int64_t j = a + threadIdx.x; j < b; j += kThr) {
     float x[fd::kGroupElems] = {};
     const int count = fd::load_group(src, row.numel, j, x);
     op(row, j, table, x);
@@ -153,15 +205,15 @@ __device__ __forceinline__ void run_groups(const Row& row, const T* src, T* dst,
 
 // The `groups` whole groups from group j_begin of a row (src and dst 16-byte aligned), as
 // 16-byte units: each thread takes kStepGroups groups per step (kStepUnits units, the
-// groups kThreads apart), loading the next step's units before running the generator on
+// groups kThr apart), loading the next step's units before running the generator on
 // this step's. Indices are 32-bit within chunks of 2^30 groups.
-template <class T>
+template <int kThr, class T>
 __device__ __forceinline__ void load_step(const uint4* s, uint32_t n, uint32_t g,
                                           uint4 (&v)[kStepUnits]) {
   constexpr int S = kStepGroups<T>, GU = fd::kGroupUnits<T>;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
-    const uint32_t gi = g + i * kThreads;
+    const uint32_t gi = g + i * kThr;
     if (gi < n) {
 #pragma unroll
       for (int q = 0; q < GU; ++q) v[i * GU + q] = fd::load_unit(s + static_cast<size_t>(gi) * GU + q);
@@ -169,9 +221,9 @@ __device__ __forceinline__ void load_step(const uint4* s, uint32_t n, uint32_t g
   }
 }
 
-template <class T, class Op>
+template <int kThr, class T, class Op, class Table>
 __device__ __forceinline__ void run_units(const Row& row, const T* src, T* dst, int64_t j_begin,
-                                          int64_t groups, const Op& op, const uint16_t* table) {
+                                          int64_t groups, const Op& op, const Table& table) {
   constexpr int S = kStepGroups<T>, GU = fd::kGroupUnits<T>, E = fd::kUnitElems<T>;
   constexpr int64_t kChunk = int64_t{1} << 30;
   for (int64_t done = 0; done < groups; done += kChunk) {
@@ -181,13 +233,13 @@ __device__ __forceinline__ void run_units(const Row& row, const T* src, T* dst, 
     uint4* d = reinterpret_cast<uint4*>(dst + fd::kGroupElems * jc);
     uint4 cur[kStepUnits];
     uint32_t g = threadIdx.x;
-    load_step<T>(s, n, g, cur);
-    for (; g < n; g += S * kThreads) {
+    load_step<kThr, T>(s, n, g, cur);
+    for (; g < n; g += S * kThr) {
       uint4 next[kStepUnits];
-      load_step<T>(s, n, g + S * kThreads, next);
+      load_step<kThr, T>(s, n, g + S * kThr, next);
 #pragma unroll
       for (int i = 0; i < S; ++i) {
-        const uint32_t gi = g + i * kThreads;
+        const uint32_t gi = g + i * kThr;
         if (gi < n) {
           float x[fd::kGroupElems];
 #pragma unroll
@@ -209,9 +261,9 @@ __device__ __forceinline__ void run_units(const Row& row, const T* src, T* dst, 
 // Groups [j0, j1) of one row: the whole groups as units when source and destination are
 // 16-byte aligned (a group is 16 or 32 bytes, so then every group is), the partial last
 // group and misaligned rows element-wise.
-template <class T, class Op>
+template <int kThr, class T, class Op, class Table>
 __device__ __forceinline__ void run_segment(const Row& row, const void* source, int64_t j0,
-                                            int64_t j1, const Op& op, const uint16_t* table) {
+                                            int64_t j1, const Op& op, const Table& table) {
   const T* src = static_cast<const T*>(source);
   T* dst = static_cast<T*>(row.data);
   const int64_t whole = row.numel / fd::kGroupElems;
@@ -219,10 +271,10 @@ __device__ __forceinline__ void run_segment(const Row& row, const void* source, 
   const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   if (aligned && j0 < whole_end) {
-    run_units(row, src, dst, j0, whole_end - j0, op, table);
-    run_groups(row, src, dst, whole_end, j1, op, table);
+    run_units<kThr>(row, src, dst, j0, whole_end - j0, op, table);
+    run_groups<kThr>(row, src, dst, whole_end, j1, op, table);
   } else {
-    run_groups(row, src, dst, j0, j1, op, table);
+    run_groups<kThr>(row, src, dst, j0, j1, op, table);
   }
 }
 
@@ -230,12 +282,15 @@ __device__ __forceinline__ void run_segment(const Row& row, const void* source, 
 // holding the group's elements as float read from the row's source (op rewrites them; they
 // are stored into the row). The block walks the rows its range meets, the storage dtype
 // dispatched once per row.
-template <Distribution D, class Op>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, Op::kUpdate>)
+template <SmemTable Tb, class Op>
+__global__ void __launch_bounds__(kGroupThreads<Tb>, kMinBlocksPerSm<Tb, Op::kUpdate>)
 groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_block, Op op) {
+  static_assert((Tb == SmemTable::none) == (Op::kDistribution == Distribution::rademacher),
+                "a table for the Gaussian ops, none for the Rademacher ones");
+  constexpr int kThr = kGroupThreads<Tb>;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
   const int64_t end = begin + per_block < total ? begin + per_block : total;
-  const uint16_t* table = shared_gaussian_table<D>();
+  const TableRef<Tb> table = shared_gaussian_table<Tb>();
   if (begin >= end) return;
   op.prepare();  // per-launch scalars that read device memory (sphere norms)
   const int64_t* desc = list.rows();
@@ -250,9 +305,9 @@ groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_b
     const void* source = fd::row_source(sources, r, row);
     const int64_t j0 = g - row.first_group, j1 = seg_end - row.first_group;
     switch (static_cast<DType>(row.dtype)) {
-      case DType::float16: run_segment<Float16>(row, source, j0, j1, op, table); break;
-      case DType::bfloat16: run_segment<BFloat16>(row, source, j0, j1, op, table); break;
-      case DType::float32: run_segment<float>(row, source, j0, j1, op, table); break;
+      case DType::float16: run_segment<kThr, Float16>(row, source, j0, j1, op, table); break;
+      case DType::bfloat16: run_segment<kThr, BFloat16>(row, source, j0, j1, op, table); break;
+      case DType::float32: run_segment<kThr, float>(row, source, j0, j1, op, table); break;
       default: break;  // refused by the bindings
     }
     g = seg_end;
@@ -261,6 +316,7 @@ groups_kernel(const __grid_constant__ RowList list, int64_t total, int64_t per_b
 
 template <Distribution D>
 struct PerturbOp {
+  static constexpr Distribution kDistribution = D;
   static constexpr bool kUpdate = false;
   uint64_t seed;
   uint32_t k;
@@ -268,7 +324,8 @@ struct PerturbOp {
   const double* norm_sq;
   float s;
   __device__ __forceinline__ void prepare() { s = fd::mul_rn(scale, fd::inverse_norm(norm_sq)); }
-  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const uint16_t* table,
+  template <class Table>
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const Table& table,
                                              float (&x)[fd::kGroupElems]) const {
     fd::perturb_values(row, j, seed, k, s, D, table, x);
   }
@@ -276,6 +333,7 @@ struct PerturbOp {
 
 template <Distribution D>
 struct UpdateOp {
+  static constexpr Distribution kDistribution = D;
   static constexpr bool kUpdate = true;
   Terms terms;
   float lr, wd;
@@ -285,7 +343,8 @@ struct UpdateOp {
   // terms would live in local memory); sphere directions rescale each coefficient by its
   // inverse norm where it is used. One Philox call per group and term (update_values).
   __device__ __forceinline__ void prepare() {}
-  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const uint16_t* table,
+  template <class Table>
+  __device__ __forceinline__ void operator()(const Row& row, int64_t j, const Table& table,
                                              float (&x)[fd::kGroupElems]) const {
     fd::update_values(row, j, terms.term, terms.count, lr, wd, D, norm_sq, norm_stride, table, x);
   }
@@ -305,16 +364,16 @@ struct GroupsGrid {
   unsigned blocks;
   int64_t per_block;
 };
-template <Distribution D, class Op>
+template <SmemTable Tb, class Op>
 Status groups_grid(int64_t total, GroupsGrid& grid) {
   int device = 0, sm_count = 0, per_sm = 0;
   DK_CUDA_TRY(cudaGetDevice(&device));
   DK_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  DK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, groups_kernel<D, Op>,
-                                                             kThreads, kTableBytes<D>));
+  DK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, groups_kernel<Tb, Op>, kGroupThreads<Tb>, kTableBytes<Tb>));
   // A step covers 2 groups per thread of 16-bit rows, 1 of float32: sized for the former
   // (the wave has the same number of blocks either way; float32 blocks loop twice as often).
-  constexpr int64_t pass = static_cast<int64_t>(kThreads) * kStepUnits;
+  constexpr int64_t pass = static_cast<int64_t>(kGroupThreads<Tb>) * kStepUnits;
   const int64_t passes = ceil_div(total, pass);
   const int64_t wave = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
   const int64_t blocks = std::min<int64_t>(passes, wave);
@@ -323,24 +382,53 @@ Status groups_grid(int64_t total, GroupsGrid& grid) {
   return Status::ok;
 }
 
-template <Distribution D, class Op>
-Status launch_groups(const RowList& list, int64_t total, const Op& op, void* stream) {
-  static std::atomic<uint64_t> table_allowed{0};
-  Status st = allow_table<D>(groups_kernel<D, Op>, table_allowed);
+template <SmemTable Tb, class Op>
+Status launch_groups_with(const RowList& list, int64_t total, const Op& op, void* stream) {
+  Status st = allow_table<Tb, groups_kernel<Tb, Op>>();
   if (st != Status::ok) return st;
   GroupsGrid grid;
-  st = groups_grid<D, Op>(total, grid);
+  st = groups_grid<Tb, Op>(total, grid);
   if (st != Status::ok) return st;
-  groups_kernel<D, Op><<<grid.blocks, kThreads, kTableBytes<D>, static_cast<cudaStream_t>(stream)>>>(
-      list, total, grid.per_block, op);
+  groups_kernel<Tb, Op><<<grid.blocks, kGroupThreads<Tb>, kTableBytes<Tb>,
+                          static_cast<cudaStream_t>(stream)>>>(list, total, grid.per_block, op);
   return last_launch_status();
+}
+
+// Whether the Gaussian groups kernels take the signed table on the current device: where a
+// block may opt in to its 128 KB of shared memory (sm_80: 163 KB, sm_90: 227 KB; sm_86 and
+// sm_89 have 99 KB and keep the magnitude table), unless DK_FD_SMALL_TABLE=1 forces the
+// magnitude table (for the tests, which compare both kinds with the CPU's bits in one
+// process). Both are read at every launch, so a change of the variable takes effect at the
+// next launch: a getenv and an attribute query the runtime caches, next to the occupancy
+// query groups_grid makes anyway.
+Status signed_table_fits(bool& fits) {
+  int device = 0, optin = 0;
+  DK_CUDA_TRY(cudaGetDevice(&device));
+  DK_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const char* small = std::getenv("DK_FD_SMALL_TABLE");
+  const bool forced_small = small != nullptr && std::strcmp(small, "1") == 0;
+  fits = !forced_small && static_cast<size_t>(optin) >= kTableBytes<SmemTable::signed_z>;
+  return Status::ok;
+}
+
+template <class Op>
+Status launch_groups(const RowList& list, int64_t total, const Op& op, void* stream) {
+  if constexpr (Op::kDistribution == Distribution::rademacher) {
+    return launch_groups_with<SmemTable::none>(list, total, op, stream);
+  } else {
+    bool fits = false;
+    const Status st = signed_table_fits(fits);
+    if (st != Status::ok) return st;
+    return fits ? launch_groups_with<SmemTable::signed_z>(list, total, op, stream)
+                : launch_groups_with<SmemTable::magnitude>(list, total, op, stream);
+  }
 }
 
 template <Distribution D>
 __global__ void __launch_bounds__(kThreads)
 directions_kernel(uint64_t seed, uint32_t k, uint32_t t, int64_t numel, float* __restrict__ out) {
   const int64_t groups = fd::groups_of(numel);
-  const uint16_t* table = shared_gaussian_table<D>();
+  const uint16_t* table = shared_gaussian_table<kMagnitudeTable<D>>();
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < groups;
        j += static_cast<int64_t>(gridDim.x) * kThreads) {
     const fd::Float8 z = fd::group_directions(D, seed, k, t, static_cast<uint64_t>(j), table);
@@ -357,7 +445,7 @@ __global__ void __launch_bounds__(kThreads)
 sum_sq_partials_kernel(const __grid_constant__ RowList list, int64_t total, uint64_t seed,
                        uint32_t k, double* partials) {
   __shared__ double scratch[kThreads / 32];
-  const uint16_t* table = shared_gaussian_table<D>();
+  const uint16_t* table = shared_gaussian_table<kMagnitudeTable<D>>();
   const int64_t* desc = list.rows();
   const int64_t num_rows = list.num_rows;
   const int64_t begin = fd::partition_begin(total, blockIdx.x);
@@ -405,8 +493,7 @@ Status fd_perturb_cuda(const int64_t* desc, const int64_t* sources, int64_t num_
   if (st != Status::ok) return st;
   return with_distribution(dist, [&](auto d) {
     constexpr Distribution D = decltype(d)::value;
-    return launch_groups<D>(list, total_groups, PerturbOp<D>{seed, k, scale, norm_sq, 0.0f},
-                            stream);
+    return launch_groups(list, total_groups, PerturbOp<D>{seed, k, scale, norm_sq, 0.0f}, stream);
   });
 }
 
@@ -426,8 +513,8 @@ Status fd_update_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   if (st != Status::ok) return st;
   return with_distribution(dist, [&](auto d) {
     constexpr Distribution D = decltype(d)::value;
-    return launch_groups<D>(list, total_groups,
-                            UpdateOp<D>{t, lr, weight_decay, norm_sq, norm_stride}, stream);
+    return launch_groups(list, total_groups,
+                         UpdateOp<D>{t, lr, weight_decay, norm_sq, norm_stride}, stream);
   });
 }
 
@@ -442,10 +529,10 @@ Status fd_directions_cuda(uint64_t seed, uint32_t k, uint32_t tensor_id, int64_t
   const unsigned blocks = grid_stride_blocks(fd::groups_of(numel), kThreads, sm_count);
   return with_distribution(dist, [&](auto d) {
     constexpr Distribution D = decltype(d)::value;
-    static std::atomic<uint64_t> table_allowed{0};
-    const Status st = allow_table<D>(directions_kernel<D>, table_allowed);
+    constexpr SmemTable Tb = kMagnitudeTable<D>;
+    const Status st = allow_table<Tb, directions_kernel<D>>();
     if (st != Status::ok) return st;
-    directions_kernel<D><<<blocks, kThreads, kTableBytes<D>, static_cast<cudaStream_t>(stream)>>>(
+    directions_kernel<D><<<blocks, kThreads, kTableBytes<Tb>, static_cast<cudaStream_t>(stream)>>>(
         seed, k, tensor_id, numel, out);
     return last_launch_status();
   });
@@ -462,10 +549,10 @@ Status fd_sum_sq_cuda(const int64_t* desc, int64_t num_tensors, int64_t total_gr
   const auto s = static_cast<cudaStream_t>(stream);
   return with_distribution(dist, [&](auto d) {
     constexpr Distribution D = decltype(d)::value;
-    static std::atomic<uint64_t> table_allowed{0};
-    const Status st = allow_table<D>(sum_sq_partials_kernel<D>, table_allowed);
+    constexpr SmemTable Tb = kMagnitudeTable<D>;
+    const Status st = allow_table<Tb, sum_sq_partials_kernel<D>>();
     if (st != Status::ok) return st;
-    sum_sq_partials_kernel<D><<<kFdSumSqPartials, kThreads, kTableBytes<D>, s>>>(
+    sum_sq_partials_kernel<D><<<kFdSumSqPartials, kThreads, kTableBytes<Tb>, s>>>(
         list, total_groups, seed, k, out + 1);
     DK_CUDA_TRY(cudaGetLastError());
     sum_sq_total_kernel<<<1, 1, 0, s>>>(out);

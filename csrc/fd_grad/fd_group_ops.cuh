@@ -100,9 +100,11 @@ DK_HOST_DEVICE void with_storage(int dtype, void* data, F&& f) {
 }
 
 // x <- x + scale * z for the 8 values of group j (lanes past the tensor's end are computed
-// and never stored), each product and sum rounded once in float32.
+// and never stored), each product and sum rounded once in float32. `table`: as for
+// group_directions (here and below).
+template <class Table>
 DK_HOST_DEVICE void perturb_values(const Row& row, int64_t j, uint64_t seed, uint32_t k,
-                                   float scale, Distribution dist, const uint16_t* table,
+                                   float scale, Distribution dist, const Table& table,
                                    float (&x)[kGroupElems]) {
   const Float8 z = group_directions(dist, seed, k, row.id, static_cast<uint64_t>(j), table);
   for (int l = 0; l < kGroupElems; ++l) x[l] = add_rn(x[l], mul_rn(scale, z.v[l]));
@@ -117,9 +119,10 @@ DK_HOST_DEVICE float term_coeff(const FdTerm* terms, int m, const double* norm_s
 }
 
 // x <- x - lr * (sum_m c_m z_m + wd * x), terms accumulated in order from 0.
+template <class Table>
 DK_HOST_DEVICE void update_values(const Row& row, int64_t j, const FdTerm* terms, int num_terms,
                                   float lr, float wd, Distribution dist, const double* norm_sq,
-                                  int64_t norm_stride, const uint16_t* table,
+                                  int64_t norm_stride, const Table& table,
                                   float (&x)[kGroupElems]) {
   float g[kGroupElems] = {};
   for (int m = 0; m < num_terms; ++m) {
