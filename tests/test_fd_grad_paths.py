@@ -4,7 +4,12 @@
   unit) against the element-wise path (a misaligned view takes it for the whole tensor), on
   odd sizes and values that exercise the NaN/inf/overflow fallbacks;
 - rows passed by value in the kernel's parameters (short lists) against rows copied to the
-  device (longer lists, or ``_INLINE_ROWS = 0``).
+  device (longer lists, or ``_INLINE_ROWS = 0``);
+- the Gaussian kernels' two tables: the signed 128 KB table (one block of 768 threads per
+  SM, where a block may have 128 KB of shared memory) and the 64 KB magnitude table (the
+  fallback, forced by ``DK_FD_SMALL_TABLE=1``, which the launcher reads at every launch),
+  each against the CPU and against each other. On a device without 128 KB per block both
+  runs take the magnitude table.
 
 The CUDA tests skip without a GPU; the binding checks of the by-value path run anywhere.
 """
@@ -15,7 +20,7 @@ import torch
 
 from diffkern import _C
 from diffkern import _zo_kernels as zk
-from tests.test_fd_grad import replay_captured_perturb
+from tests.test_fd_grad import _many_params, replay_captured_perturb
 
 STORAGE = [pytest.param(d, id=str(d).split(".")[1])
            for d in (torch.float16, torch.bfloat16, torch.float32)]
@@ -96,6 +101,53 @@ def test_vector_path_agrees_with_the_cpu_on_finite_values(cuda_device, dtype):
             zk.update_(params, [(5, 6, 0.5), (9, 1, -0.25)], 1e-3, 0.01)
             zk.perturb_(params, 5, 7, 1e-2, "rademacher")
         assert torch.equal(_bits(gpu[0]), _bits(cpu[0])), f"numel {n}"
+
+
+TABLES = [pytest.param("0", id="signed_table"), pytest.param("1", id="magnitude_table")]
+
+
+def _run_gaussian(params: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    """The kernels that read the table: perturb in place, update (several terms), perturb
+    into a copy."""
+    zk.perturb_(params, 41, 3, 0.75)
+    zk.update_(params, [(41, 3, 0.5), (42, 1, -2.0), (43, 7, 1.5)], 1e-2, 0.1)
+    zk.perturb_into(dst, params, 44, 2, 0.25)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("small_table", TABLES)
+def test_gaussian_tables_agree_with_the_cpu(cuda_device, small_table, monkeypatch):
+    """A long mixed list (block ranges that start and end inside tensors) and two
+    misaligned views (the element-wise path), finite values."""
+    monkeypatch.setenv("DK_FD_SMALL_TABLE", small_table)
+    gen = torch.Generator().manual_seed(5)
+    cpu = _many_params() + [torch.randn(4097, generator=gen).half(),
+                            torch.randn(9, generator=gen).bfloat16()]
+    gpu = ([p.to(cuda_device, copy=True) for p in cpu[:-2]]
+           + [_placed(p, 1, cuda_device) for p in cpu[-2:]])
+    cpu_dst = [torch.empty_like(p) for p in cpu]
+    gpu_dst = [torch.empty_like(p) for p in gpu]
+    _run_gaussian(cpu, cpu_dst)
+    _run_gaussian(gpu, gpu_dst)
+    for t, (c, g) in enumerate(zip(cpu + cpu_dst, gpu + gpu_dst)):
+        assert torch.equal(_bits(g), _bits(c)), f"tensor {t % len(cpu)}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_gaussian_tables_give_the_same_bits(cuda_device, dtype, monkeypatch):
+    """NaN, inf, subnormal and near-overflow values, aligned and misaligned."""
+    for n in (9, 4097):
+        x = _values(n, dtype, seed=n)
+        runs = []
+        for small_table in ("0", "1"):
+            monkeypatch.setenv("DK_FD_SMALL_TABLE", small_table)
+            params = [_placed(x, 0, cuda_device), _placed(x, 1, cuda_device)]
+            dst = [_placed(torch.zeros(n, dtype=dtype), 0, cuda_device) for _ in params]
+            _run_gaussian(params, dst)
+            runs.append([_bits(t) for t in params + dst])
+        for i, (a, b) in enumerate(zip(*runs)):
+            assert torch.equal(a, b), f"numel {n}, tensor {i}"
 
 
 def _mixed_list(device, count=5):
