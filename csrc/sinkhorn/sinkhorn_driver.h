@@ -259,13 +259,54 @@ class Driver {
       const int64_t k = std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - lo);
       if (k <= 0) break;
       bk_.for_batch(LimitChunk{s, st_.iterations, k, o_.max_iter});
+      bk_.for_batch(KeepErr{s, s.fallback});
       sinkhorn_iterations(k, s.fallback);
       bk_.for_batch(CountSinkhornPhase{s, k});
       measure(s.fallback);
+      block_shift();
       if (check(lo + k, "fallback") == 0) return;
       newton_due = any_newton_;
       lo = min_active_iterations_;
     }
+  }
+
+  // The block shift after a flat Sinkhorn chunk (tolerance mode; see ShiftDirection).
+  void block_shift() {
+    const BatchScalars& s = w_.s;
+    const Workspace& w = w_;
+    bk_.for_batch(StartShift{s, st_.iterations, o_.max_iter});
+    if (!any_set(s.shift)) return;
+    // x, tau = w.p, lo = w.r, hi = w.z (CG vectors, free between Newton steps); the trial's
+    // column sums go to w.q.
+    double *x = w.x, *tau = w.p, *lo = w.r, *hi = w.z, *q = w.q;
+    bk_.reduce(m_, ShiftDirection{s, p_.b, w.c, x, tau, lo, hi, m_, p_.eps}, ShiftSelect{s});
+    if (!any_set(s.shift)) return;  // no candidates: nothing tried, nothing spent
+    bk_.reduce(n_, PotentialTerm{st_.f, p_.a, n_}, SetAddPhi{s.phi, s.phi_scale, false, s.shift});
+    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_, s.b_scale}, SetAddPhi{s.phi, s.phi_scale, true, s.shift});
+    bk_.reduce(m_, KlTerm{p_.b, w.c, s.b_scale, m_, p_.eps}, SetSum{s.sk_gain, s.shift});
+    for (int trial = 0; trial < kShiftTrials; ++trial) {
+      bk_.reduce(m_, ShiftPoint{s, s.shift_open, st_.g, x, tau, p_.b, w.g_trial, m_, false},
+                 SetSum{s.phi_trial, s.shift_open});
+      row_update(w.g_trial, w.f_trial, s.shift_open);
+      bk_.sweep(cost_t_, m_, n_, w.g_trial, w.f_trial, p_.b, SweepMode::measure, nullptr, q,
+                w.col_buf, s.shift_open);
+      bk_.for_batch(CountIterations{st_.iterations, s.shift_open, 1});
+      bk_.reduce(m_, ShiftBracket{s, p_.b, q, x, tau, lo, hi, m_, p_.eps}, ShiftOpen{s});
+      if (!any_set(s.shift_open)) break;
+    }
+    bk_.for_batch(StartShiftTest{s});
+    for (int t = 0; t < kShiftFinal; ++t) {
+      bk_.reduce(m_, ShiftPoint{s, s.searching, st_.g, x, lo, p_.b, w.g_trial, m_, true},
+                 SetSum{s.phi_trial, s.searching});
+      row_update(w.g_trial, w.f_trial, s.searching);
+      bk_.for_batch(CountIterations{st_.iterations, s.searching, 1});
+      bk_.reduce(n_, ArrayTerm{w.row_buf, n_}, ShiftTest{s});
+      if (!any_set(s.searching)) break;
+    }
+    bk_.for_each(nm_, AcceptShift{s, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
+    bk_.for_batch(FinishShift{s});
+    measure(s.shift);
+    if (o_.verbose > 1) std::fprintf(stderr, "[diffkern.ot] shift     searched\n");
   }
 
   // SNS warm-up: Sinkhorn iterations with eps-scaling. The first three quarters run at

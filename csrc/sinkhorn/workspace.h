@@ -41,6 +41,9 @@ struct BatchScalars {
   int* sk_left;       // Sinkhorn iterations to run before the next Newton step
   int* backoff;       // length of the Sinkhorn phase after the next failed Newton step
   int* ascent;        // 1: this round steps along the scaled gradient (Newton's direction was no ascent)
+  int* shift;         // 1: the element runs the block shift search (ShiftDirection) this round
+  int* shifted;       // 1: a block shift was accepted since the last Sinkhorn phase or good Newton round
+  int* shift_open;    // 1: some candidate column's bracket is still wider than kShiftPrecision eps
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
   double* report;     // (B, kReportFields): what a tolerance-mode check reads, one copy
 };
@@ -92,7 +95,7 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
                      &s.floor, &s.b_scale, &s.gain, &s.sk_gain})
     take(*d, B);
   for (int** i : {&s.active, &s.newton, &s.searching, &s.rejected, &s.cg_active, &s.fallback,
-                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff, &s.ascent})
+                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff, &s.ascent, &s.shift, &s.shifted, &s.shift_open})
     take(*i, B);
   take(s.cg_live, 2);
   take(s.report, B * kReportFields);
