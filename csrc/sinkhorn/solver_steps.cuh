@@ -351,7 +351,8 @@ struct FinishNewton {
 };
 
 // ------------------------------------------------------------------- block shift
-// After a failed Newton round (tolerance mode). Where a small block of rows and columns has
+// After a Sinkhorn chunk of an element's Sinkhorn phase that did not halve the error
+// (tolerance mode). Where a small block of rows and columns has
 // far less (or more) row mass than its columns need and is coupled to the rest only through
 // plan entries below what the sparsified Hessian keeps (below exp(kMinLogKept)), Newton sees
 // no direction that feeds it, and Sinkhorn translates the block's potentials by a constant
@@ -366,11 +367,12 @@ struct FinishNewton {
 // bracket is kShiftPrecision eps wide; all columns are searched at once (one row update and
 // one column measure per trial, for all of them), which is exact for blocks that do not see
 // each other and an approximation otherwise. The point g + tau_lo x (the crossing's safe side)
-// is then accepted only where it raises Phi above rounding (halving all tau twice more if
-// not), so every accepted shift is an ascent step of the same concave objective; the element
-// then takes a Newton step (the block is now coupled through entries Newton keeps) with no
-// Sinkhorn phase in between, and at most one shift per Sinkhorn phase (`shifted`), so the
-// back-off argument (JudgeNewton) still bounds the work between two Sinkhorn phases.
+// is then accepted only where it raises Phi above rounding and by at least what the shift's
+// iterations would have gained as Sinkhorn iterations (eps KL(b'||c) each; halving all tau
+// twice more if not), so every accepted shift is an ascent step of the same concave
+// objective. The Sinkhorn phase then goes on as it would have; one search (accepted or not)
+// per Newton round (`shifted`), so it adds at most kShiftTrials + kShiftFinal iterations to a
+// back-off phase and JudgeNewton's bound on the work still holds.
 // Candidates: columns off by a factor e or more (|log(b'_j / c_j)| >= kShiftMinLog) that
 // carry at least kShiftMinShare of the error; the search runs only where they carry at least
 // kShiftMinTotal of it (half the L1 error is the most a set of short columns can carry: the
