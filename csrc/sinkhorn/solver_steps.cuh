@@ -125,6 +125,7 @@ struct ResetBatch {
     s.delta_shift[b] = 0;
     s.shift[b] = 0;
     s.shifted[b] = 0;
+    s.shift_off[b] = 0;
     s.shift_open[b] = 0;
     iterations[b] = 0;
     newton_steps[b] = 0;
@@ -146,20 +147,27 @@ struct CountIterations {
 // that no plan can beat (a tol below it is unreachable; the caller reports it), or NaN (NaN
 // inputs never recover; the NaN error is reported).
 constexpr double kFloorRatio = 2.0;
+DK_HOST_DEVICE bool shift_due(const BatchScalars& s, int64_t b, int64_t iterations,
+                                     int64_t max_iter);  // the block shift's trigger (below)
 struct UpdateActive {
   BatchScalars s;
   const int64_t* iterations;
   double tol;
+  int after_chunk;  // the check after a Sinkhorn-phase chunk: also decide the block shift
+  int64_t max_iter;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     const double err = s.err[b];
     if (s.active[b] && (!(err > fmax(tol, kFloorRatio * s.floor[b])) || err != err))
       s.active[b] = 0;
+    // s.fallback still says who ran the chunk; the trigger rides on this check's one copy.
+    s.shift[b] = after_chunk && shift_due(s, b, iterations[b], max_iter);
     s.fallback[b] = s.active[b] && s.sk_left[b] > 0;  // finished elements take none
     double* row = s.report + b * kReportFields;
     row[kReportErr] = err;
     row[kReportActive] = s.active[b];
     row[kReportIterations] = static_cast<double>(iterations[b]);
     row[kReportFallback] = s.fallback[b];
+    row[kReportShift] = s.shift[b];
   }
 };
 
@@ -362,17 +370,24 @@ struct FinishNewton {
 // speeds and need different shifts, so no single step length along Sinkhorn's displacement
 // fits them all. The shift moves each starved (or flooded) column j along its own Sinkhorn
 // direction x_j = eps log(b'_j / c_j) by its own multiple tau_j: a per-column search on the
-// sign of the partial derivative dPhi/dg_j = b'_j - c_j (Phi concave): tau_j doubles from 1
-// while the column stays short (long), then is bisected once it has crossed, until the
-// bracket is kShiftPrecision eps wide; all columns are searched at once (one row update and
-// one column measure per trial, for all of them), which is exact for blocks that do not see
-// each other and an approximation otherwise. The point g + tau_lo x (the crossing's safe side)
-// is then accepted only where it raises Phi above rounding and by at least what the shift's
-// iterations would have gained as Sinkhorn iterations (eps KL(b'||c) each; halving all tau
-// twice more if not), so every accepted shift is an ascent step of the same concave
-// objective. The Sinkhorn phase then goes on as it would have; one search (accepted or not)
-// per Newton round (`shifted`), so it adds at most kShiftTrials + kShiftFinal iterations to a
-// back-off phase and JudgeNewton's bound on the work still holds.
+// sign of the partial derivative dPhi/dg_j = b'_j - c_j (Phi concave): tau_j starts at
+// kShiftFirst and grows by kShiftGrowth per trial while the column stays short (long), then
+// is bisected geometrically once it has crossed, until the bracket is kShiftPrecision eps
+// wide or its ends are within a ratio kShiftRatio; all columns are searched at once (one row
+// update and one column measure per trial, for all of them), which is exact for blocks that
+// do not see each other and an approximation otherwise. Geometric: the coupling that ends the
+// plateau grows exponentially with the move, so the crossing's distance is known to a factor
+// first, and a tighter bracket saves fewer Sinkhorn iterations than its trials cost (on a GPU
+// a trial is ~4 launches and a host read, ~3 Sinkhorn iterations). The point g + tau_lo x
+// (the crossing's safe side) is then accepted only where it raises Phi above rounding and by
+// at least what the shift's iterations would have gained as Sinkhorn iterations
+// (eps KL(b'||c) each; halving all tau once more if not), so every accepted shift is an
+// ascent step of the same concave
+// objective. The Sinkhorn phase then goes on as it would have; one search per Newton round
+// (`shifted`), so it adds at most kShiftTrials + kShiftFinal iterations to a back-off phase
+// and JudgeNewton's bound on the work still holds. A search that fails (rejected, or the
+// error did not fall) says the per-column picture does not fit this problem: none follows in
+// the same solve (`shift_off`), so a problem that is merely slow pays for one search at most.
 // Candidates: columns off by a factor e or more (|log(b'_j / c_j)| >= kShiftMinLog) that
 // carry at least kShiftMinShare of the error; the search runs only where they carry at least
 // kShiftMinTotal of it (half the L1 error is the most a set of short columns can carry: the
@@ -381,28 +396,40 @@ constexpr double kShiftMinLog = 1.0;
 constexpr double kShiftMinShare = 0.05;
 constexpr double kShiftMinTotal = 0.25;
 constexpr double kShiftPrecision = 2.0;   // in eps
+constexpr double kShiftFirst = 16.0;      // first trial: tau (Sinkhorn iterations on a plateau)
+constexpr double kShiftGrowth = 4.0;      // bracket growth per trial while not crossed
+constexpr double kShiftRatio = 1.5;       // the bracket is closed once hi <= kShiftRatio lo
 constexpr double kShiftMaxMove = 2000.0;  // in eps: no column moves further
 constexpr double kShiftMaxDir = 200.0;    // in eps: |x_j| at most (kMaxMove's value)
-constexpr int kShiftTrials = 16;          // bracket trials (each a row update and a measure)
-constexpr int kShiftFinal = 3;            // acceptance tests at tau_lo, tau_lo / 2, tau_lo / 4
+constexpr int kShiftTrials = 8;           // bracket trials (each a row update and a measure)
+constexpr int kShiftFinal = 2;            // acceptance tests at tau_lo, tau_lo / 2
 constexpr double kShiftWorth = 1.0;     // gain wanted: this many times its iterations' Sinkhorn gain
 
-constexpr double kShiftFlat = 0.5;  // a chunk that did not halve the error is flat
-struct StartShift {  // after a flat Sinkhorn chunk (err_prev: the error before it)
+// After a Sinkhorn-phase chunk (err_prev: the error before it), at its check: a chunk that
+// did not halve the error is flat.
+constexpr double kShiftFlat = 0.5;
+DK_HOST_DEVICE bool shift_due(const BatchScalars& s, int64_t b, int64_t iterations,
+                                     int64_t max_iter) {
+  return s.fallback[b] && s.active[b] && !s.shifted[b] && !s.shift_off[b] &&
+         s.err[b] > kShiftFlat * s.err_prev[b] &&
+         iterations + kShiftTrials + kShiftFinal <= max_iter;
+}
+
+// One look per Newton round (`shifted`), with or without candidates; err_prev: the error at
+// the start, to judge the search by.
+struct StartShift {
   BatchScalars s;
-  const int64_t* iterations;
-  int64_t max_iter;
   DK_HOST_DEVICE void operator()(int64_t b) const {
-    s.shift[b] = s.fallback[b] && s.active[b] && !s.shifted[b] &&
-                 s.err[b] > kShiftFlat * s.err_prev[b] &&
-                 iterations[b] + kShiftTrials + kShiftFinal <= max_iter;
     s.shift_open[b] = 0;
-    if (s.shift[b]) s.gain[b] = 0;  // counts the shift's trials (free outside Newton rounds)
+    if (!s.shift[b]) return;
+    s.shifted[b] = 1;
+    s.err_prev[b] = s.err[b];
+    s.gain[b] = 0;  // counts the shift's trials (free outside Newton rounds)
   }
 };
 
-// x_j = eps log(b'_j / c_j) on the candidate columns (0 elsewhere), tau = 1, lo = 0,
-// hi = inf; the term is the candidate's error.
+// x_j = eps log(b'_j / c_j) on the candidate columns (0 elsewhere), tau = kShiftFirst (within
+// kShiftMaxMove), lo = 0, hi = inf; the term is the candidate's error.
 struct ShiftDirection {
   BatchScalars s;
   const double *b_w, *c;
@@ -423,7 +450,7 @@ struct ShiftDirection {
       }
     }
     x[k] = xj;
-    tau[k] = 1.0;
+    tau[k] = xj != 0 ? fmin(kShiftFirst, kShiftMaxMove * eps / fabs(xj)) : 0.0;
     lo[k] = 0.0;
     hi[k] = INFINITY;
     return term;
@@ -460,8 +487,13 @@ struct ShiftPoint {
 };
 
 // One bracket trial's verdict per column, from the column sums q at the trial point: still
-// on the start's side of b'_j (lo = tau) or across (hi = tau); next tau. The term is 1 where
-// the column's bracket is still open.
+// on the start's side of b'_j (lo = tau) or across (hi = tau); next tau. A column that the
+// first trial (tau = kShiftFirst) takes across is behind no plateau worth a search: on a
+// plateau Sinkhorn moves the block by about x_j per iteration, so it is within kShiftFirst
+// Sinkhorn iterations of its crossing, about what the search would cost; its bracket closes
+// at lo = 0 and it stays where it is (Sinkhorn fixes it). The term is +1 where the
+// bracket is still open and -1 where it is closed at lo > 0 (a shift to test), 0 elsewhere,
+// so the epilogue gets both counts from the sum and the sum of |terms|.
 struct ShiftBracket {
   BatchScalars s;
   const double *b_w, *q, *x;
@@ -483,42 +515,56 @@ struct ShiftBracket {
     }
     const double ax = fabs(xj);
     if (!(hi[k] < INFINITY)) {
-      if (2 * t * ax > kShiftMaxMove * eps) {
+      if (kShiftGrowth * t * ax > kShiftMaxMove * eps) {
         hi[k] = t;  // as far as it may go: closed at lo = t
-        return 0.0;
+        return -1.0;
       }
-      tau[k] = 2 * t;
+      tau[k] = kShiftGrowth * t;
       return 1.0;
     }
-    tau[k] = 0.5 * (lo[k] + hi[k]);
-    return (hi[k] - lo[k]) * ax > kShiftPrecision * eps ? 1.0 : 0.0;
+    const double l = lo[k], h = hi[k];
+    if (!(l > 0)) return 0.0;  // across at the first trial: no plateau worth a search
+    tau[k] = sqrt(l * h);
+    return (h - l) * ax > kShiftPrecision * eps && h > kShiftRatio * l ? 1.0 : -1.0;
   }
 };
 
+// Open: some column's bracket is; an element none of whose columns is behind a plateau has
+// nothing to test: its search ends as failed (see FinishShift). Also counts the trial as an
+// iteration (no launch of its own).
 struct ShiftOpen {
   BatchScalars s;
-  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+  int64_t* iterations;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double abs_sum) const {
     if (!s.shift_open[b]) return;
     s.gain[b] += 1;
-    s.shift_open[b] = sum > 0;
+    iterations[b] += 1;
+    const double open = 0.5 * (abs_sum + sum), to_test = 0.5 * (abs_sum - sum);
+    s.shift_open[b] = open > 0;
+    if (!(open > 0) && !(to_test > 0)) s.shift_off[b] = 1;
   }
 };
 
-struct StartShiftTest {  // the final tests: step 1 (tau_lo), searching, rejected until accepted
+// The final tests: step 1 (tau_lo), searching, rejected until accepted; none where the
+// bracket search left nothing to test.
+struct StartShiftTest {
   BatchScalars s;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.step[b] = 1.0;
-    s.searching[b] = s.shift[b];
+    s.searching[b] = s.shift[b] && !s.shift_off[b];
     s.rejected[b] = s.shift[b];
   }
 };
 
 // Phi at the shifted point (the row part arrives; phi_trial holds the column part) must be
-// above Phi at the start by more than rounding; else halve the shift.
+// above Phi at the start by more than rounding; else halve the shift. The test counts as an
+// iteration.
 struct ShiftTest {
   BatchScalars s;
+  int64_t* iterations;
   DK_HOST_DEVICE void operator()(int64_t b, double sum, double abs_sum) const {
     if (!s.searching[b]) return;
+    iterations[b] += 1;
     const double phi_t = s.phi_trial[b] + sum;
     const double slack = 1e-13 * (s.phi_scale[b] + abs_sum);
     s.gain[b] += 1;
@@ -546,14 +592,23 @@ struct AcceptShift {
   }
 };
 
-// One search (accepted or not) per Newton round: no second one before the next round, so
-// a search costs at most kShiftTrials + kShiftFinal iterations per Newton round. The Sinkhorn
-// phase goes on (its length, the back-off, is what bounds the Newton rounds' share of work).
+// After the search's measure. One search (accepted or not) per Newton round: no second one
+// before the next round, so a search costs at most kShiftTrials + kShiftFinal iterations per
+// Newton round. The Sinkhorn phase goes on (its length, the back-off, is what bounds the
+// Newton rounds' share of work), for at least a chunk after a shift that lowered the error:
+// the shift stops on the crossing's safe side and leaves the plateau's end to Sinkhorn
+// (Newton, which could not see the blocks' coupling before, cannot now either). A failed
+// search (rejected, or accepted without lowering the error) ends the shifts for this solve.
 struct FinishShift {
   BatchScalars s;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     s.searching[b] = 0;
-    if (s.shift[b]) s.shifted[b] = 1;
+    if (!s.shift[b]) return;
+    if (s.rejected[b] || !(s.err[b] < s.err_prev[b])) {
+      s.shift_off[b] = 1;
+    } else if (s.sk_left[b] < kBackoffStart) {
+      s.sk_left[b] = kBackoffStart;
+    }
   }
 };
 
