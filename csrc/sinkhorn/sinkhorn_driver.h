@@ -71,6 +71,7 @@ class Driver {
   int64_t min_active_iterations_ = 0;  // tolerance mode: fewest iterations of a live element
   bool any_fallback_ = false;          // tolerance mode: a live element is in its Sinkhorn phase
   bool any_newton_ = false;            // tolerance mode: a live element is due a Newton step
+  bool any_shift_ = false;             // tolerance mode: a live element is due a block shift
   int64_t unconverged_ = -1;           // after the last check; -1: never checked (fixed mode)
 
   void row_update(const double* g, double* f, const int* mask) {
@@ -92,9 +93,10 @@ class Driver {
     bk_.reduce(m_, ArrayTerm{w_.col_buf, m_}, SetErr{w_.s.err, mask});
   }
   // Tolerance mode: deactivate converged elements; returns how many still iterate. One
-  // copy to the host (the packed report) per check.
-  int64_t check(int64_t iteration, const char* phase) {
-    bk_.for_batch(UpdateActive{w_.s, st_.iterations, o_.tol});
+  // copy to the host (the packed report) per check. after_chunk: the check after a
+  // Sinkhorn-phase chunk, which also decides the block shift (any_shift_).
+  int64_t check(int64_t iteration, const char* phase, bool after_chunk = false) {
+    bk_.for_batch(UpdateActive{w_.s, st_.iterations, o_.tol, after_chunk, o_.max_iter});
     host_report_.resize(B_ * kReportFields);
     bk_.copy_to_host(host_report_.data(), w_.s.report, sizeof(double) * B_ * kReportFields);
     int64_t n_active = 0;
@@ -102,6 +104,7 @@ class Driver {
     min_active_iterations_ = o_.max_iter;
     any_fallback_ = false;
     any_newton_ = false;
+    any_shift_ = false;
     int64_t above_tol = 0;
     for (int64_t b = 0; b < B_; ++b) {
       const double* row = host_report_.data() + b * kReportFields;
@@ -113,6 +116,7 @@ class Driver {
         const bool fb = row[kReportFallback] != 0;
         any_fallback_ = any_fallback_ || fb;
         any_newton_ = any_newton_ || (!fb && its < o_.max_iter);
+        any_shift_ = any_shift_ || row[kReportShift] != 0;
       }
       if (!(err <= o_.tol)) above_tol += 1;  // NaN counts
       worst = std::isnan(err) ? err : std::max(worst, err);
@@ -259,13 +263,69 @@ class Driver {
       const int64_t k = std::min(std::max<int64_t>(1, o_.check_every), o_.max_iter - lo);
       if (k <= 0) break;
       bk_.for_batch(LimitChunk{s, st_.iterations, k, o_.max_iter});
+      bk_.for_batch(KeepErr{s, s.fallback});
       sinkhorn_iterations(k, s.fallback);
       bk_.for_batch(CountSinkhornPhase{s, k});
       measure(s.fallback);
-      if (check(lo + k, "fallback") == 0) return;
+      if (check(lo + k, "fallback", true) == 0) return;
+      if (any_shift_ && block_shift() && check(lo + k, "shift") == 0) return;
       newton_due = any_newton_;
       lo = min_active_iterations_;
     }
+  }
+
+  // The block shift after a flat Sinkhorn chunk, for the elements its check flagged
+  // (tolerance mode; see ShiftDirection). Returns whether some element searched (and its
+  // error, measured again, needs a check).
+  bool block_shift() {
+    const BatchScalars& s = w_.s;
+    const Workspace& w = w_;
+    bk_.for_batch(StartShift{s});
+    // x, tau = w.p, lo = w.r, hi = w.z (CG vectors, free between Newton steps); the trial's
+    // column sums go to w.q.
+    double *x = w.x, *tau = w.p, *lo = w.r, *hi = w.z, *q = w.q;
+    bk_.reduce(m_, ShiftDirection{s, p_.b, w.c, x, tau, lo, hi, m_, p_.eps}, ShiftSelect{s});
+    if (!any_set(s.shift)) {  // no candidates: nothing tried, nothing spent
+      if (o_.verbose > 1) std::fprintf(stderr, "[diffkern.ot] shift     no candidates\n");
+      return false;
+    }
+    int trials = 0, tests = 0;
+    while (trials < kShiftTrials) {
+      ++trials;
+      bk_.reduce(m_, ShiftPoint{s, s.shift_open, st_.g, x, tau, p_.b, w.g_trial, m_, false},
+                 SetSum{s.phi_trial, s.shift_open});
+      row_update(w.g_trial, w.f_trial, s.shift_open);
+      bk_.sweep(cost_t_, m_, n_, w.g_trial, w.f_trial, p_.b, SweepMode::measure, nullptr, q,
+                w.col_buf, s.shift_open);
+      bk_.reduce(m_, ShiftBracket{s, p_.b, q, x, tau, lo, hi, m_, p_.eps},
+                 ShiftOpen{s, st_.iterations});
+      if (!any_set(s.shift_open)) break;
+    }
+    bk_.for_batch(StartShiftTest{s});
+    // An element whose bracket search found no plateau has nothing to test: then nothing
+    // moved, and nothing needs measuring or checking.
+    if (!any_set(s.searching)) {
+      if (o_.verbose > 1) std::fprintf(stderr, "[diffkern.ot] shift     %d bracket trials, no plateau\n", trials);
+      return false;
+    }
+    // Phi at the start, its rounding scale, and what one Sinkhorn iteration gains there.
+    bk_.reduce(n_, PotentialTerm{st_.f, p_.a, n_}, SetAddPhi{s.phi, s.phi_scale, false, s.searching});
+    bk_.reduce(m_, PotentialTerm{st_.g, p_.b, m_, s.b_scale}, SetAddPhi{s.phi, s.phi_scale, true, s.searching});
+    bk_.reduce(m_, KlTerm{p_.b, w.c, s.b_scale, m_, p_.eps}, SetSum{s.sk_gain, s.searching});
+    // Read before each test after the first.
+    while (tests < kShiftFinal && (tests == 0 || any_set(s.searching))) {
+      ++tests;
+      bk_.reduce(m_, ShiftPoint{s, s.searching, st_.g, x, lo, p_.b, w.g_trial, m_, true},
+                 SetSum{s.phi_trial, s.searching});
+      row_update(w.g_trial, w.f_trial, s.searching);
+      bk_.reduce(n_, ArrayTerm{w.row_buf, n_}, ShiftTest{s, st_.iterations});
+    }
+    bk_.for_each(nm_, AcceptShift{s, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
+    measure(s.shift);
+    bk_.for_batch(FinishShift{s});
+    if (o_.verbose > 1)
+      std::fprintf(stderr, "[diffkern.ot] shift     %d bracket trials, %d tests\n", trials, tests);
+    return true;
   }
 
   // SNS warm-up: Sinkhorn iterations with eps-scaling. The first three quarters run at

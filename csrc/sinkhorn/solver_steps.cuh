@@ -123,6 +123,10 @@ struct ResetBatch {
     s.backoff[b] = kBackoffStart;
     s.ascent[b] = 0;
     s.delta_shift[b] = 0;
+    s.shift[b] = 0;
+    s.shifted[b] = 0;
+    s.shift_off[b] = 0;
+    s.shift_open[b] = 0;
     iterations[b] = 0;
     newton_steps[b] = 0;
   }
@@ -143,20 +147,27 @@ struct CountIterations {
 // that no plan can beat (a tol below it is unreachable; the caller reports it), or NaN (NaN
 // inputs never recover; the NaN error is reported).
 constexpr double kFloorRatio = 2.0;
+DK_HOST_DEVICE bool shift_due(const BatchScalars& s, int64_t b, int64_t iterations,
+                                     int64_t max_iter);  // the block shift's trigger (below)
 struct UpdateActive {
   BatchScalars s;
   const int64_t* iterations;
   double tol;
+  int after_chunk;  // the check after a Sinkhorn-phase chunk: also decide the block shift
+  int64_t max_iter;
   DK_HOST_DEVICE void operator()(int64_t b) const {
     const double err = s.err[b];
     if (s.active[b] && (!(err > fmax(tol, kFloorRatio * s.floor[b])) || err != err))
       s.active[b] = 0;
+    // s.fallback still says who ran the chunk; the trigger rides on this check's one copy.
+    s.shift[b] = after_chunk && shift_due(s, b, iterations[b], max_iter);
     s.fallback[b] = s.active[b] && s.sk_left[b] > 0;  // finished elements take none
     double* row = s.report + b * kReportFields;
     row[kReportErr] = err;
     row[kReportActive] = s.active[b];
     row[kReportIterations] = static_cast<double>(iterations[b]);
     row[kReportFallback] = s.fallback[b];
+    row[kReportShift] = s.shift[b];
   }
 };
 
@@ -300,6 +311,7 @@ struct JudgeNewton {
     } else {
       s.backoff[b] = kBackoffStart;
     }
+    s.shifted[b] = 0;
   }
 };
 
@@ -343,6 +355,260 @@ struct FinishNewton {
     if (!s.newton[b]) return;
     if (!s.rejected[b]) newton_steps[b] += 1;
     if (!s.rejected[b] || count_attempts) iterations[b] += 1;
+  }
+};
+
+// ------------------------------------------------------------------- block shift
+// After a Sinkhorn chunk of an element's Sinkhorn phase that did not halve the error
+// (tolerance mode). Where a small block of rows and columns has
+// far less (or more) row mass than its columns need and is coupled to the rest only through
+// plan entries below what the sparsified Hessian keeps (below exp(kMinLogKept)), Newton sees
+// no direction that feeds it, and Sinkhorn translates the block's potentials by a constant
+// per iteration (eps log(b_J / a_I): 2-3 eps on the sweep's #8957) until the coupling, which
+// grows by that factor per iteration, supplies the missing mass: a plateau of tens of
+// iterations at a fixed error, then a sudden drop. Several such blocks move at different
+// speeds and need different shifts, so no single step length along Sinkhorn's displacement
+// fits them all. The shift moves each starved (or flooded) column j along its own Sinkhorn
+// direction x_j = eps log(b'_j / c_j) by its own multiple tau_j: a per-column search on the
+// sign of the partial derivative dPhi/dg_j = b'_j - c_j (Phi concave): tau_j starts at
+// kShiftFirst and grows by kShiftGrowth per trial while the column stays short (long), then
+// is bisected geometrically once it has crossed, until the bracket is kShiftPrecision eps
+// wide or its ends are within a ratio kShiftRatio; all columns are searched at once (one row
+// update and one column measure per trial, for all of them), which is exact for blocks that
+// do not see each other and an approximation otherwise. Geometric: the coupling that ends the
+// plateau grows exponentially with the move, so the crossing's distance is known to a factor
+// first, and a tighter bracket saves fewer Sinkhorn iterations than its trials cost (on a GPU
+// a trial is ~4 launches and a host read, ~3 Sinkhorn iterations). The point g + tau_lo x
+// (the crossing's safe side) is then accepted only where it raises Phi above rounding and by
+// at least what the shift's iterations would have gained as Sinkhorn iterations
+// (eps KL(b'||c) each; halving all tau once more if not), so every accepted shift is an
+// ascent step of the same concave
+// objective. The Sinkhorn phase then goes on as it would have; one search per Newton round
+// (`shifted`), so it adds at most kShiftTrials + kShiftFinal iterations to a back-off phase
+// and JudgeNewton's bound on the work still holds. A search that fails (rejected, or the
+// error did not fall) says the per-column picture does not fit this problem: none follows in
+// the same solve (`shift_off`), so a problem that is merely slow pays for one search at most.
+// Candidates: columns off by a factor e or more (|log(b'_j / c_j)| >= kShiftMinLog) that
+// carry at least kShiftMinShare of the error; the search runs only where they carry at least
+// kShiftMinTotal of it (half the L1 error is the most a set of short columns can carry: the
+// plan's mass they lack sits on the others). Each trial counts as an iteration.
+constexpr double kShiftMinLog = 1.0;
+constexpr double kShiftMinShare = 0.05;
+constexpr double kShiftMinTotal = 0.25;
+constexpr double kShiftPrecision = 2.0;   // in eps
+constexpr double kShiftFirst = 16.0;      // first trial: tau (Sinkhorn iterations on a plateau)
+constexpr double kShiftGrowth = 4.0;      // bracket growth per trial while not crossed
+constexpr double kShiftRatio = 1.5;       // the bracket is closed once hi <= kShiftRatio lo
+constexpr double kShiftMaxMove = 2000.0;  // in eps: no column moves further
+constexpr double kShiftMaxDir = 200.0;    // in eps: |x_j| at most (kMaxMove's value)
+constexpr int kShiftTrials = 8;           // bracket trials (each a row update and a measure)
+constexpr int kShiftFinal = 2;            // acceptance tests at tau_lo, tau_lo / 2
+constexpr double kShiftWorth = 1.0;     // gain wanted: this many times its iterations' Sinkhorn gain
+
+// After a Sinkhorn-phase chunk (err_prev: the error before it), at its check: a chunk that
+// did not halve the error is flat.
+constexpr double kShiftFlat = 0.5;
+DK_HOST_DEVICE bool shift_due(const BatchScalars& s, int64_t b, int64_t iterations,
+                                     int64_t max_iter) {
+  return s.fallback[b] && s.active[b] && !s.shifted[b] && !s.shift_off[b] &&
+         s.err[b] > kShiftFlat * s.err_prev[b] &&
+         iterations + kShiftTrials + kShiftFinal <= max_iter;
+}
+
+// One look per Newton round (`shifted`), with or without candidates; err_prev: the error at
+// the start, to judge the search by.
+struct StartShift {
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.shift_open[b] = 0;
+    if (!s.shift[b]) return;
+    s.shifted[b] = 1;
+    s.err_prev[b] = s.err[b];
+    s.gain[b] = 0;  // counts the shift's trials (free outside Newton rounds)
+  }
+};
+
+// x_j = eps log(b'_j / c_j) on the candidate columns (0 elsewhere), tau = kShiftFirst (within
+// kShiftMaxMove), lo = 0, hi = inf; the term is the candidate's error.
+struct ShiftDirection {
+  BatchScalars s;
+  const double *b_w, *c;
+  double *x, *tau, *lo, *hi;
+  int64_t m;
+  double eps;
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
+    if (!s.shift[b]) return 0.0;
+    const int64_t k = b * m + j;
+    const double bj = b_w[k] * s.b_scale[b], cj = c[k];
+    double xj = 0, term = 0;
+    if (bj > 0) {
+      const double l = cj > 0 ? log(bj / cj) : INFINITY;
+      const double e = fabs(bj - cj);
+      if (fabs(l) >= kShiftMinLog && e >= kShiftMinShare * s.err[b]) {  // NaN: no
+        xj = eps * fmax(-kShiftMaxDir, fmin(kShiftMaxDir, l));  // c_j = 0: the cap
+        term = e;
+      }
+    }
+    x[k] = xj;
+    tau[k] = xj != 0 ? fmin(kShiftFirst, kShiftMaxMove * eps / fabs(xj)) : 0.0;
+    lo[k] = 0.0;
+    hi[k] = INFINITY;
+    return term;
+  }
+};
+
+struct ShiftSelect {  // the candidates carry enough of the error
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double) const {
+    if (!s.shift[b]) return;
+    s.shift[b] = sum > 0 && sum >= kShiftMinTotal * s.err[b];
+    s.shift_open[b] = s.shift[b];
+  }
+};
+
+// g_trial = g + scale tau x where mask (tau: the bracket trial; or lo, for the final test,
+// with scale = s.step); the term is g_trial b' (Phi's column part).
+struct ShiftPoint {
+  BatchScalars s;
+  const int* mask;
+  const double *g, *x, *tau, *b_w;
+  double* g_trial;
+  int64_t m;
+  bool scaled;
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
+    if (!mask[b]) return 0.0;
+    const int64_t k = b * m + j;
+    const double t = scaled ? s.step[b] * tau[k] : tau[k];
+    const double xj = x[k];
+    const double gt = xj != 0 ? g[k] + t * xj : g[k];  // -inf stays -inf
+    g_trial[k] = gt;
+    return b_w[k] > 0 ? gt * b_w[k] * s.b_scale[b] : 0.0;
+  }
+};
+
+// One bracket trial's verdict per column, from the column sums q at the trial point: still
+// on the start's side of b'_j (lo = tau) or across (hi = tau); next tau. A column that the
+// first trial (tau = kShiftFirst) takes across is behind no plateau worth a search: on a
+// plateau Sinkhorn moves the block by about x_j per iteration, so it is within kShiftFirst
+// Sinkhorn iterations of its crossing, about what the search would cost; its bracket closes
+// at lo = 0 and it stays where it is (Sinkhorn fixes it). The term is +1 where the
+// bracket is still open and -1 where it is closed at lo > 0 (a shift to test), 0 elsewhere,
+// so the epilogue gets both counts from the sum and the sum of |terms|.
+struct ShiftBracket {
+  BatchScalars s;
+  const double *b_w, *q, *x;
+  double *tau, *lo, *hi;
+  int64_t m;
+  double eps;
+  DK_HOST_DEVICE double operator()(int64_t b, int64_t j) const {
+    if (!s.shift_open[b]) return 0.0;
+    const int64_t k = b * m + j;
+    const double xj = x[k];
+    if (xj == 0) return 0.0;
+    const double r = b_w[k] * s.b_scale[b] - q[k];
+    const bool keep = xj > 0 ? r > 0 : r < 0;  // NaN: across
+    const double t = tau[k];
+    if (keep) {
+      lo[k] = t;
+    } else {
+      hi[k] = t;
+    }
+    const double ax = fabs(xj);
+    if (!(hi[k] < INFINITY)) {
+      if (kShiftGrowth * t * ax > kShiftMaxMove * eps) {
+        hi[k] = t;  // as far as it may go: closed at lo = t
+        return -1.0;
+      }
+      tau[k] = kShiftGrowth * t;
+      return 1.0;
+    }
+    const double l = lo[k], h = hi[k];
+    if (!(l > 0)) return 0.0;  // across at the first trial: no plateau worth a search
+    tau[k] = sqrt(l * h);
+    return (h - l) * ax > kShiftPrecision * eps && h > kShiftRatio * l ? 1.0 : -1.0;
+  }
+};
+
+// Open: some column's bracket is; an element none of whose columns is behind a plateau has
+// nothing to test: its search ends as failed (see FinishShift). Also counts the trial as an
+// iteration (no launch of its own).
+struct ShiftOpen {
+  BatchScalars s;
+  int64_t* iterations;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double abs_sum) const {
+    if (!s.shift_open[b]) return;
+    s.gain[b] += 1;
+    iterations[b] += 1;
+    const double open = 0.5 * (abs_sum + sum), to_test = 0.5 * (abs_sum - sum);
+    s.shift_open[b] = open > 0;
+    if (!(open > 0) && !(to_test > 0)) s.shift_off[b] = 1;
+  }
+};
+
+// The final tests: step 1 (tau_lo), searching, rejected until accepted; none where the
+// bracket search left nothing to test.
+struct StartShiftTest {
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.step[b] = 1.0;
+    s.searching[b] = s.shift[b] && !s.shift_off[b];
+    s.rejected[b] = s.shift[b];
+  }
+};
+
+// Phi at the shifted point (the row part arrives; phi_trial holds the column part) must be
+// above Phi at the start by more than rounding; else halve the shift. The test counts as an
+// iteration.
+struct ShiftTest {
+  BatchScalars s;
+  int64_t* iterations;
+  DK_HOST_DEVICE void operator()(int64_t b, double sum, double abs_sum) const {
+    if (!s.searching[b]) return;
+    iterations[b] += 1;
+    const double phi_t = s.phi_trial[b] + sum;
+    const double slack = 1e-13 * (s.phi_scale[b] + abs_sum);
+    s.gain[b] += 1;
+    // Worth its trials: it gains more than the Sinkhorn iterations they cost would (each
+    // gains at most sk_gain = eps KL(b'||c) at the start, as in JudgeNewton).
+    if (phi_t > s.phi[b] + slack && phi_t - s.phi[b] >= kShiftWorth * s.gain[b] * s.sk_gain[b]) {
+      s.searching[b] = 0;
+      s.rejected[b] = 0;
+    } else {
+      s.step[b] *= 0.5;
+    }
+  }
+};
+
+// (f, g) = the shifted point where it was accepted. Over k < max(n, m).
+struct AcceptShift {
+  BatchScalars s;
+  const double *f_trial, *g_trial;
+  double *f, *g;
+  int64_t n, m;
+  DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
+    if (!s.shift[b] || s.rejected[b]) return;
+    if (k < n) f[b * n + k] = f_trial[b * n + k];
+    if (k < m) g[b * m + k] = g_trial[b * m + k];
+  }
+};
+
+// After the search's measure. One search (accepted or not) per Newton round: no second one
+// before the next round, so a search costs at most kShiftTrials + kShiftFinal iterations per
+// Newton round. The Sinkhorn phase goes on (its length, the back-off, is what bounds the
+// Newton rounds' share of work), for at least a chunk after a shift that lowered the error:
+// the shift stops on the crossing's safe side and leaves the plateau's end to Sinkhorn
+// (Newton, which could not see the blocks' coupling before, cannot now either). A failed
+// search (rejected, or accepted without lowering the error) ends the shifts for this solve.
+struct FinishShift {
+  BatchScalars s;
+  DK_HOST_DEVICE void operator()(int64_t b) const {
+    s.searching[b] = 0;
+    if (!s.shift[b]) return;
+    if (s.rejected[b] || !(s.err[b] < s.err_prev[b])) {
+      s.shift_off[b] = 1;
+    } else if (s.sk_left[b] < kBackoffStart) {
+      s.sk_left[b] = kBackoffStart;
+    }
   }
 };
 

@@ -41,13 +41,17 @@ struct BatchScalars {
   int* sk_left;       // Sinkhorn iterations to run before the next Newton step
   int* backoff;       // length of the Sinkhorn phase after the next failed Newton step
   int* ascent;        // 1: this round steps along the scaled gradient (Newton's direction was no ascent)
+  int* shift;         // 1: the element runs the block shift search (ShiftDirection) this round
+  int* shifted;       // 1: a block shift was searched since the last Newton round
+  int* shift_off;     // 1: a search failed (rejected, or the error did not fall): none for the rest of the solve
+  int* shift_open;    // 1: some candidate column's bracket is still wider than kShiftPrecision eps
   int* cg_live;       // 2 counters: elements still in CG, by iteration parity (fused CG)
   double* report;     // (B, kReportFields): what a tolerance-mode check reads, one copy
 };
 
 // The fields of one element's check report (read by the host in one copy per check).
 enum ReportField : int { kReportErr = 0, kReportActive, kReportIterations, kReportFallback,
-                         kReportFields };
+                         kReportShift, kReportFields };
 
 struct Workspace {
   BatchScalars s;
@@ -92,7 +96,8 @@ inline size_t layout_workspace(const SinkhornProblem& p, const SinkhornOptions& 
                      &s.floor, &s.b_scale, &s.gain, &s.sk_gain})
     take(*d, B);
   for (int** i : {&s.active, &s.newton, &s.searching, &s.rejected, &s.cg_active, &s.fallback,
-                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff, &s.ascent})
+                  &s.reverted, &s.by_slack, &s.sk_left, &s.backoff, &s.ascent, &s.shift, &s.shifted,
+                  &s.shift_off, &s.shift_open})
     take(*i, B);
   take(s.cg_live, 2);
   take(s.report, B * kReportFields);
