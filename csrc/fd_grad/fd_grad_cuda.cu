@@ -80,7 +80,8 @@ constexpr int kStepGroups = kStepUnits / fd::kGroupUnits<T>;
 // sm_90), the same 85-register cap as 3 x 256. With the magnitude table, 3 blocks of 256,
 // what 64 KB per block allows. Rademacher: 4 of 256 (64 registers) for the perturb, 3 for
 // the update, which spilled 168 bytes at 64 (nvcc 13.0, sm_90: its loop over the terms
-// keeps 8 sums live).
+// keeps 8 sums live); at 3 blocks (80 registers: ptxas allocates in steps of 8) it still
+// spills 4 bytes (-Xptxas -v, nvcc 13.0, sm_90).
 template <SmemTable Tb>
 constexpr int kGroupThreads = Tb == SmemTable::signed_z ? 768 : kThreads;
 template <SmemTable Tb, bool kUpdate>
