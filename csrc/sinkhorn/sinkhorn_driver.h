@@ -320,7 +320,7 @@ class Driver {
       row_update(w.g_trial, w.f_trial, s.searching);
       bk_.reduce(n_, ArrayTerm{w.row_buf, n_}, ShiftTest{s, st_.iterations});
     }
-    bk_.for_each(nm_, AcceptShift{s, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
+    bk_.for_each(nm_, AcceptTrials{s, s.shift, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
     measure(s.shift);
     bk_.for_batch(FinishShift{s});
     if (o_.verbose > 1)
@@ -429,7 +429,7 @@ class Driver {
       bk_.reduce(n_, ArrayTerm{w.row_buf, n_}, LineSearchTest{s});
       if (may_peek && !any_set(s.searching)) break;
     }
-    bk_.for_each(nm_, AcceptTrials{s, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
+    bk_.for_each(nm_, AcceptTrials{s, s.newton, w.f_trial, w.g_trial, st_.f, st_.g, n_, m_});
     bk_.for_batch(FinishNewton{s, st_.iterations, st_.newton_steps, !fixed});
   }
 };

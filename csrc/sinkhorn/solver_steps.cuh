@@ -579,19 +579,6 @@ struct ShiftTest {
   }
 };
 
-// (f, g) = the shifted point where it was accepted. Over k < max(n, m).
-struct AcceptShift {
-  BatchScalars s;
-  const double *f_trial, *g_trial;
-  double *f, *g;
-  int64_t n, m;
-  DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
-    if (!s.shift[b] || s.rejected[b]) return;
-    if (k < n) f[b * n + k] = f_trial[b * n + k];
-    if (k < m) g[b * m + k] = g_trial[b * m + k];
-  }
-};
-
 // After the search's measure. One search (accepted or not) per Newton round: no second one
 // before the next round, so a search costs at most kShiftTrials + kShiftFinal iterations per
 // Newton round. The Sinkhorn phase goes on (its length, the back-off, is what bounds the
@@ -781,14 +768,16 @@ struct TrialPoint {  // g' = g + t x (or t y, see SetSlope); the term is g'_j b'
   }
 };
 
-// (f, g) = the trial point where the element accepted its step. Over k < max(n, m).
+// (f, g) = the trial point where an element that took part (`taking`: s.newton for a Newton
+// step, s.shift for a block shift) accepted it. Over k < max(n, m).
 struct AcceptTrials {
   BatchScalars s;
+  const int* taking;
   const double *f_trial, *g_trial;
   double *f, *g;
   int64_t n, m;
   DK_HOST_DEVICE void operator()(int64_t b, int64_t k) const {
-    if (!s.newton[b] || s.rejected[b]) return;
+    if (!taking[b] || s.rejected[b]) return;
     if (k < n) f[b * n + k] = f_trial[b * n + k];
     if (k < m) g[b * m + k] = g_trial[b * m + k];
   }
