@@ -392,6 +392,8 @@ struct FinishNewton {
 // carry at least kShiftMinShare of the error; the search runs only where they carry at least
 // kShiftMinTotal of it (half the L1 error is the most a set of short columns can carry: the
 // plan's mass they lack sits on the others). Each trial counts as an iteration.
+// The most a Newton direction (SlopeTerm, below) or a shift direction moves a column, in eps.
+constexpr double kMaxMove = 200.0;
 constexpr double kShiftMinLog = 1.0;
 constexpr double kShiftMinShare = 0.05;
 constexpr double kShiftMinTotal = 0.25;
@@ -400,7 +402,6 @@ constexpr double kShiftFirst = 16.0;      // first trial: tau (Sinkhorn iteratio
 constexpr double kShiftGrowth = 4.0;      // bracket growth per trial while not crossed
 constexpr double kShiftRatio = 1.5;       // the bracket is closed once hi <= kShiftRatio lo
 constexpr double kShiftMaxMove = 2000.0;  // in eps: no column moves further
-constexpr double kShiftMaxDir = 200.0;    // in eps: |x_j| at most (kMaxMove's value)
 constexpr int kShiftTrials = 8;           // bracket trials (each a row update and a measure)
 constexpr int kShiftFinal = 2;            // acceptance tests at tau_lo, tau_lo / 2
 constexpr double kShiftWorth = 1.0;     // gain wanted: this many times its iterations' Sinkhorn gain
@@ -445,7 +446,7 @@ struct ShiftDirection {
       const double l = cj > 0 ? log(bj / cj) : INFINITY;
       const double e = fabs(bj - cj);
       if (fabs(l) >= kShiftMinLog && e >= kShiftMinShare * s.err[b]) {  // NaN: no
-        xj = eps * fmax(-kShiftMaxDir, fmin(kShiftMaxDir, l));  // c_j = 0: the cap
+        xj = eps * fmax(-kMaxMove, fmin(kMaxMove, l));  // c_j = 0: the cap
         term = e;
       }
     }
@@ -698,8 +699,8 @@ struct KlTerm {  // with b' = b sum(a) / sum(b), as PotentialTerm
 // hundreds of eps at small eps), and the line search's trials go down to kMaxMove / 4^7 eps:
 // a block Sinkhorn update where Newton cannot see the block.
 // Steps on well-posed problems move by at most ~10 eps (measured on the benchmark
-// problems), so the clip leaves them alone.
-constexpr double kMaxMove = 200.0;
+// problems), so the clip leaves them alone. (kMaxMove is defined with the block shift,
+// which clips its directions the same way.)
 struct SlopeTerm {  // (b' - c) . x, b' as in PotentialTerm
   const double *b_w, *c, *scale;
   double* x;
