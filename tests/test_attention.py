@@ -549,6 +549,49 @@ def test_cuda_many_query_heads_per_kv_head_take_the_dq_kernel(cuda_device, d):
     _flash_attention_rule("cuda", dtype, d, (32, 1), SPLIT_LENS)
 
 
+# The KV kernel holds 64 or 128 keys per block (pa_kernels.h bwd_kv_key_tile; 128 by default
+# for head dim 128); DK_PA_BWD_KEYS forces either, for both head dims. These layouts put the
+# 128-key tiles' edges everywhere: a prefix of 300 (a ragged third tile), own suffixes
+# longer than 128 (query tiles of 64 on both halves of a key tile's diagonal), one-token and
+# empty suffixes, and a segment of 129.
+KEY_TILE_LENS = ([300, 64, 1, 129], [[100, 1, 0, 257], [64], [5, 3], [128, 127]])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunks", ["1", "3"])
+@pytest.mark.parametrize("keys", ["64", "128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_kv_key_tiles_meet_flash_attention_rule(cuda_device, monkeypatch, chunks, keys,
+                                                     dtype, d):
+    monkeypatch.setenv("DK_PA_BWD_KEYS", keys)
+    monkeypatch.setenv("DK_PA_BWD_CHUNKS", chunks)
+    for heads in ((4, 4), (8, 2)):
+        _flash_attention_rule("cuda", dtype, d, heads, KEY_TILE_LENS)
+    _flash_attention_rule("cuda", dtype, d, (4, 1), SPLIT_LENS)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_kv_key_tiles_agree(cuda_device, monkeypatch, d):
+    """The key tile changes which block sums a key's dK/dV, not the sum: every key row adds
+    the same products over the same query tiles in the same order (a 128-key block's own
+    walk starts one query tile earlier for its upper 64 keys, where they are all masked and
+    add exact zeros), and the deterministic mode's dQ kernel does not depend on it. So the
+    deterministic gradients are the same bits with 64 and 128 keys, and repeat."""
+    layout = dk.PrefixLayout.from_lengths(*KEY_TILE_LENS, device="cuda")
+    q, k, v = make_inputs(layout, (8, 2), d, dtype=torch.bfloat16, device="cuda", grad=True)
+    res = {}
+    for keys in ("64", "128", "128"):
+        monkeypatch.setenv("DK_PA_BWD_KEYS", keys)
+        out = dk.prefix_attention(q, k, v, layout, deterministic=True)
+        res.setdefault(keys, []).append(grads(out, (q, k, v)))
+    for x, y in zip(*res["128"]):
+        assert torch.equal(x, y)
+    for x, y in zip(res["64"][0], res["128"][0]):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunks", ["rule", "3"])
 def test_cuda_split_deterministic_bits_and_modes_agree(cuda_device, monkeypatch, chunks):

@@ -1,7 +1,7 @@
 // Backward kernels (FlashAttention-2 style), all on `stream`, no allocation:
 //   1. bwd_delta_kernel: delta = rowsum(dO * O) per (query head, token), float32.
-//   2. bwd_kv_kernel: one block per key tile of BN = 64 keys and KV head, 4 warps of 16
-//      keys. It walks every query tile that sees the key tile -- its own segment's tiles
+//   2. bwd_kv_kernel: one block per key tile of BN keys and KV head, a warp per 16 keys
+//      (BN = 128 for head dim 128, 64 for 64: bwd_kv_key_tile in pa_kernels.h). It walks every query tile that sees the key tile -- its own segment's tiles
 //      from the diagonal on (causal), then, for a prefix segment, every tile of every
 //      suffix of its group (no mask) -- for each query head of the KV head (GQA), and
 //      accumulates dK, dV in registers, so a prefix's gradient sums over its G members
@@ -49,20 +49,43 @@ __global__ void dq_convert_kernel(const PrefixAttentionBackward p, const float* 
                                h * p.dq.head_stride + d) = pack2<T>(v.x, v.y);
 }
 
-template <class T, int D>
-int64_t bwd_kv_resident_blocks() {
-  int dev = 0, sms = 0, per_sm = 0;
+template <class T, int D, int BN>
+int64_t kv_resident_blocks() {
+  using C = BwdKvConfig<D, BN>;
+  const int sms = device_sm_count();
+  int per_sm = 0;
   // The dynamic shared memory above 48 KiB must be allowed before the occupancy query.
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaFuncSetAttribute(bwd_kv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           BwdKvConfig<D>::kSmem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bwd_kv_kernel<T, D>, kBwdThreads,
-                                                    BwdKvConfig<D>::kSmem) != cudaSuccess) {
+  if (sms <= 0 ||
+      cudaFuncSetAttribute(bwd_kv_kernel<T, D, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           C::kSmem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bwd_kv_kernel<T, D, BN>, C::kThreads,
+                                                    C::kSmem) != cudaSuccess) {
     (void)cudaGetLastError();  // our failed query, not a launch's error: do not leave it
     return 0;
   }
   return static_cast<int64_t>(sms) * per_sm;
+}
+
+template <class T, int D>
+int64_t bwd_kv_resident_blocks(int key_tile) {
+  return key_tile == 128 ? kv_resident_blocks<T, D, 128>() : kv_resident_blocks<T, D, 64>();
+}
+
+// The KV kernel's grid over `slots` key tiles of BN (pass 2 above).
+template <class T, int D, int BN>
+Status launch_kv(const PrefixAttentionBackward& p, cudaStream_t stream, const float* delta,
+                 float* dq_accum, int chunks, float* partials) {
+  using C = BwdKvConfig<D, BN>;
+  const PrefixAttentionShape& s = p.shape;
+  const int64_t slots = ceil_div(s.total_tokens, BN) + p.segments.count;
+  const int64_t blocks = (chunks + 1) * slots * s.num_heads_kv;
+  if (blocks > 2147483647) return Status::invalid_argument;
+  DK_CUDA_TRY(cudaFuncSetAttribute(bwd_kv_kernel<T, D, BN>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+  bwd_kv_kernel<T, D, BN><<<static_cast<unsigned>(blocks), C::kThreads, C::kSmem, stream>>>(
+      p, static_cast<float>(s.scale * kLog2e), static_cast<float>(s.scale),
+      s.num_heads_q / s.num_heads_kv, delta, dq_accum, slots, chunks, partials);
+  return last_launch_status();
 }
 
 template <class T, int D>
@@ -74,18 +97,22 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
   const bool dq_kernel = dq_by_kernel(s, p.deterministic);
   const int64_t fixed_bytes = delta_bytes(s) + (dq_kernel ? 0 : dq_accum_bytes(s));
   float* dq_accum = dq_kernel ? nullptr : reinterpret_cast<float*>(ws + delta_bytes(s));
+  const int key_tile = bwd_kv_key_tile(s, device_sm_count());
   int chunks = bwd_prefix_chunks(s, p.segments.count, p.groups.count,
-                                 bwd_kv_resident_blocks<T, D>());
+                                 bwd_kv_resident_blocks<T, D>(key_tile), key_tile);
   // A workspace sized on another device (other SM count) may hold fewer chunks: use what fits.
   while (chunks > 1 && p.workspace_bytes >= 0 &&
          fixed_bytes + bwd_partials_bytes(s, chunks) > p.workspace_bytes)
     --chunks;
   float* partials = chunks > 1 ? reinterpret_cast<float*>(ws + fixed_bytes) : nullptr;
+  // Slots of 64-token tiles: the dQ kernel's query tiles and the split reduce's key tiles
+  // (the reduce covers every prefix row whatever the KV kernel's key tile).
   const int64_t slots = ceil_div(s.total_tokens, kBwdTile) + p.segments.count;
-  const int64_t kv_blocks = (chunks + 1) * slots * s.num_heads_kv, q_blocks = slots * s.num_heads_q;
+  const int64_t q_blocks = slots * s.num_heads_q;
   const int64_t delta_blocks = ceil_div(s.total_tokens * s.num_heads_q, 8);
   const int64_t pairs = s.total_tokens * s.num_heads_q * (D / 2);
-  if (q_blocks > 2147483647 || kv_blocks > 2147483647 || delta_blocks > 2147483647 || ceil_div(pairs, 256) > 2147483647)
+  if (q_blocks > 2147483647 || (chunks + 1) * slots * s.num_heads_kv > 2147483647 ||
+      delta_blocks > 2147483647 || ceil_div(pairs, 256) > 2147483647)
     return Status::invalid_argument;
 
   if (dq_accum != nullptr)
@@ -93,14 +120,11 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
   bwd_delta_kernel<T, D><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(p, delta);
   if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
 
-  DK_CUDA_TRY(cudaFuncSetAttribute(bwd_kv_kernel<T, D>,
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   BwdKvConfig<D>::kSmem));
-  bwd_kv_kernel<T, D><<<static_cast<unsigned>(kv_blocks), kBwdThreads, BwdKvConfig<D>::kSmem,
-                        stream>>>(p, scale_log2, static_cast<float>(s.scale),
-                                    s.num_heads_q / s.num_heads_kv, delta, dq_accum, slots,
-                                    chunks, partials);
-  if (const Status ls = last_launch_status(); !ls.is_ok()) return ls;
+  if (const Status ks = key_tile == 128
+                            ? launch_kv<T, D, 128>(p, stream, delta, dq_accum, chunks, partials)
+                            : launch_kv<T, D, 64>(p, stream, delta, dq_accum, chunks, partials);
+      !ks.is_ok())
+    return ks;
   if (chunks > 1) {
     bwd_split_reduce_kernel<T, D><<<static_cast<unsigned>(slots * s.num_heads_kv), kBwdThreads, 0,
                                     stream>>>(p, partials, chunks);

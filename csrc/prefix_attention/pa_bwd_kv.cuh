@@ -1,5 +1,6 @@
 // Backward, KV-centric pass (pa_bwd.cuh, pass 2): dK, dV in registers per key tile, and
-// in the non-deterministic mode dQ by float32 atomics.
+// in the non-deterministic mode dQ by float32 atomics. A block holds BN = 64 or 128 keys
+// (BN / 16 warps of 16 keys each) and walks query tiles of kBwdTile = 64 rows.
 #pragma once
 #include "prefix_attention/pa_bwd_common.cuh"
 
@@ -20,7 +21,7 @@ struct QueryWalk {
   bool own, done;
   // Constants of the block that walk_item needs: kept with the walk (in shared memory in
   // bwd_kv_kernel) rather than in registers across the loop.
-  int ktile, h0;  // the key tile's index in its segment; first query head of the KV head
+  int ktile, h0;  // the key tile's diagonal query tile (diag_tile); first query head
 
   __device__ __forceinline__ void enter(const PrefixSegments& s, int64_t sg) {
     q_start = s.q_start[sg];
@@ -28,7 +29,7 @@ struct QueryWalk {
     ntiles = static_cast<int>((length + kBwdTile - 1) / kBwdTile);
   }
   __device__ __forceinline__ void start(const PrefixSegments& s, const PrefixGroups& gr,
-                                        int64_t sg, int64_t kt, int chunk, int chunks) {
+                                        int64_t sg, int diag_tile, int chunk, int chunks) {
     r = 0;
     done = false;
     next_suffix = suffix_end = 0;
@@ -47,7 +48,7 @@ struct QueryWalk {
     }
     if (chunk == 0) {
       enter(s, sg);
-      tile = static_cast<int>(kt);  // BM == BN: the diagonal query tile
+      tile = diag_tile;  // the first query tile that sees the key tile's first key
       own = true;
     } else {
       next_segment(s);
@@ -77,7 +78,7 @@ struct WalkItem {
   int64_t tok0;  // first query token of the tile
   int valid;     // query rows in the tile, 0: no item
   int h;         // query head
-  int qrel;      // query tile - key tile (own tiles; the causal mask's offset)
+  int qrel;      // query tile - diagonal query tile (own tiles; the causal mask's offset)
   int own;       // the key tile's own segment: causal
 };
 
@@ -91,13 +92,16 @@ struct KvTileInfo {
   int split;      // partials instead of dk, dv
 };
 
-template <int D>
+template <int D, int BN>
 struct BwdKvConfig {
-  static constexpr int kTile = kBwdTile * D * 2;
-  static constexpr int kStage = 2 * kTile + 2 * kBwdTile * 4;  // Q, dO, lse*log2e, delta
-  static constexpr int kDs = kBwdTile * kBwdTile * 2;
+  static_assert(BN == 64 || BN == 128, "keys per block");
+  static constexpr int kThreads = BN / 16 * 32;  // a warp per 16 keys
+  static constexpr int kKTile = BN * D * 2;      // K or V
+  static constexpr int kQTile = kBwdTile * D * 2;  // Q or dO
+  static constexpr int kStage = 2 * kQTile + 2 * kBwdTile * 4;  // Q, dO, lse, delta
+  static constexpr int kDs = BN * kBwdTile * 2;                 // dS^T, BN keys x 64 queries
   // The walk's state and a ring of 3 items, after dS (all offsets above are multiples of 256).
-  static constexpr int kItems = 2 * kTile + 2 * kStage + kDs;
+  static constexpr int kItems = 2 * kKTile + 2 * kStage + kDs;
   static constexpr int kWalk = kItems + 3 * static_cast<int>(sizeof(WalkItem));
   static_assert(sizeof(QueryWalk) <= 128 && sizeof(KvTileInfo) <= 128, "walk area");
   static constexpr int kInfo = kWalk + 128;
@@ -117,19 +121,22 @@ __device__ __forceinline__ WalkItem walk_item(const QueryWalk& w) {
   return it;
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kBwdThreads, 2)
+// 64 keys: 4 warps, 2 blocks per SM; 128 keys: 8 warps, 1 block per SM (the same warps per
+// SM; each Q/dO tile loaded and each dQ row reduced once per 128 keys instead of per 64).
+template <class T, int D, int BN>
+__global__ void __launch_bounds__(BwdKvConfig<D, BN>::kThreads, BN == 64 ? 2 : 1)
     bwd_kv_kernel(const PrefixAttentionBackward p, float scale_log2, float scale_f,
                   int heads_per_kv, const float* delta, float* dq_accum, int64_t slots,
                   int chunks, float* partials) {
   // scale_f (the shape's double as float) and heads_per_kv (Hq / Hkv) come as parameters
   // so they stay in the constant bank: as values computed here they were spilled (ptxas).
-  using C = BwdKvConfig<D>;
-  constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;
+  using C = BwdKvConfig<D, BN>;
+  constexpr int B = kBwdTile, NT = B / 8, DT = D / 8;  // B: query rows per work item
+  constexpr int kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t sK = smem_u32(smem), sV = sK + C::kTile, sStages = sV + C::kTile;
+  const uint32_t sK = smem_u32(smem), sV = sK + C::kKTile, sStages = sV + C::kKTile;
   const uint32_t sDs = sStages + 2 * C::kStage;
-  const unsigned char* stage_ptr = smem + 2 * C::kTile;
+  const unsigned char* stage_ptr = smem + 2 * C::kKTile;
 
   const int hkv = p.shape.num_heads_kv;
   const int R = heads_per_kv;
@@ -146,7 +153,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   // Recomputed after the walk rather than kept live through it (it was spilled).
   auto chunk_of_block = [&] { return prefix_pass ? static_cast<int>(bid / hkv % chunks) : 0; };
   const int chunk = chunk_of_block();
-  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_64, pass_slot);
+  const TileRef tr = find_tile(
+      p.segments, BN == 64 ? p.segments.order_tiles_64 : p.segments.order_tiles_128, pass_slot);
   if (tr.seg < 0 || (p.segments.prefix_length[tr.seg] == 0) != prefix_pass) return;
   const int64_t kt = tr.tile;  // earlier key tiles are seen by more of their own queries
   // Split (prefix pass, chunks > 1): float32 partials to slot `chunk`, summed by
@@ -154,18 +162,20 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
   const bool split = prefix_pass && chunks > 1;
   const int64_t slot_stride = ntok * hkv * D;  // one (T, Hkv, D) float32 array
   const int64_t kseg_start = p.segments.q_start[tr.seg];
-  const int64_t k0 = kt * B;
+  const int64_t k0 = kt * BN;
   const int64_t klen = p.segments.length[tr.seg];
-  const int kvalid = static_cast<int>(klen - k0 < B ? klen - k0 : B);
+  const int kvalid = static_cast<int>(klen - k0 < BN ? klen - k0 : BN);
+  // The query tile holding key k0 (BN is a multiple of B): the own walk starts there.
+  const int diag_tile = static_cast<int>(kt) * (BN / B);
   const int64_t ktok0 = kseg_start + k0;
 
   QueryWalk cur;
-  cur.start(p.segments, p.groups, tr.seg, kt, chunk, prefix_pass ? chunks : 1);
-  cur.ktile = static_cast<int>(kt);  // as `tile`: a tile index fits in int
+  cur.start(p.segments, p.groups, tr.seg, diag_tile, chunk, prefix_pass ? chunks : 1);
+  cur.ktile = diag_tile;
   cur.h0 = hk * R;
   if (cur.done) {  // an empty chunk (chunk > 0 only): its partials are zeros
     float* dst = partials + 2 * chunk * slot_stride + hk * D;
-    for (int i = threadIdx.x; i < kvalid * (D / 4); i += kBwdThreads) {
+    for (int i = threadIdx.x; i < kvalid * (D / 4); i += kThreads) {
       const int64_t off = (ktok0 + i / (D / 4)) * hkv * D + i % (D / 4) * 4;
       *reinterpret_cast<float4*>(dst + off) = make_float4(0.f, 0.f, 0.f, 0.f);
       *reinterpret_cast<float4*>(dst + slot_stride + off) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -173,10 +183,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     return;
   }
 
-  load_tile<D, kBwdThreads>(sK, static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride,
-                            kseg_start + k0, p.k.token_stride, B, kvalid);
-  load_tile<D, kBwdThreads>(sV, static_cast<const uint16_t*>(p.v.data) + hk * p.v.head_stride,
-                            kseg_start + k0, p.v.token_stride, B, kvalid);
+  load_tile<D, kThreads>(sK, static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride,
+                         kseg_start + k0, p.k.token_stride, BN, kvalid);
+  load_tile<D, kThreads>(sV, static_cast<const uint16_t*>(p.v.data) + hk * p.v.head_stride,
+                         kseg_start + k0, p.v.token_stride, BN, kvalid);
 
   // Loads a work item's Q, dO (async) and its rows' lse, delta (plain loads).
   auto issue = [&](const WalkItem& w, int st) {
@@ -184,14 +194,14 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const int64_t tok0 = w.tok0;
     const int valid = w.valid;
     const uint32_t base = sStages + st * C::kStage;
-    load_tile<D, kBwdThreads>(base, static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride,
-                              tok0, p.q.token_stride, B, valid);
-    load_tile<D, kBwdThreads>(base + C::kTile,
-                              static_cast<const uint16_t*>(p.dout.data) + h * p.dout.head_stride,
-                              tok0, p.dout.token_stride, B, valid);
+    load_tile<D, kThreads>(base, static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride,
+                           tok0, p.q.token_stride, B, valid);
+    load_tile<D, kThreads>(base + C::kQTile,
+                           static_cast<const uint16_t*>(p.dout.data) + h * p.dout.head_stride,
+                           tok0, p.dout.token_stride, B, valid);
     // Asynchronous too: a plain load here would stall every item on global latency.
-    const uint32_t rows = base + 2 * C::kTile;
-    for (int i = threadIdx.x; i < B; i += kBwdThreads) {
+    const uint32_t rows = base + 2 * C::kQTile;
+    for (int i = threadIdx.x; i < B; i += kThreads) {
       const bool ok = i < valid;
       cp_async4(rows + 4 * i, ok ? p.lse + h * ntok + tok0 + i : p.lse, ok);
       cp_async4(rows + 4 * (B + i), ok ? delta + h * ntok + tok0 + i : delta, ok);
@@ -249,8 +259,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const bool causal = item->own != 0;
     const int qrel = item->qrel;  // own tiles: query tile - key tile, >= 0
     const int st = it & 1;
-    const uint32_t sQ = sStages + st * C::kStage, sdO = sQ + C::kTile;
-    const float* rows = reinterpret_cast<const float*>(stage_ptr + st * C::kStage + 2 * C::kTile);
+    const uint32_t sQ = sStages + st * C::kStage, sdO = sQ + C::kQTile;
+    const float* rows = reinterpret_cast<const float*>(stage_ptr + st * C::kStage + 2 * C::kQTile);
 
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 64 queries.
     float s[NT][4], dp[NT][4];
@@ -277,13 +287,13 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     }
     // P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta); masked entries are exactly 0.
     // Masking in 32 bits relative to the key tile: the own walk starts at the diagonal
-    // query tile (tile kt), so qoff - k0 = qrel B with qrel >= 0, and the causal test
+    // query tile (kt BN / B), so qoff - k0 = qrel B with qrel >= 0, and the causal test
     // k0 + key > qoff + q is q < key - qrel B. Per key row the kept queries are then
     // [lo, hi) (hi = 0 for a key past kvalid), hoisted out of the element loop and less
     // this lane's 2t, so each element compares a constant column nt 8 + (e & 1). Same
     // masked set as the 64-bit form (the 64-bit terms were spilled in the hd128 kernel).
     const int kvalid = info->kvalid;
-    const bool need_mask = kvalid < B || qvalid < B || (causal && kr0 + 15 > qrel * B);
+    const bool need_mask = kvalid < BN || qvalid < B || (causal && kr0 + 15 > qrel * B);
     int lo[2], hi[2];
     const int key0 = kr0 + g;
 #pragma unroll
@@ -332,7 +342,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       }
     }
     if (dq_accum != nullptr) {
-      // dQ += dS K: dS^T goes through shared memory so each warp can take 16 query rows.
+      // dQ += dS K: dS^T goes through shared memory so each warp can take 16 query rows
+      // and D / kDSplit columns (4 warps: all columns; 8 warps: half each), summing over
+      // all BN keys before its atomics.
+      constexpr int kDSplit = BN / 64, kDPairs = D / 16 / kDSplit;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -340,12 +353,13 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
           *reinterpret_cast<uint32_t*>(smem + (sDs - sK) + swz<B>(kr0 + g + 8 * r, nt) + 4 * t) =
               pd[nt][r];
       __syncthreads();
-      const int qr0 = warp * 16;
-      uint32_t af[B / 16][4];
+      const int qr0 = warp % (B / 16) * 16;
+      const int dd0 = warp / (B / 16) * kDPairs;  // first 16-column pair of this warp
+      uint32_t af[BN / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < B / 16; ++kk)
+      for (int kk = 0; kk < BN / 16; ++kk)
         ldsm_x4_t(af[kk], sDs + swz<B>(kk * 16 + (lane / 16) * 8 + lane % 8,
-                                        warp * 2 + (lane / 8) % 2));
+                                        qr0 / 8 + (lane / 8) % 2));
       // One 64-bit pointer per item (this lane's first row; the second is 8 rows on, an
       // int stride): the per-element 64-bit (token, head) index math was spilled.
       const int row_stride = p.shape.num_heads_q * D;  // floats per token
@@ -364,10 +378,11 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       float* dq_lane = dq_row + 2 * t;
 #endif
 #pragma unroll
-      for (int dd = 0; dd < DT / 2; ++dd) {
+      for (int di = 0; di < kDPairs; ++di) {
+        const int dd = dd0 + di;
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-        for (int kk = 0; kk < B / 16; ++kk) {
+        for (int kk = 0; kk < BN / 16; ++kk) {
           uint32_t b[4];
           ldsm_x4_t(b, sK + swz<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, dd * 2 + lane / 16));
           mma16816<T>(acc[0], af[kk], b);
@@ -430,13 +445,13 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
       const int row = row0 + 8 * r;
       *reinterpret_cast<uint32_t*>(smem + swz<D>(row, dt) + 4 * t) =
           pack2<T>(dk[dt][2 * r] * scale_f, dk[dt][2 * r + 1] * scale_f);
-      *reinterpret_cast<uint32_t*>(smem + C::kTile + swz<D>(row, dt) + 4 * t) =
+      *reinterpret_cast<uint32_t*>(smem + C::kKTile + swz<D>(row, dt) + 4 * t) =
           pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }
   __syncwarp();
   store_tile<D>(smem, static_cast<uint16_t*>(p.dk.data) + ti.hk * p.dk.head_stride, ti.ktok0,
                 p.dk.token_stride, kr0, 16, ti.kvalid, lane, 32);
-  store_tile<D>(smem + C::kTile, static_cast<uint16_t*>(p.dv.data) + ti.hk * p.dv.head_stride,
+  store_tile<D>(smem + C::kKTile, static_cast<uint16_t*>(p.dv.data) + ti.hk * p.dv.head_stride,
                 ti.ktok0, p.dv.token_stride, kr0, 16, ti.kvalid, lane, 32);
 }
 

@@ -4,6 +4,9 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/half_types.h"
 #include "prefix_attention/prefix_attention.h"
 
@@ -31,14 +34,35 @@ inline bool dq_by_kernel(const PrefixAttentionShape& s, bool deterministic) {
   return deterministic || s.num_heads_q >= kDqKernelMinHeadsPerKv * s.num_heads_kv;
 }
 
+// Keys per block of the backward's KV kernel (pa_bwd_kv.cuh): 128 (8 warps, 1 block per SM)
+// or 64 (4 warps, 2 blocks per SM). The warps per SM are the same, but 128 loads each Q/dO
+// tile and reduces each dQ row into the workspace once per 128 keys instead of per 64; 64
+// gives twice the blocks. 128 for head dim 128 while its grid, ceil(T / 128) x Hkv blocks,
+// fills at least half the SMs. Measured on an H200 at (4096, 512, 8), Hq = 32, D = 128
+// (bench/NOTES-attention.md, "128-key backward"), backward ms with 64 / 128 keys: Hkv = 32
+// 4.88 / 4.51; Hkv = 2 (128 blocks) 7.81 / 7.03; Hkv = 1 (64 blocks on 132 SMs) 11.73 /
+// 13.23. DK_PA_BWD_KEYS=64 or 128 overrides the rule (benchmarks and tests; read at every
+// call by the launcher and the workspace sizing alike, so they agree). `sms` <= 0: unknown.
+inline int bwd_kv_key_tile(const PrefixAttentionShape& s, int sms) {
+  if (const char* e = std::getenv("DK_PA_BWD_KEYS")) {
+    if (std::strcmp(e, "64") == 0) return 64;
+    if (std::strcmp(e, "128") == 0) return 128;
+  }
+  if (s.head_dim != 128) return 64;
+  const int64_t blocks = (s.total_tokens + 127) / 128 * s.num_heads_kv;
+  return 2 * blocks >= sms ? 128 : 64;
+}
+
 template <class T, int D>
 Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream);
 template <class T, int D>
 Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream);
-// Blocks of the backward's KV kernel that run at once on the current device (SMs x
-// blocks per SM); 0 when the device cannot be queried. Feeds the split rule.
+// The current device's SM count, 0 when it cannot be queried.
+int device_sm_count();
+// Blocks of the backward's KV kernel with `key_tile` keys that run at once on the current
+// device (SMs x blocks per SM); 0 when the device cannot be queried. Feeds the split rule.
 template <class T, int D>
-int64_t bwd_kv_resident_blocks();
+int64_t bwd_kv_resident_blocks(int key_tile);
 
 }  // namespace pa
 }  // namespace diffkern

@@ -66,6 +66,18 @@ struct Bwd {
 
 }  // namespace
 
+namespace pa {
+int device_sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // our failed query, not a launch's error: do not leave it
+    return 0;
+  }
+  return sms;
+}
+}  // namespace pa
+
 Status prefix_attention_forward_cuda(const PrefixAttentionForward& p, void* stream) {
   const Status st = check_shape(p.shape, p.segments);
   if (!st.is_ok()) return st;
@@ -98,18 +110,20 @@ int64_t prefix_attention_backward_workspace_bytes(const PrefixAttentionShape& sh
   if (shape.total_tokens <= 0 || shape.num_heads_q <= 0) return 0;
   const int64_t fixed =
       pa::delta_bytes(shape) + (pa::dq_by_kernel(shape, deterministic) ? 0 : pa::dq_accum_bytes(shape));
-  // The same chunk count launch_bwd will choose on this device (it asks the same rule).
+  // The same key tile and chunk count launch_bwd will choose on this device (it asks the
+  // same rules).
+  const int key_tile = pa::bwd_kv_key_tile(shape, pa::device_sm_count());
   int64_t resident = 0;
   const bool bf16 = shape.dtype == DType::bfloat16;
   if (shape.dtype == DType::float16 || bf16) {
     if (shape.head_dim == 64)
-      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 64>()
-                      : pa::bwd_kv_resident_blocks<Float16, 64>();
+      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 64>(key_tile)
+                      : pa::bwd_kv_resident_blocks<Float16, 64>(key_tile);
     else if (shape.head_dim == 128)
-      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 128>()
-                      : pa::bwd_kv_resident_blocks<Float16, 128>();
+      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 128>(key_tile)
+                      : pa::bwd_kv_resident_blocks<Float16, 128>(key_tile);
   }
-  const int chunks = pa::bwd_prefix_chunks(shape, num_segments, num_groups, resident);
+  const int chunks = pa::bwd_prefix_chunks(shape, num_segments, num_groups, resident, key_tile);
   return fixed + pa::bwd_partials_bytes(shape, chunks);
 }
 

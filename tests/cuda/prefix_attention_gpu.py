@@ -273,10 +273,10 @@ SPLIT_CASE = ([(200, [64, 1, 130, 0, 65, 33, 7, 100]), (70, [90, 2])], 4, 1, 128
 TIMING_SHAPE = (4096, 512, 8, 32, 128)  # P, S, G, query heads, head dim
 
 
-def timing_inputs(K, hkv):
-    """The timing problem at TIMING_SHAPE with `hkv` KV heads, bf16: (layout, scale, q, k,
-    v, dout, out, lse), the forward already run."""
-    P, S, G, H, D = TIMING_SHAPE
+def timing_inputs(K, hkv, D=TIMING_SHAPE[4]):
+    """The timing problem at TIMING_SHAPE with `hkv` KV heads (and head dim D), bf16:
+    (layout, scale, q, k, v, dout, out, lse), the forward already run."""
+    P, S, G, H, _ = TIMING_SHAPE
     L = Layout([(P, [S] * G)], "cuda")
     scale = 1 / math.sqrt(D)
     q, k, v, dout = (torch.randn(L.T, h, D, device="cuda", dtype=torch.bfloat16)
@@ -285,11 +285,11 @@ def timing_inputs(K, hkv):
     return L, scale, q, k, v, dout, out, lse
 
 
-def timing(K, hkv=32):
+def timing(K, hkv=32, D=TIMING_SHAPE[4]):
     from triton.testing import do_bench
 
-    P, S, G, H, D = TIMING_SHAPE
-    L, scale, q, k, v, dout, out, lse = timing_inputs(K, hkv)
+    P, S, G, H, _ = TIMING_SHAPE
+    L, scale, q, k, v, dout, out, lse = timing_inputs(K, hkv, D)
     pairs = P * (P + 1) / 2 + G * (S * P + S * (S + 1) / 2)
     f_fwd = 4 * D * H * pairs
     ws = {det: torch.empty(K.lib.pa_workspace_bytes(K._args(q, k, v, L, [q], lse), int(det)),
@@ -312,8 +312,8 @@ def timing(K, hkv=32):
                         warmup=50, rep=300, return_mode="median")
         t_sfb = do_bench(lambda: F.scaled_dot_product_attention(qe, ke, ve, is_causal=True).backward(de),
                          warmup=50, rep=300, return_mode="median", grad_to_none=[qe, ke, ve])
-    if hkv != H:
-        print(f"timing GQA {H}/{hkv}: fwd {t_fwd:.3f} ms = {f_fwd / t_fwd / 1e9:.0f} TFLOP/s,"
+    if hkv != H or D != TIMING_SHAPE[4]:
+        print(f"timing D={D} {H}/{hkv} heads: fwd {t_fwd:.3f} ms = {f_fwd / t_fwd / 1e9:.0f} TFLOP/s,"
               f" bwd {t_bwd:.3f} ms, det bwd {t_bwd_det:.3f} ms,"
               f" fwd+bwd {3.5 * f_fwd / (t_fwd + t_bwd) / 1e9:.0f} TFLOP/s")
         return
@@ -386,10 +386,15 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     K = Kernels(args.lib)
     ok = True
-    for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
-        for i, (groups, hq, hkv, d) in enumerate(cases(args.tiny)):
-            for dd in ((d,) if args.tiny else (64, 128)):
-                ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
+    # Both KV-kernel key tiles (DK_PA_BWD_KEYS, read by the launcher at each call).
+    for keys in ("64", "128"):
+        os.environ["DK_PA_BWD_KEYS"] = keys
+        print(f"DK_PA_BWD_KEYS={keys}:")
+        for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
+            for i, (groups, hq, hkv, d) in enumerate(cases(args.tiny)):
+                for dd in ((d,) if args.tiny else (64, 128)):
+                    ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
+    del os.environ["DK_PA_BWD_KEYS"]
     if not args.tiny:
         # The split with C forced (DK_PA_BWD_CHUNKS, read by the launcher at each call): the
         # unsplit path on a multi-member group, and an uneven C.
@@ -404,9 +409,15 @@ def main():
         ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5, big=True)
         torch.cuda.empty_cache()
     if not args.tiny and not args.no_timing:
-        timing(K)
+        for keys in ("64", "128"):
+            os.environ["DK_PA_BWD_KEYS"] = keys
+            print(f"DK_PA_BWD_KEYS={keys}:")
+            timing(K)
+            if not args.quick:
+                timing(K, hkv=8)
+                timing(K, D=64)
+        del os.environ["DK_PA_BWD_KEYS"]
         if not args.quick:
-            timing(K, hkv=8)
             for hkv in (4, 2, 1):
                 timing_split(K, hkv)
     print("ALL OK" if ok else "SOME FAILED")

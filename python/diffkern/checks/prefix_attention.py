@@ -9,6 +9,8 @@ repeated-form torch attention (info).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -153,4 +155,29 @@ def sanitizer_workload(device: str) -> int:
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         stream.synchronize()
         calls += 2
+        # The backward's KV kernel with 128 keys per block: the rule (pa_kernels.h
+        # bwd_kv_key_tile) takes it only for grids that fill the GPU, which tiny layouts never
+        # do, so it is forced here, both head dims and modes, against the CPU kernel.
+        previous = os.environ.get("DK_PA_BWD_KEYS")
+        os.environ["DK_PA_BWD_KEYS"] = "128"
+        try:
+            layout = dk.PrefixLayout.from_lengths([130, 5], [[70, 1, 0, 140], [3]], device=dev)
+            cpu = layout.to("cpu")
+            for d in (64, 128):
+                q, k, v = _inputs(layout, 4, 2, d, dtype, dev)
+                q32, k32, v32 = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))
+                ref = dk.prefix_attention(q32, k32, v32, cpu)
+                ref_grads = torch.autograd.grad(ref, (q32, k32, v32), torch.ones_like(ref))
+                for deterministic in (False, True):
+                    out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic)
+                    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+                    calls += 2
+                    for a, b in zip(grads, ref_grads):
+                        err = (a.float().cpu() - b).abs().max().item()
+                        assert err <= 3e-2 * (1 + b.abs().max().item()), f"128 keys: error {err}"
+        finally:
+            if previous is None:
+                del os.environ["DK_PA_BWD_KEYS"]
+            else:
+                os.environ["DK_PA_BWD_KEYS"] = previous
     return calls
