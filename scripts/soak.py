@@ -8,7 +8,8 @@ Ops: dk.log_iv, log_ive, log_kv, log_kve, bessel_iv_ratio (float64/float32/float
 sizes up to 4096, orders and arguments from subnormals to the largest finite, infinities,
 NaN, negatives, negative integer orders), and VonMisesFisher sample / log_prob / entropy /
 fit_von_mises_fisher (p from 2 to 1000, concentrations from 1e-6 to the largest finite and
-inf). Problem i is a deterministic function of (seed, i). Each one runs in a worker process
+inf), and dk.prefix_attention forward + backward (every fifth problem; random layouts, heads,
+dtypes and switches, scripts/soak_attention.py says which and the contract). Problem i is a deterministic function of (seed, i). Each one runs in a worker process
 whose reply must arrive within --timeout seconds: no reply is a *hang* (the worker is
 killed and restarted), a dead worker a *crash*, an exception on valid input an
 *exception*, and a result that breaks the contract a *wrong* result:
@@ -21,7 +22,9 @@ killed and restarted), a dead worker a *crash*, an exception on valid input an
   standard errors of kappa (1 - A_p(kappa)) (A_p from dk.bessel_iv_ratio, itself checked
   above); log_prob and entropy finite and equal to mpmath at one element; the
   concentration solver's round trip kappa -> A_p(kappa) -> kappa (1e-9 relative); fit
-  dtypes and shapes.
+  dtypes and shapes;
+* attention: the dense float64 reference on the CPU, FlashAttention's error rule on CUDA,
+  finite results, the deterministic mode's bits repeated (soak_attention.py).
 
 Every failure is saved in --out as <kind>-<op>-<index>.pt (the op and its inputs) plus a
 .json line of what happened; --replay reruns one. OT: when bench/soak_ot.py exists its
@@ -39,6 +42,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
+
+import soak_attention
 
 LOG_OPS = ("log_iv", "log_ive", "log_kv", "log_kve", "bessel_iv_ratio")
 VMF_OPS = ("vmf_sample", "vmf_log_prob", "vmf_entropy", "vmf_fit")
@@ -80,6 +85,8 @@ def make_problem(seed: int, index: int, device: str) -> dict:
     import numpy as np
     import torch
 
+    if index % 5 == 4:  # its own stream, so the other ops' problems keep their draws' shape
+        return soak_attention.make_problem(np.random.default_rng([seed, index, 1]), device)
     rng = np.random.default_rng([seed, index])
     if rng.random() < 0.6:
         op = LOG_OPS[rng.integers(len(LOG_OPS))]
@@ -302,6 +309,8 @@ def _vmf_mpmath(d, x, kappa, p, dt, what, got):
 
 
 def run_problem(dk, prob):
+    if prob["op"] in soak_attention.OPS:
+        return soak_attention.check(dk, prob)
     if prob["op"] in LOG_OPS:
         return check_log_bessel(dk, prob)
     return check_vmf(dk, prob)
@@ -432,7 +441,7 @@ def main(argv=None):
     t0 = time.time()
     budget = args.seconds * (1 - args.ot_share)
     stats = {op: dict(calls=0, elements=0, hang=0, crash=0, exception=0, wrong=0)
-             for op in LOG_OPS + VMF_OPS}
+             for op in LOG_OPS + VMF_OPS + soak_attention.OPS}
     failures = []
     worker = Worker(args.seed, args.device, args.threads)
     index = 0

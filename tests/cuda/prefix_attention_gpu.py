@@ -405,9 +405,15 @@ def main():
             ok &= check_case(K, groups, hq, hkv, d, torch.bfloat16, seed=77)
             del os.environ["DK_PA_BWD_CHUNKS"]
     if not args.tiny and not args.quick:
-        # 64-bit offsets: token stride 2^20 elements, T = 2300 tokens (reads and writes)
-        ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5, big=True)
-        torch.cuda.empty_cache()
+        # 64-bit offsets: token stride 2^20 elements, T = 2300 tokens (reads and writes), with
+        # both KV-kernel key tiles
+        for keys in ("64", "128"):
+            os.environ["DK_PA_BWD_KEYS"] = keys
+            print(f"DK_PA_BWD_KEYS={keys}:", end=" ")
+            ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5,
+                             big=True)
+            torch.cuda.empty_cache()
+        del os.environ["DK_PA_BWD_KEYS"]
     if not args.tiny and not args.no_timing:
         for keys in ("64", "128"):
             os.environ["DK_PA_BWD_KEYS"] = keys
