@@ -422,26 +422,26 @@ CUDA_SHAPES = [
 ]
 
 
-def _torch_repeated(q, k, v, layout, dtype):
+def _torch_repeated(q, k, v, layout, dtype, scale=None):
     """Plain torch attention in `dtype` over the repeated form (the FlashAttention rule's
     baseline): the same math as the reference, computed in the low precision."""
     P, S = layout.prefix_lens, layout.suffix_lens
-    return dense_prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), P, S)
+    return dense_prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), P, S, scale=scale)
 
 
-def _flash_attention_rule(device, dtype, d, heads, lens, deterministic=False):
+def _flash_attention_rule(device, dtype, d, heads, lens, deterministic=False, scale=None):
     """FlashAttention's rule: error vs an fp32 reference <= 2x plain torch attention's own
     error in `dtype` (outputs), <= 3x (gradients), all sharing one upstream gradient."""
     P, S = lens
     layout = dk.PrefixLayout.from_lengths(P, S, device=device)
     q, k, v = make_inputs(layout, heads, d, dtype=dtype, device=device, grad=True)
-    out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic)
+    out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic, scale=scale)
     g = grads(out, (q, k, v))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = dense_prefix_attention(q32, k32, v32, P, S)
+    ref = dense_prefix_attention(q32, k32, v32, P, S, scale=scale)
     g_ref = grads(ref, (q32, k32, v32), w_dtype=dtype)
     ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    base = _torch_repeated(ql, kl, vl, layout, dtype)
+    base = _torch_repeated(ql, kl, vl, layout, dtype, scale=scale)
     g_base = grads(base, (ql, kl, vl))
     err = (out.float() - ref).abs().max().item()
     err_base = (base.float() - ref).abs().max().item()
@@ -465,6 +465,16 @@ def test_half_on_cpu_meets_flash_attention_rule(dtype):
 @pytest.mark.parametrize("lens", CUDA_SHAPES)
 def test_cuda_flash_attention_error_rule(cuda_device, dtype, d, heads, lens):
     _flash_attention_rule("cuda", dtype, d, heads, lens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scale", [2.0, 1e-3, 0.0, -0.125])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_explicit_scales_meet_flash_attention_rule(cuda_device, scale, d):
+    """Any finite scale: sharp (2), nearly flat (1e-3), flat (0: the mean of the visible
+    values) and negative (the softmax favours the least similar keys)."""
+    _flash_attention_rule("cuda", torch.bfloat16, d, (4, 2), ([300, 70], [[129, 1, 64], [5]]),
+                          scale=scale)
 
 
 @pytest.mark.cuda

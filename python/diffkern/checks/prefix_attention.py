@@ -155,6 +155,10 @@ def sanitizer_workload(device: str) -> int:
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         stream.synchronize()
         calls += 2
+        # A negative scale (the kernels take any finite scale; the calls above use the default).
+        out = dk.prefix_attention(q, k, v, layout, scale=-0.2)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        calls += 2
         # The backward's KV kernel with 128 keys per block: the rule (pa_kernels.h
         # bwd_kv_key_tile) takes it only for grids that fill the GPU, which tiny layouts never
         # do, so it is forced here, both head dims and modes, against the CPU kernel.
