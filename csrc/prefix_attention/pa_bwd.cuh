@@ -1,9 +1,10 @@
 // Backward kernels (FlashAttention-2 style), all on `stream`, no allocation:
 //   1. bwd_delta_kernel: delta = rowsum(dO * O) per (query head, token), float32.
 //   2. bwd_kv_kernel: one block per key tile of BN keys and KV head, a warp per 16 keys
-//      (BN = 128 for head dim 128, 64 for 64: bwd_kv_key_tile in pa_kernels.h). It walks every query tile that sees the key tile -- its own segment's tiles
-//      from the diagonal on (causal), then, for a prefix segment, every tile of every
-//      suffix of its group (no mask) -- for each query head of the KV head (GQA), and
+//      (BN = 128 or 64: bwd_kv_key_tile in pa_kernels.h). It walks every query tile
+//      that sees the key tile -- its own segment's tiles from the diagonal on (causal),
+//      then, for a prefix segment, every tile of every suffix of its group (no mask) --
+//      for each query head of the KV head (GQA), and
 //      accumulates dK, dV in registers, so a prefix's gradient sums over its G members
 //      without any K/V copy. Q/dO tiles stream through two shared-memory stages.
 //      Non-deterministic mode: dQ += dS K goes to a float32 workspace by atomicAdd.

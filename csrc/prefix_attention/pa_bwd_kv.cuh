@@ -21,7 +21,7 @@ struct QueryWalk {
   bool own, done;
   // Constants of the block that walk_item needs: kept with the walk (in shared memory in
   // bwd_kv_kernel) rather than in registers across the loop.
-  int ktile, h0;  // the key tile's diagonal query tile (diag_tile); first query head
+  int diag_tile, h0;  // the query tile holding the key tile's first key; first query head
 
   __device__ __forceinline__ void enter(const PrefixSegments& s, int64_t sg) {
     q_start = s.q_start[sg];
@@ -116,7 +116,7 @@ __device__ __forceinline__ WalkItem walk_item(const QueryWalk& w) {
   it.tok0 = w.q_start + qoff;
   it.valid = static_cast<int>(left < kBwdTile ? left : kBwdTile);
   it.h = w.h0 + w.r;
-  it.qrel = w.tile - w.ktile;
+  it.qrel = w.tile - w.diag_tile;
   it.own = w.own ? 1 : 0;
   return it;
 }
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(BwdKvConfig<D, BN>::kThreads, BN == 64 ? 2 : 1
 
   QueryWalk cur;
   cur.start(p.segments, p.groups, tr.seg, diag_tile, chunk, prefix_pass ? chunks : 1);
-  cur.ktile = diag_tile;
+  cur.diag_tile = diag_tile;
   cur.h0 = hk * R;
   if (cur.done) {  // an empty chunk (chunk > 0 only): its partials are zeros
     float* dst = partials + 2 * chunk * slot_stride + hk * D;
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(BwdKvConfig<D, BN>::kThreads, BN == 64 ? 2 : 1
     __syncthreads();
     const int qvalid = item->valid;
     const bool causal = item->own != 0;
-    const int qrel = item->qrel;  // own tiles: query tile - key tile, >= 0
+    const int qrel = item->qrel;  // own tiles: query tile - diagonal query tile, >= 0
     const int st = it & 1;
     const uint32_t sQ = sStages + st * C::kStage, sdO = sQ + C::kQTile;
     const float* rows = reinterpret_cast<const float*>(stage_ptr + st * C::kStage + 2 * C::kQTile);

@@ -11,10 +11,9 @@
 // heaviest block, a prefix's first key tile, walks its prefix (x/2) and every suffix (x/2);
 // split in C chunks, chunk 0 keeps the prefix and G/C suffixes: x (1 + 1/C) / 2.
 // With B key-tile blocks (ceil(T / BN) x Hkv, BN keys per block) and `resident` blocks
-// of that kernel running at once
-// (SMs x blocks per SM, from the device at launch), the pass lasts at least
-// max(heaviest, B x average / resident). Heaviest-first order hides the heavy block only
-// while it is not the larger term, i.e. while 1 + 1/C <= q with
+// of that kernel running at once (SMs x blocks per SM, from the device at launch), the
+// pass lasts at least max(heaviest, B x average / resident). Heaviest-first order hides
+// the heavy block only while it is not the larger term, i.e. while 1 + 1/C <= q with
 //   q = B (3G + 1) / (4 G resident).
 // C = 1 when q >= 2; else the smallest C with 1/C <= q - 1; C = 4 when q <= 1 (chunk 0
 // keeps the prefix part, so more chunks stop paying: at most a 2x shorter long pole).
