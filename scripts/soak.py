@@ -9,7 +9,8 @@ sizes up to 4096, orders and arguments from subnormals to the largest finite, in
 NaN, negatives, negative integer orders), and VonMisesFisher sample / log_prob / entropy /
 fit_von_mises_fisher (p from 2 to 1000, concentrations from 1e-6 to the largest finite and
 inf), and dk.prefix_attention forward + backward (every fifth problem; random layouts, heads,
-dtypes and switches, scripts/soak_attention.py says which and the contract). Problem i is a deterministic function of (seed, i). Each one runs in a worker process
+dtypes and switches, scripts/soak_attention.py says which and the contract). Problem i is
+a deterministic function of (seed, i). Each one runs in a worker process
 whose reply must arrive within --timeout seconds: no reply is a *hang* (the worker is
 killed and restarted), a dead worker a *crash*, an exception on valid input an
 *exception*, and a result that breaks the contract a *wrong* result:

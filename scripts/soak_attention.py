@@ -2,8 +2,8 @@
 switches for ``dk.prefix_attention`` forward + backward, and the contract each must meet.
 
 A problem is a packed layout (1-3 groups; prefixes of 0 to 1500 tokens, 1 to 8 members
-each, suffixes of 0 to 300 tokens, one-token ones included; smaller on the CPU), query/KV heads (GQA and MQA
-included), a head dim (CPU: any of 1, 7, 16, 64; CUDA: 64 or 128), a dtype (CPU: float64 or
+each, suffixes of 0 to 300 tokens, one-token ones included; smaller on the CPU), query/KV
+heads (GQA and MQA included), a head dim (CPU: any of 1, 7, 16, 64; CUDA: 64 or 128), a dtype (CPU: float64 or
 float32; CUDA: bfloat16 or float16), the softmax scale (default or drawn), the input
 magnitude (1 or 4: sharp softmaxes), the deterministic switch, and on CUDA the backward's
 test switches DK_PA_BWD_KEYS (64 / 128 keys per block) and DK_PA_BWD_CHUNKS (split prefix

@@ -313,7 +313,8 @@ def timing(K, hkv=32, D=TIMING_SHAPE[4]):
         t_sfb = do_bench(lambda: F.scaled_dot_product_attention(qe, ke, ve, is_causal=True).backward(de),
                          warmup=50, rep=300, return_mode="median", grad_to_none=[qe, ke, ve])
     if hkv != H or D != TIMING_SHAPE[4]:
-        print(f"timing D={D} {H}/{hkv} heads: fwd {t_fwd:.3f} ms = {f_fwd / t_fwd / 1e9:.0f} TFLOP/s,"
+        print(f"timing D={D} {H}/{hkv} heads: fwd {t_fwd:.3f} ms ="
+              f" {f_fwd / t_fwd / 1e9:.0f} TFLOP/s,"
               f" bwd {t_bwd:.3f} ms, det bwd {t_bwd_det:.3f} ms,"
               f" fwd+bwd {3.5 * f_fwd / (t_fwd + t_bwd) / 1e9:.0f} TFLOP/s")
         return
