@@ -40,8 +40,8 @@ inline bool dq_by_kernel(const PrefixAttentionShape& s, bool deterministic) {
 // gives twice the blocks. 128 for head dim 128 while its grid, ceil(T / 128) x Hkv blocks,
 // fills at least half the SMs. Measured on an H200 at (4096, 512, 8), Hq = 32, D = 128
 // (bench/NOTES-attention.md, "128-key backward"), backward ms with 64 / 128 keys: Hkv = 32
-// 4.88 / 4.51; Hkv = 2 (128 blocks) 7.81 / 7.03; Hkv = 1 (64 blocks on 132 SMs) 11.73 /
-// 13.23. DK_PA_BWD_KEYS=64 or 128 overrides the rule (benchmarks and tests; read at every
+// 4.88 / 4.51 (one run); forward+backward through dk.prefix_attention (one run): Hkv = 2
+// (128 blocks of 128 keys) 9.22 / 8.83, Hkv = 1 (64 blocks on 132 SMs) 13.03 / 15.04. DK_PA_BWD_KEYS=64 or 128 overrides the rule (benchmarks and tests; read at every
 // call by the launcher and the workspace sizing alike, so they agree). `sms` <= 0: unknown.
 inline int bwd_kv_key_tile(const PrefixAttentionShape& s, int sms) {
   if (const char* e = std::getenv("DK_PA_BWD_KEYS")) {
