@@ -350,6 +350,21 @@ def timing_split(K, hkv):
           f" deterministic {res[1]:.3f} vs {res[3]:.3f} ms")
 
 
+def profile_once(K):
+    """The timing problem's forward and backward, 3 times each, nothing else: a target for
+    Nsight Compute (ncu -k regex:"bwd_kv_kernel|fwd_kernel" --launch-skip 2 ...)."""
+    L, scale, q, k, v, dout, out, lse = timing_inputs(K, 32)
+    ws = torch.empty(K.lib.pa_workspace_bytes(K._args(q, k, v, L, [q], lse), 0),
+                     dtype=torch.uint8, device="cuda")
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    for _ in range(3):
+        K.forward(q, k, v, L, scale)
+        K.backward(q, k, v, out, dout, lse, L, scale, ws=ws, grads=grads)
+    torch.cuda.synchronize()
+    print("profile-once done")
+    return 0
+
+
 def cpu_selftest():
     """The expanded-form reference equals dense masked attention under the contract's mask."""
     torch.manual_seed(0)
@@ -377,6 +392,7 @@ def main():
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--cpu-selftest", action="store_true")
     ap.add_argument("--kernels-only", action="store_true", help="for compute-sanitizer")
+    ap.add_argument("--profile-once", action="store_true", help="for Nsight Compute")
     ap.add_argument("--quick", action="store_true", help="bf16 only, no 64-bit case, MHA timing only")
     args = ap.parse_args()
     if args.cpu_selftest:
@@ -384,6 +400,8 @@ def main():
         return 0
     if args.kernels_only:
         return kernels_only(args.lib)
+    if args.profile_once:
+        return profile_once(Kernels(args.lib))
     torch.backends.cuda.matmul.allow_tf32 = False
     K = Kernels(args.lib)
     ok = True
