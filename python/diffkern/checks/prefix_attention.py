@@ -114,6 +114,19 @@ def _timing(dev: torch.device, quick: bool) -> dict:
                 status="info")
 
 
+def _assert_near_cpu_kernel(results, inputs, layout, tol, what):
+    """Raises when `results` (an output of dk.prefix_attention on `inputs`, then its q/k/v
+    gradients for an all-ones upstream gradient) are off the float32 CPU kernel's by more
+    than tol x (1 + the reference's largest magnitude)."""
+    xs = [t.detach().float().cpu().requires_grad_() for t in inputs]
+    ref = dk.prefix_attention(*xs, layout.to("cpu"))
+    want = (ref, *torch.autograd.grad(ref, xs, torch.ones_like(ref)))
+    for a, b in zip(results, want):
+        if a.numel():
+            err = (a.float().cpu() - b).abs().max().item()
+            assert err <= tol * (1 + b.abs().max().item()), f"error {err} ({what})"
+
+
 def sanitizer_workload(device: str) -> int:
     """Every kernel on tiny odd layouts (ragged, G=1, one-token and empty suffixes, an empty
     prefix), GQA, strided q, zero size, forward and backward (both modes), a side stream on
@@ -129,15 +142,8 @@ def sanitizer_workload(device: str) -> int:
             out = dk.prefix_attention(qs, k, v, layout, deterministic=deterministic)
             grads = torch.autograd.grad(out, (qs, k, v), torch.ones_like(out))
             calls += 2
-        cpu = layout.to("cpu")
-        q32, k32, v32 = (t.detach().float().cpu().requires_grad_() for t in (qs, k, v))
-        ref = dk.prefix_attention(q32, k32, v32, cpu)
-        ref_grads = torch.autograd.grad(ref, (q32, k32, v32), torch.ones_like(ref))
-        tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
-        for a, b in zip((out, *grads), (ref, *ref_grads)):
-            if a.numel():
-                err = (a.float().cpu() - b).abs().max().item()
-                assert err <= tol * (1 + b.abs().max().item()), f"error {err} (layout {P}, {S})"
+        _assert_near_cpu_kernel((out, *grads), (qs, k, v), layout,
+                                3e-2 if dtype == torch.bfloat16 else 1e-5, f"layout {P}, {S}")
     if dev.type == "cuda":
         # 32 query heads on one KV head: the atomic mode's dQ goes through the dQ kernel
         # (pa_kernels.h dq_by_kernel), a route the cases above do not take.
@@ -166,19 +172,14 @@ def sanitizer_workload(device: str) -> int:
         os.environ["DK_PA_BWD_KEYS"] = "128"
         try:
             layout = dk.PrefixLayout.from_lengths([130, 5], [[70, 1, 0, 140], [3]], device=dev)
-            cpu = layout.to("cpu")
             for d in (64, 128):
                 q, k, v = _inputs(layout, 4, 2, d, dtype, dev)
-                q32, k32, v32 = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))
-                ref = dk.prefix_attention(q32, k32, v32, cpu)
-                ref_grads = torch.autograd.grad(ref, (q32, k32, v32), torch.ones_like(ref))
                 for deterministic in (False, True):
                     out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic)
                     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
                     calls += 2
-                    for a, b in zip(grads, ref_grads):
-                        err = (a.float().cpu() - b).abs().max().item()
-                        assert err <= 3e-2 * (1 + b.abs().max().item()), f"128 keys: error {err}"
+                    _assert_near_cpu_kernel((out, *grads), (q, k, v), layout, 3e-2,
+                                            f"128 keys, d={d}")
         finally:
             if previous is None:
                 del os.environ["DK_PA_BWD_KEYS"]
