@@ -8,7 +8,7 @@ HEAD_DIMS = (64, 128)
 PASSES = {"fwd": ("pa_fwd.cuh", "launch_fwd", "PrefixAttentionForward"),
           "bwd": ("pa_bwd.cuh", "launch_bwd", "PrefixAttentionBackward")}
 # Further functions instantiated next to a pass's launcher (they name its kernels).
-EXTRA = {"bwd": "template int64_t bwd_kv_resident_blocks<{cls}, {d}>(int);\n"}
+EXTRA = {"bwd": "template int64_t bwd_kv_resident_blocks<{cls}, {d}>(int, int);\n"}
 
 for name, (header, fn, params) in PASSES.items():
     for short, cls in DTYPES.items():

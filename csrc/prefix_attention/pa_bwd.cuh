@@ -51,9 +51,8 @@ __global__ void dq_convert_kernel(const PrefixAttentionBackward p, const float* 
 }
 
 template <class T, int D, int BN>
-int64_t kv_resident_blocks() {
+int64_t kv_resident_blocks(int sms) {
   using C = BwdKvConfig<D, BN>;
-  const int sms = device_sm_count();
   int per_sm = 0;
   // The dynamic shared memory above 48 KiB must be allowed before the occupancy query.
   if (sms <= 0 ||
@@ -68,8 +67,8 @@ int64_t kv_resident_blocks() {
 }
 
 template <class T, int D>
-int64_t bwd_kv_resident_blocks(int key_tile) {
-  return key_tile == 128 ? kv_resident_blocks<T, D, 128>() : kv_resident_blocks<T, D, 64>();
+int64_t bwd_kv_resident_blocks(int key_tile, int sms) {
+  return key_tile == 128 ? kv_resident_blocks<T, D, 128>(sms) : kv_resident_blocks<T, D, 64>(sms);
 }
 
 // The KV kernel's grid over `slots` key tiles of BN (pass 2 above).
@@ -98,9 +97,10 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream) {
   const bool dq_kernel = dq_by_kernel(s, p.deterministic);
   const int64_t fixed_bytes = delta_bytes(s) + (dq_kernel ? 0 : dq_accum_bytes(s));
   float* dq_accum = dq_kernel ? nullptr : reinterpret_cast<float*>(ws + delta_bytes(s));
-  const int key_tile = bwd_kv_key_tile(s, device_sm_count());
+  const int sms = device_sm_count();
+  const int key_tile = bwd_kv_key_tile(s, sms);
   int chunks = bwd_prefix_chunks(s, p.segments.count, p.groups.count,
-                                 bwd_kv_resident_blocks<T, D>(key_tile), key_tile);
+                                 bwd_kv_resident_blocks<T, D>(key_tile, sms), key_tile);
   // A workspace sized on another device (other SM count) may hold fewer chunks: use what fits.
   while (chunks > 1 && p.workspace_bytes >= 0 &&
          fixed_bytes + bwd_partials_bytes(s, chunks) > p.workspace_bytes)

@@ -4,6 +4,6 @@
 namespace diffkern {
 namespace pa {
 template Status launch_bwd<BFloat16, 128>(const PrefixAttentionBackward&, cudaStream_t);
-template int64_t bwd_kv_resident_blocks<BFloat16, 128>(int);
+template int64_t bwd_kv_resident_blocks<BFloat16, 128>(int, int);
 }  // namespace pa
 }  // namespace diffkern

@@ -60,9 +60,10 @@ Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream);
 // The current device's SM count, 0 when it cannot be queried.
 int device_sm_count();
 // Blocks of the backward's KV kernel with `key_tile` keys that run at once on the current
-// device (SMs x blocks per SM); 0 when the device cannot be queried. Feeds the split rule.
+// device, of `sms` SMs (device_sm_count): SMs x blocks per SM; 0 when unknown. Feeds the
+// split rule.
 template <class T, int D>
-int64_t bwd_kv_resident_blocks(int key_tile);
+int64_t bwd_kv_resident_blocks(int key_tile, int sms);
 
 }  // namespace pa
 }  // namespace diffkern

@@ -112,16 +112,17 @@ int64_t prefix_attention_backward_workspace_bytes(const PrefixAttentionShape& sh
       pa::delta_bytes(shape) + (pa::dq_by_kernel(shape, deterministic) ? 0 : pa::dq_accum_bytes(shape));
   // The same key tile and chunk count launch_bwd will choose on this device (it asks the
   // same rules).
-  const int key_tile = pa::bwd_kv_key_tile(shape, pa::device_sm_count());
+  const int sms = pa::device_sm_count();
+  const int key_tile = pa::bwd_kv_key_tile(shape, sms);
   int64_t resident = 0;
   const bool bf16 = shape.dtype == DType::bfloat16;
   if (shape.dtype == DType::float16 || bf16) {
     if (shape.head_dim == 64)
-      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 64>(key_tile)
-                      : pa::bwd_kv_resident_blocks<Float16, 64>(key_tile);
+      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 64>(key_tile, sms)
+                      : pa::bwd_kv_resident_blocks<Float16, 64>(key_tile, sms);
     else if (shape.head_dim == 128)
-      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 128>(key_tile)
-                      : pa::bwd_kv_resident_blocks<Float16, 128>(key_tile);
+      resident = bf16 ? pa::bwd_kv_resident_blocks<BFloat16, 128>(key_tile, sms)
+                      : pa::bwd_kv_resident_blocks<Float16, 128>(key_tile, sms);
   }
   const int chunks = pa::bwd_prefix_chunks(shape, num_segments, num_groups, resident, key_tile);
   return fixed + pa::bwd_partials_bytes(shape, chunks);
