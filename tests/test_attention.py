@@ -578,6 +578,27 @@ def test_cuda_kv_key_tiles_meet_flash_attention_rule(cuda_device, monkeypatch, c
     _flash_attention_rule("cuda", dtype, d, (4, 1), SPLIT_LENS)
 
 
+# On Hopper (compute capability 9.0) the head-dim-128 forward runs on warpgroup MMA
+# (csrc/prefix_attention/pa_fwd_sm90.cuh); DK_PA_FWD_SM90=0 forces the mma.sync forward
+# that every other GPU runs. Both meet the rule and give the float64 log-sum-exp to float32
+# rounding, for every scale sign (the Hopper softmax takes the raw scores' row minimum for
+# a negative scale) and on layouts with key-tile edges everywhere.
+@pytest.mark.cuda
+@pytest.mark.parametrize("scale", [None, 0.0, -0.3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("sm90", ["1", "0"], ids=["wgmma", "mma_sync"])
+def test_cuda_forward_paths_meet_flash_attention_rule(cuda_device, monkeypatch, sm90, dtype,
+                                                      scale):
+    monkeypatch.setenv("DK_PA_FWD_SM90", sm90)
+    for heads, lens in (((4, 4), KEY_TILE_LENS), ((8, 2), KEY_TILE_LENS), ((4, 1), SPLIT_LENS)):
+        _flash_attention_rule("cuda", dtype, 128, heads, lens, scale=scale)
+        layout = dk.PrefixLayout.from_lengths(*lens, device="cuda")
+        q, k, v = make_inputs(layout, heads, 128, dtype=dtype, device="cuda")
+        _, lse = dk.prefix_attention(q, k, v, layout, scale=scale, return_lse=True)
+        ref = dense_lse(q.double().cpu(), k.double().cpu(), *lens, scale=scale)
+        torch.testing.assert_close(lse.double().cpu(), ref, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_kv_key_tiles_agree(cuda_device, monkeypatch, d):

@@ -8,6 +8,7 @@
 #include "common/cuda_check.cuh"
 #include "common/launch.h"
 #include "prefix_attention/pa_device.cuh"
+#include "prefix_attention/pa_kernels.h"
 
 namespace diffkern {
 namespace pa {
@@ -285,6 +286,9 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
 
 template <class T, int D>
 Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream) {
+  if constexpr (D == 128) {
+    if (fwd_on_sm90(p.shape)) return launch_fwd_sm90<T>(p, stream);
+  }
   using C = FwdConfig<D>;
   const int64_t slots = ceil_div(p.shape.total_tokens, C::BM) + p.segments.count;
   const int64_t blocks = slots * p.shape.num_heads_q;

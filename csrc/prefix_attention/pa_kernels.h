@@ -53,8 +53,26 @@ inline int bwd_kv_key_tile(const PrefixAttentionShape& s, int sms) {
   return 2 * blocks >= sms ? 128 : 64;
 }
 
+// The forward on Hopper's warpgroup MMA (pa_fwd_sm90.cuh) instead of mma.sync: head dim 128
+// on a compute capability 9.0 device, in builds that compiled sm_90a (DIFFKERN_PA_SM90A,
+// set by CMake when CMAKE_CUDA_ARCHITECTURES lists 90a; wgmma has no sm_90 or PTX form).
+// DK_PA_FWD_SM90=0 turns it off (A/B benchmarks and tests).
+bool device_is_sm90();
+inline bool fwd_on_sm90(const PrefixAttentionShape& s) {
+#if defined(DIFFKERN_PA_SM90A) && DIFFKERN_PA_SM90A
+  if (const char* e = std::getenv("DK_PA_FWD_SM90"))
+    if (std::strcmp(e, "0") == 0) return false;
+  return s.head_dim == 128 && device_is_sm90();
+#else
+  (void)s;
+  return false;
+#endif
+}
+
 template <class T, int D>
 Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream);
+template <class T>
+Status launch_fwd_sm90(const PrefixAttentionForward& p, cudaStream_t stream);
 template <class T, int D>
 Status launch_bwd(const PrefixAttentionBackward& p, cudaStream_t stream);
 // The current device's SM count, 0 when it cannot be queried.

@@ -82,8 +82,15 @@ def dense_causal(q, k, v, scale, fp32_math):
         n = q.shape[0]
         s = s.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device)), -math.inf)
         o = torch.softmax(s, -1) @ vh
-    else:
+    elif scale > 0:
         o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True, scale=scale)[0]
+    else:
+        # SDPA's fused kernels return NaN for a scale <= 0; its math backend does not.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True,
+                                               scale=scale)[0]
     return o.transpose(0, 1)
 
 
@@ -168,11 +175,11 @@ def big_strided(T, h, d, dtype, fill=None):
     return x.normal_() if fill is None else x.fill_(fill)
 
 
-def check_case(K, groups, hq, hkv, d, dtype, seed, big=False):
+def check_case(K, groups, hq, hkv, d, dtype, seed, big=False, scale=None):
     torch.manual_seed(seed)
     dev = "cuda"
     L = Layout(groups, dev)
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     if big:
         q, k, v, dout = (big_strided(L.T, h, d, dtype) for h in (hq, hkv, hkv, hq))
         K.alloc = lambda x: big_strided(x.shape[0], x.shape[1], x.shape[2], x.dtype, math.nan)
@@ -327,6 +334,29 @@ def timing(K, hkv=32, D=TIMING_SHAPE[4]):
           f" ratio fwd {t_sf / t_fwd:.2f}x, fwd+bwd {t_sfb / (t_fwd + t_bwd):.2f}x")
 
 
+def timing_forward(K):
+    """Forward ms and useful TFLOP/s at the benchmark's shapes (bf16, 32 query heads, D =
+    128), the Hopper wgmma kernel against the mma.sync one (DK_PA_FWD_SM90=0)."""
+    from triton.testing import do_bench
+
+    for P, S, G, hkv in ((1024, 512, 8, 32), (4096, 512, 8, 32), (8192, 512, 16, 32),
+                         (4096, 1024, 4, 32), (4096, 512, 8, 8)):
+        L = Layout([(P, [S] * G)], "cuda")
+        q, k, v = (torch.randn(L.T, h, 128, device="cuda", dtype=torch.bfloat16)
+                   for h in (32, hkv, hkv))
+        pairs = P * (P + 1) / 2 + G * (S * P + S * (S + 1) / 2)
+        flops = 4 * 128 * 32 * pairs
+        out, lse = torch.empty_like(q), torch.empty(32, L.T, device="cuda")
+        row = []
+        for sm90 in ("1", "0"):
+            os.environ["DK_PA_FWD_SM90"] = sm90
+            t = do_bench(lambda: K.forward(q, k, v, L, 128 ** -0.5, out, lse), warmup=50, rep=300,
+                         return_mode="median")
+            row.append(f"{'wgmma' if sm90 == '1' else 'mma.sync'} {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s)")
+        del os.environ["DK_PA_FWD_SM90"]
+        print(f"forward ({P}, {S}, {G}) 32/{hkv} heads: " + ", ".join(row))
+
+
 def timing_split(K, hkv):
     """Backward ms at (4096, 512, 8), 32 query heads, D = 128, with few KV heads (where the
     split rule picks C > 1 on an H200) against the split turned off (DK_PA_BWD_CHUNKS=1)."""
@@ -394,7 +424,11 @@ def main():
     ap.add_argument("--kernels-only", action="store_true", help="for compute-sanitizer")
     ap.add_argument("--profile-once", action="store_true", help="for Nsight Compute")
     ap.add_argument("--quick", action="store_true", help="bf16 only, no 64-bit case, MHA timing only")
+    ap.add_argument("--fwd-timing", action="store_true", help="forward times only, wgmma vs mma.sync")
     args = ap.parse_args()
+    if args.fwd_timing:
+        timing_forward(Kernels(args.lib))
+        return 0
     if args.cpu_selftest:
         cpu_selftest()
         return 0
@@ -415,6 +449,12 @@ def main():
                     ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
     del os.environ["DK_PA_BWD_KEYS"]
     if not args.tiny:
+        # Explicit scales: large, zero and negative (the Hopper forward's softmax takes the
+        # row minimum of the raw scores for a negative scale).
+        for scale in (3.0, 0.0, -0.7):
+            print(f"scale {scale}:", end=" ")
+            groups, hq, hkv, d = SPLIT_CASE
+            ok &= check_case(K, groups, hq, hkv, d, torch.bfloat16, seed=78, scale=scale)
         # The split with C forced (DK_PA_BWD_CHUNKS, read by the launcher at each call): the
         # unsplit path on a multi-member group, and an uneven C.
         for forced in ("1", "3"):
