@@ -607,6 +607,9 @@ def test_cuda_kv_key_tiles_agree(cuda_device, monkeypatch, d):
     walk starts one query tile earlier for its upper 64 keys, where they are all masked and
     add exact zeros), and the deterministic mode's dQ kernel does not depend on it. So the
     deterministic gradients are the same bits with 64 and 128 keys, and repeat."""
+    # The mma.sync kernels' claim: the Hopper KV kernel (128 keys, head dim 128) sums in
+    # other orders inside its wgmma, so its bits differ (test below).
+    monkeypatch.setenv("DK_PA_BWD_SM90", "0")
     layout = dk.PrefixLayout.from_lengths(*KEY_TILE_LENS, device="cuda")
     q, k, v = make_inputs(layout, (8, 2), d, dtype=torch.bfloat16, device="cuda", grad=True)
     res = {}
@@ -618,6 +621,32 @@ def test_cuda_kv_key_tiles_agree(cuda_device, monkeypatch, d):
         assert torch.equal(x, y)
     for x, y in zip(res["64"][0], res["128"][0]):
         assert torch.equal(x, y)
+
+
+# On Hopper the backward's KV kernel with 128 keys at head dim 128 runs on warpgroup MMA
+# (csrc/prefix_attention/pa_bwd_kv_sm90.cuh); DK_PA_BWD_SM90=0 forces the mma.sync kernel.
+# Both meet the rule in both modes, unsplit and split (float32 partials), with GQA/MQA, and
+# the Hopper kernel's deterministic mode repeats its bits.
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("sm90", ["1", "0"], ids=["wgmma", "mma_sync"])
+def test_cuda_backward_paths_meet_flash_attention_rule(cuda_device, monkeypatch, sm90, dtype,
+                                                       deterministic):
+    monkeypatch.setenv("DK_PA_BWD_SM90", sm90)
+    monkeypatch.setenv("DK_PA_BWD_KEYS", "128")
+    for chunks in ("1", "3"):
+        monkeypatch.setenv("DK_PA_BWD_CHUNKS", chunks)
+        for heads, lens in (((4, 4), KEY_TILE_LENS), ((8, 2), KEY_TILE_LENS),
+                            ((4, 1), SPLIT_LENS)):
+            _flash_attention_rule("cuda", dtype, 128, heads, lens, deterministic=deterministic)
+    if deterministic:
+        layout = dk.PrefixLayout.from_lengths(*SPLIT_LENS, device="cuda")
+        q, k, v = make_inputs(layout, (8, 2), 128, dtype=dtype, device="cuda", grad=True)
+        runs = [grads(dk.prefix_attention(q, k, v, layout, deterministic=True), (q, k, v))
+                for _ in range(2)]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

@@ -28,6 +28,7 @@
 #pragma once
 #include "prefix_attention/pa_bwd_common.cuh"
 #include "prefix_attention/pa_bwd_kv.cuh"  // before _dq: same kernel order as before the split
+#include "prefix_attention/pa_bwd_kv_sm90.cuh"
 #include "prefix_attention/pa_bwd_dq.cuh"
 #include "prefix_attention/pa_bwd_split.cuh"
 #include "prefix_attention/pa_bwd_split.h"
@@ -80,6 +81,18 @@ Status launch_kv(const PrefixAttentionBackward& p, cudaStream_t stream, const fl
   const int64_t slots = ceil_div(s.total_tokens, BN) + p.segments.count;
   const int64_t blocks = (chunks + 1) * slots * s.num_heads_kv;
   if (blocks > 2147483647) return Status::invalid_argument;
+  if constexpr (D == 128 && BN == 128) {
+    if (bwd_on_sm90(s)) {
+      // The same grid, parameters and one block per SM as bwd_kv_kernel<T, 128, 128>.
+      using H = Sm90BwdKvConfig;
+      DK_CUDA_TRY(cudaFuncSetAttribute(bwd_kv_sm90_kernel<T>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, H::kSmem));
+      bwd_kv_sm90_kernel<T><<<static_cast<unsigned>(blocks), H::kThreads, H::kSmem, stream>>>(
+          p, static_cast<float>(s.scale * kLog2e), static_cast<float>(s.scale),
+          s.num_heads_q / s.num_heads_kv, delta, dq_accum, slots, chunks, partials);
+      return last_launch_status();
+    }
+  }
   DK_CUDA_TRY(cudaFuncSetAttribute(bwd_kv_kernel<T, D, BN>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
   bwd_kv_kernel<T, D, BN><<<static_cast<unsigned>(blocks), C::kThreads, C::kSmem, stream>>>(

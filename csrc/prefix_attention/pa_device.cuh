@@ -94,6 +94,11 @@ __device__ __forceinline__ void red_add_v4(float* dst, float v0, float v1, float
                ::"l"(dst), "f"(v0), "f"(v1), "f"(v2), "f"(v3)
                : "memory");
 }
+// dst[0..1] += v0, v1 (8-byte aligned), the same way.
+__device__ __forceinline__ void red_add_v2(float* dst, float v0, float v1) {
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(v0), "f"(v1)
+               : "memory");
+}
 #endif
 
 // Shared-memory tiles are rows of D 16-bit values (D / 8 chunks of 16 bytes); chunk c of

@@ -53,21 +53,26 @@ inline int bwd_kv_key_tile(const PrefixAttentionShape& s, int sms) {
   return 2 * blocks >= sms ? 128 : 64;
 }
 
-// The forward on Hopper's warpgroup MMA (pa_fwd_sm90.cuh) instead of mma.sync: head dim 128
-// on a compute capability 9.0 device, in builds that compiled sm_90a (DIFFKERN_PA_SM90A,
-// set by CMake when CMAKE_CUDA_ARCHITECTURES lists 90a; wgmma has no sm_90 or PTX form).
-// DK_PA_FWD_SM90=0 turns it off (A/B benchmarks and tests).
+// The kernels on Hopper's warpgroup MMA (pa_fwd_sm90.cuh, pa_bwd_kv_sm90.cuh) instead of
+// mma.sync: head dim 128 on a compute capability 9.0 device, in builds that compiled
+// sm_90a (DIFFKERN_PA_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES lists 90a; wgmma
+// has no sm_90 or PTX form). DK_PA_FWD_SM90=0 / DK_PA_BWD_SM90=0 turn either off (A/B
+// benchmarks and tests). The backward's Hopper KV kernel also needs 128-key blocks
+// (bwd_kv_key_tile); its other passes are unchanged.
 bool device_is_sm90();
-inline bool fwd_on_sm90(const PrefixAttentionShape& s) {
+inline bool on_sm90(const PrefixAttentionShape& s, const char* off_switch) {
 #if defined(DIFFKERN_PA_SM90A) && DIFFKERN_PA_SM90A
-  if (const char* e = std::getenv("DK_PA_FWD_SM90"))
+  if (const char* e = std::getenv(off_switch))
     if (std::strcmp(e, "0") == 0) return false;
   return s.head_dim == 128 && device_is_sm90();
 #else
   (void)s;
+  (void)off_switch;
   return false;
 #endif
 }
+inline bool fwd_on_sm90(const PrefixAttentionShape& s) { return on_sm90(s, "DK_PA_FWD_SM90"); }
+inline bool bwd_on_sm90(const PrefixAttentionShape& s) { return on_sm90(s, "DK_PA_BWD_SM90"); }
 
 template <class T, int D>
 Status launch_fwd(const PrefixAttentionForward& p, cudaStream_t stream);

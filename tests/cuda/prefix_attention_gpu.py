@@ -334,27 +334,37 @@ def timing(K, hkv=32, D=TIMING_SHAPE[4]):
           f" ratio fwd {t_sf / t_fwd:.2f}x, fwd+bwd {t_sfb / (t_fwd + t_bwd):.2f}x")
 
 
-def timing_forward(K):
-    """Forward ms and useful TFLOP/s at the benchmark's shapes (bf16, 32 query heads, D =
-    128), the Hopper wgmma kernel against the mma.sync one (DK_PA_FWD_SM90=0)."""
+def timing_hopper(K):
+    """Forward and backward ms and useful TFLOP/s at the benchmark's shapes (bf16, 32 query
+    heads, D = 128): the Hopper wgmma kernels against the mma.sync ones (DK_PA_FWD_SM90=0,
+    DK_PA_BWD_SM90=0)."""
     from triton.testing import do_bench
 
     for P, S, G, hkv in ((1024, 512, 8, 32), (4096, 512, 8, 32), (8192, 512, 16, 32),
                          (4096, 1024, 4, 32), (4096, 512, 8, 8)):
         L = Layout([(P, [S] * G)], "cuda")
-        q, k, v = (torch.randn(L.T, h, 128, device="cuda", dtype=torch.bfloat16)
-                   for h in (32, hkv, hkv))
+        q, k, v, dout = (torch.randn(L.T, h, 128, device="cuda", dtype=torch.bfloat16)
+                         for h in (32, hkv, hkv, 32))
         pairs = P * (P + 1) / 2 + G * (S * P + S * (S + 1) / 2)
         flops = 4 * 128 * 32 * pairs
-        out, lse = torch.empty_like(q), torch.empty(32, L.T, device="cuda")
+        scale = 128 ** -0.5
+        out, lse = K.forward(q, k, v, L, scale)
+        ws = torch.empty(K.lib.pa_workspace_bytes(K._args(q, k, v, L, [q], lse), 0),
+                         dtype=torch.uint8, device="cuda")
+        o2, l2 = torch.empty_like(out), torch.empty_like(lse)
+        grads = [torch.empty_like(x) for x in (q, k, v)]
         row = []
         for sm90 in ("1", "0"):
-            os.environ["DK_PA_FWD_SM90"] = sm90
-            t = do_bench(lambda: K.forward(q, k, v, L, 128 ** -0.5, out, lse), warmup=50, rep=300,
-                         return_mode="median")
-            row.append(f"{'wgmma' if sm90 == '1' else 'mma.sync'} {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s)")
-        del os.environ["DK_PA_FWD_SM90"]
-        print(f"forward ({P}, {S}, {G}) 32/{hkv} heads: " + ", ".join(row))
+            os.environ["DK_PA_FWD_SM90"] = os.environ["DK_PA_BWD_SM90"] = sm90
+            tf = do_bench(lambda: K.forward(q, k, v, L, scale, o2, l2), warmup=50, rep=300,
+                          return_mode="median")
+            tb = do_bench(lambda: K.backward(q, k, v, out, dout, lse, L, scale, ws=ws, grads=grads),
+                          warmup=50, rep=300, return_mode="median")
+            row.append(f"{'wgmma' if sm90 == '1' else 'mma.sync'} fwd {tf:.3f} ({flops / tf / 1e9:.0f})"
+                       f" bwd {tb:.3f} ({2.5 * flops / tb / 1e9:.0f}) f+b {tf + tb:.3f}"
+                       f" ({3.5 * flops / (tf + tb) / 1e9:.0f})")
+        del os.environ["DK_PA_FWD_SM90"], os.environ["DK_PA_BWD_SM90"]
+        print(f"({P}, {S}, {G}) 32/{hkv}: ms (TFLOP/s) " + " | ".join(row), flush=True)
 
 
 def timing_split(K, hkv):
@@ -424,10 +434,11 @@ def main():
     ap.add_argument("--kernels-only", action="store_true", help="for compute-sanitizer")
     ap.add_argument("--profile-once", action="store_true", help="for Nsight Compute")
     ap.add_argument("--quick", action="store_true", help="bf16 only, no 64-bit case, MHA timing only")
-    ap.add_argument("--fwd-timing", action="store_true", help="forward times only, wgmma vs mma.sync")
+    ap.add_argument("--hopper-timing", action="store_true",
+                    help="forward and backward times, wgmma against mma.sync")
     args = ap.parse_args()
-    if args.fwd_timing:
-        timing_forward(Kernels(args.lib))
+    if args.hopper_timing:
+        timing_hopper(Kernels(args.lib))
         return 0
     if args.cpu_selftest:
         cpu_selftest()

@@ -75,6 +75,35 @@ __global__ void probe_pv(const uint16_t* pm, const uint16_t* v, float* o) {
 #endif
 }
 
+// dQ's product in the Hopper backward: D (64 x 64) = A^T B with A^T = dS^T stored as
+// (128 k x 64 m) rows and B = K (128 k x 128 n) rows, columns [64 half, 64 half + 64):
+// both operands MN-major (transposed) from shared memory.
+__global__ void probe_tt(const uint16_t* at, const uint16_t* b, float* o, int half) {
+#if DK_PA_WGMMA_DEVICE
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t sA = smem_u32(smem), sB = sA + 128 * 128;
+  load_tile_sw128<64, 128, 128>(sA, at, 0, 64, 128);
+  load_tile_sw128<128, 128, 128>(sB, b, 0, 128, 128);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_smem();
+  __syncthreads();
+  float d[32];
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_ss_tt<BFloat16, 64>(d, sw128_desc(sA + kk * 16 * 128, 16, 1024),
+                              sw128_desc(sB + half * 128 * 128 + kk * 16 * 128, 16, 1024), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(d);
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, qq = t % 4;
+  for (int j = 0; j < 8; ++j)
+    for (int r = 0; r < 2; ++r)
+      for (int e = 0; e < 2; ++e) o[(16 * w + g + 8 * r) * 64 + 8 * j + 2 * qq + e] = d[4 * j + 2 * r + e];
+#endif
+}
+
 static uint16_t to_bf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
@@ -141,6 +170,19 @@ int main() {
   probe_pv<<<1, 128, 128 * 256>>>(dp, dv, dout);
   cudaMemcpy(out.data(), dout, 64 * 128 * 4, cudaMemcpyDeviceToHost);
   report("O = P V, m64n128k16 RS (V^T)", max_err(p, v, out, 64, 128, 128, false));
+  cudaFuncSetAttribute(probe_tt, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+  for (int half = 0; half < 2; ++half) {
+    probe_tt<<<1, 128, 128 * 128 + 128 * 256>>>(dp, dk, dout, half);  // dp as (128 x 64) rows
+    cudaMemcpy(out.data(), dout, 64 * 64 * 4, cudaMemcpyDeviceToHost);
+    double worst = 0;
+    for (int m = 0; m < 64; ++m)
+      for (int n = 0; n < 64; ++n) {
+        double acc = 0;
+        for (int kx = 0; kx < 128; ++kx) acc += from_bf16(p[kx * 64 + m]) * from_bf16(k[kx * 128 + 64 * half + n]);
+        worst = std::fmax(worst, std::fabs(acc - out[m * 64 + n]));
+      }
+    report(half ? "dQ = dS K, SS both MN (hi)" : "dQ = dS K, SS both MN (lo)", worst);
+  }
   const cudaError_t e = cudaDeviceSynchronize();
   std::printf("CUDA: %s\n", cudaGetErrorString(e));
   return ok && e == cudaSuccess ? 0 : 1;
