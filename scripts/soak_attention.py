@@ -6,8 +6,9 @@ each, suffixes of 0 to 300 tokens, one-token ones included; smaller on the CPU),
 heads (GQA and MQA included), a head dim (CPU: any of 1, 7, 16, 64; CUDA: 64 or 128), a dtype (CPU: float64 or
 float32; CUDA: bfloat16 or float16), the softmax scale (default or drawn), the input
 magnitude (1 or 4: sharp softmaxes), the deterministic switch, and on CUDA the backward's
-test switches DK_PA_BWD_KEYS (64 / 128 keys per block) and DK_PA_BWD_CHUNKS (split prefix
-key tiles), which the launcher reads at every call.
+test switches DK_PA_BWD_KEYS (64 / 128 keys per block), DK_PA_BWD_CHUNKS (split prefix
+key tiles) and DK_PA_FWD_SM90 / DK_PA_BWD_SM90 (0: the mma.sync kernels instead of Hopper's
+wgmma ones), which the launchers read at every call.
 
 The contract (the same as tests/test_attention.py's):
 * CPU: outputs and q/k/v gradients (one random upstream gradient) against the dense float64
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 
 OPS = ("prefix_attention",)
-_SWITCHES = ("DK_PA_BWD_KEYS", "DK_PA_BWD_CHUNKS")
+_SWITCHES = ("DK_PA_BWD_KEYS", "DK_PA_BWD_CHUNKS", "DK_PA_FWD_SM90", "DK_PA_BWD_SM90")
 
 
 def make_problem(rng, device: str) -> dict:
@@ -50,7 +51,9 @@ def make_problem(rng, device: str) -> dict:
     if cuda:
         keys = rng.choice(["", "64", "128"])
         chunks = rng.choice(["", "", "", "1", "2", "3", "4"])
-        switches = {k: str(v) for k, v in zip(_SWITCHES, (keys, chunks)) if v}
+        fwd_sm90, bwd_sm90 = (rng.choice(["", "", "0"]) for _ in range(2))
+        switches = {k: str(v) for k, v in zip(_SWITCHES, (keys, chunks, fwd_sm90, bwd_sm90))
+                    if v}
     return dict(op="prefix_attention", dtype=dtype, device=device, prefix=prefix,
                 suffixes=suffixes, hq=hq, hkv=hkv, d=d,
                 scale=None if rng.random() < 0.7 else float(rng.uniform(0.01, 1.0)),

@@ -9,6 +9,7 @@ repeated-form torch attention (info).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -167,22 +168,32 @@ def sanitizer_workload(device: str) -> int:
         calls += 2
         # The backward's KV kernel with 128 keys per block: the rule (pa_kernels.h
         # bwd_kv_key_tile) takes it only for grids that fill the GPU, which tiny layouts never
-        # do, so it is forced here, both head dims and modes, against the CPU kernel.
-        previous = os.environ.get("DK_PA_BWD_KEYS")
-        os.environ["DK_PA_BWD_KEYS"] = "128"
-        try:
-            layout = dk.PrefixLayout.from_lengths([130, 5], [[70, 1, 0, 140], [3]], device=dev)
-            for d in (64, 128):
-                q, k, v = _inputs(layout, 4, 2, d, dtype, dev)
-                for deterministic in (False, True):
-                    out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic)
-                    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-                    calls += 2
-                    _assert_near_cpu_kernel((out, *grads), (q, k, v), layout, 3e-2,
-                                            f"128 keys, d={d}")
-        finally:
-            if previous is None:
-                del os.environ["DK_PA_BWD_KEYS"]
-            else:
-                os.environ["DK_PA_BWD_KEYS"] = previous
+        # do, so it is forced here, both head dims and modes, against the CPU kernel; on a
+        # Hopper GPU with the wgmma kernels (head dim 128) and with the mma.sync ones.
+        layout = dk.PrefixLayout.from_lengths([130, 5], [[70, 1, 0, 140], [3]], device=dev)
+        for sm90 in ("1", "0"):
+            with _env(DK_PA_BWD_KEYS="128", DK_PA_FWD_SM90=sm90, DK_PA_BWD_SM90=sm90):
+                for d in (64, 128):
+                    q, k, v = _inputs(layout, 4, 2, d, dtype, dev)
+                    for deterministic in (False, True):
+                        out = dk.prefix_attention(q, k, v, layout, deterministic=deterministic)
+                        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+                        calls += 2
+                        _assert_near_cpu_kernel((out, *grads), (q, k, v), layout, 3e-2,
+                                                f"128 keys, d={d}, DK_PA_*_SM90={sm90}")
     return calls
+
+
+@contextlib.contextmanager
+def _env(**switches):
+    """The kernels' test switches (read by the launchers at every call) set for a block."""
+    previous = {k: os.environ.get(k) for k in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
