@@ -7,8 +7,8 @@ heads (GQA and MQA included), a head dim (CPU: any of 1, 7, 16, 64; CUDA: 64 or 
 float32; CUDA: bfloat16 or float16), the softmax scale (default or drawn), the input
 magnitude (1 or 4: sharp softmaxes), the deterministic switch, and on CUDA the backward's
 test switches DK_PA_BWD_KEYS (64 / 128 keys per block), DK_PA_BWD_CHUNKS (split prefix
-key tiles) and DK_PA_FWD_SM90 / DK_PA_BWD_SM90 (0: the mma.sync kernels instead of Hopper's
-wgmma ones), which the launchers read at every call.
+key tiles) and DK_PA_FWD_SM90 / DK_PA_BWD_SM90 (0 / 1: the mma.sync or Hopper's wgmma
+kernels, whatever the default), which the launchers read at every call.
 
 The contract (the same as tests/test_attention.py's):
 * CPU: outputs and q/k/v gradients (one random upstream gradient) against the dense float64
@@ -51,7 +51,7 @@ def make_problem(rng, device: str) -> dict:
     if cuda:
         keys = rng.choice(["", "64", "128"])
         chunks = rng.choice(["", "", "", "1", "2", "3", "4"])
-        fwd_sm90, bwd_sm90 = (rng.choice(["", "", "0"]) for _ in range(2))
+        fwd_sm90, bwd_sm90 = (rng.choice(["", "0", "1"]) for _ in range(2))
         switches = {k: str(v) for k, v in zip(_SWITCHES, (keys, chunks, fwd_sm90, bwd_sm90))
                     if v}
     return dict(op="prefix_attention", dtype=dtype, device=device, prefix=prefix,

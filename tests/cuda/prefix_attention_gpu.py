@@ -451,14 +451,16 @@ def main():
     K = Kernels(args.lib)
     ok = True
     # Both KV-kernel key tiles (DK_PA_BWD_KEYS, read by the launcher at each call).
-    for keys in ("64", "128"):
-        os.environ["DK_PA_BWD_KEYS"] = keys
-        print(f"DK_PA_BWD_KEYS={keys}:")
+    # Both KV-kernel key tiles, and with 128 keys both the mma.sync and the Hopper wgmma
+    # kernel (DK_PA_BWD_SM90, read by the launcher at each call; head dim 128 on sm_90 only).
+    for keys, bwd_sm90 in (("64", "0"), ("128", "0"), ("128", "1")):
+        os.environ["DK_PA_BWD_KEYS"], os.environ["DK_PA_BWD_SM90"] = keys, bwd_sm90
+        print(f"DK_PA_BWD_KEYS={keys} DK_PA_BWD_SM90={bwd_sm90}:")
         for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
             for i, (groups, hq, hkv, d) in enumerate(cases(args.tiny)):
                 for dd in ((d,) if args.tiny else (64, 128)):
                     ok &= check_case(K, groups, hq, hkv, dd, dtype, seed=100 * i + dd)
-    del os.environ["DK_PA_BWD_KEYS"]
+    del os.environ["DK_PA_BWD_KEYS"], os.environ["DK_PA_BWD_SM90"]
     if not args.tiny:
         # Explicit scales: large, zero and negative (the Hopper forward's softmax takes the
         # row minimum of the raw scores for a negative scale).
@@ -477,13 +479,13 @@ def main():
     if not args.tiny and not args.quick:
         # 64-bit offsets: token stride 2^20 elements, T = 2300 tokens (reads and writes), with
         # both KV-kernel key tiles
-        for keys in ("64", "128"):
-            os.environ["DK_PA_BWD_KEYS"] = keys
-            print(f"DK_PA_BWD_KEYS={keys}:", end=" ")
+        for keys, bwd_sm90 in (("64", "0"), ("128", "0"), ("128", "1")):
+            os.environ["DK_PA_BWD_KEYS"], os.environ["DK_PA_BWD_SM90"] = keys, bwd_sm90
+            print(f"DK_PA_BWD_KEYS={keys} DK_PA_BWD_SM90={bwd_sm90}:", end=" ")
             ok &= check_case(K, [(1500, [400, 0, 399]), (1, [1])], 4, 2, 128, torch.bfloat16, 5,
                              big=True)
             torch.cuda.empty_cache()
-        del os.environ["DK_PA_BWD_KEYS"]
+        del os.environ["DK_PA_BWD_KEYS"], os.environ["DK_PA_BWD_SM90"]
     if not args.tiny and not args.no_timing:
         for keys in ("64", "128"):
             os.environ["DK_PA_BWD_KEYS"] = keys
