@@ -2,7 +2,8 @@
 // masking and online softmax as fwd_kernel (pa_fwd.cuh), with the two products on
 // warpgroup MMA (pa_wgmma.cuh) instead of mma.sync. One block = one query tile of 128 rows
 // = 2 warpgroups of 64 rows; K/V tiles of BN keys stream through shared memory with
-// cp.async (two stages) in the 128-byte-swizzled layout wgmma reads directly.
+// cp.async (two K and two V buffers, loads one iteration ahead: see the pipeline below) in
+// the 128-byte-swizzled layout wgmma reads directly.
 //
 // Why it is faster: S = Q K^T reads Q and K from shared memory inside the tensor cores
 // (one descriptor per 64 x BN x 16 step, no ldmatrix, no fragment registers), and O += P V
@@ -24,7 +25,7 @@ namespace pa {
 struct Sm90FwdConfig {
   static constexpr int D = 128, BM = 128, BN = DK_PA_SM90_BN, THREADS = 256;
   static constexpr int kTileQ = BM * D * 2, kTileKV = BN * D * 2;
-  static constexpr int kSmem = kTileQ + 4 * kTileKV;  // Q, then K0 V0 K1 V1 (1024-aligned)
+  static constexpr int kSmem = kTileQ + 4 * kTileKV;  // Q, K0, K1, V0, V1 (1024-aligned)
 };
 
 // op over v[0..N) as a balanced tree (N a power of two): log2 N dependent steps, not N - 1.
