@@ -67,24 +67,20 @@ struct Bwd {
 }  // namespace
 
 namespace pa {
-int device_sm_count() {
-  int dev = 0, sms = 0;
+// An attribute of the current device, or `fallback` when it cannot be queried.
+static int current_device_attribute(cudaDeviceAttr attr, int fallback) {
+  int dev = 0, value = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess) {
     (void)cudaGetLastError();  // our failed query, not a launch's error: do not leave it
-    return 0;
+    return fallback;
   }
-  return sms;
+  return value;
 }
+int device_sm_count() { return current_device_attribute(cudaDevAttrMultiProcessorCount, 0); }
 bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major == 9 && minor == 0;
+  return current_device_attribute(cudaDevAttrComputeCapabilityMajor, 0) == 9 &&
+         current_device_attribute(cudaDevAttrComputeCapabilityMinor, -1) == 0;
 }
 }  // namespace pa
 
