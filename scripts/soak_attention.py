@@ -20,8 +20,6 @@ The contract (the same as tests/test_attention.py's):
 """
 from __future__ import annotations
 
-import os
-
 OPS = ("prefix_attention",)
 _SWITCHES = ("DK_PA_BWD_KEYS", "DK_PA_BWD_CHUNKS", "DK_PA_FWD_SM90", "DK_PA_BWD_SM90")
 
@@ -78,18 +76,11 @@ def check(dk, prob):
     """(failure messages, elements): the contract of the module docstring."""
     import torch
 
-    saved = {k: os.environ.get(k) for k in _SWITCHES}
-    for k in _SWITCHES:
-        os.environ.pop(k, None)
-    os.environ.update(prob["switches"])
-    try:
+    from diffkern.checks.prefix_attention import kernel_switches
+
+    # The problem's switches, the others unset (not inherited from the environment).
+    with kernel_switches(**{k: prob["switches"].get(k) for k in _SWITCHES}):
         return _check(dk, prob, torch)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _check(dk, prob, torch):

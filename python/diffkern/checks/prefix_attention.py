@@ -172,7 +172,7 @@ def sanitizer_workload(device: str) -> int:
         # Hopper GPU with the wgmma kernels (head dim 128) and with the mma.sync ones.
         layout = dk.PrefixLayout.from_lengths([130, 5], [[70, 1, 0, 140], [3]], device=dev)
         for sm90 in ("1", "0"):
-            with _env(DK_PA_BWD_KEYS="128", DK_PA_FWD_SM90=sm90, DK_PA_BWD_SM90=sm90):
+            with kernel_switches(DK_PA_BWD_KEYS="128", DK_PA_FWD_SM90=sm90, DK_PA_BWD_SM90=sm90):
                 for d in (64, 128):
                     q, k, v = _inputs(layout, 4, 2, d, dtype, dev)
                     for deterministic in (False, True):
@@ -185,15 +185,20 @@ def sanitizer_workload(device: str) -> int:
 
 
 @contextlib.contextmanager
-def _env(**switches):
-    """The kernels' test switches (read by the launchers at every call) set for a block."""
+def kernel_switches(**switches):
+    """The CUDA kernels' test switches (DK_PA_*: environment variables the launchers read at
+    every call) set for a block: a string sets one, None unsets it; all restored after."""
     previous = {k: os.environ.get(k) for k in switches}
-    os.environ.update(switches)
     try:
+        for k, v in switches.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in previous.items():
             if v is None:
-                del os.environ[k]
+                os.environ.pop(k, None)
             else:
                 os.environ[k] = v
