@@ -67,6 +67,31 @@ struct FwdKeyTiles {
   }
 };
 
+// The query tile a forward block works on: block -> query head h (and its KV head hk) and,
+// heaviest first, the tile of BM rows at offset q0 of segment seg (q_valid rows, from
+// token q_tok0). Shared by fwd_kernel and the Hopper forward (pa_fwd_sm90.cuh).
+struct FwdQueryTile {
+  int64_t seg, q0, q_tok0;
+  int h, hk, q_valid;
+};
+// False for a surplus block (the grid is sized from shapes alone).
+template <int BM>
+__device__ __forceinline__ bool fwd_query_tile(const PrefixAttentionForward& p, FwdQueryTile& t) {
+  const int hq = p.shape.num_heads_q;
+  const int64_t bid = blockIdx.x;
+  t.h = static_cast<int>(bid % hq);
+  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_128, bid / hq);
+  if (tr.seg < 0) return false;
+  t.seg = tr.seg;
+  const int64_t len = p.segments.length[t.seg];
+  // Later tiles of a segment see more keys (causal): run them first.
+  t.q0 = ((len + BM - 1) / BM - 1 - tr.tile) * BM;
+  t.q_valid = static_cast<int>(len - t.q0 < BM ? len - t.q0 : BM);
+  t.hk = t.h / (hq / p.shape.num_heads_kv);
+  t.q_tok0 = p.segments.q_start[t.seg] + t.q0;
+  return true;
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlocks)
     fwd_kernel(const PrefixAttentionForward p, float scale_log2) {
@@ -77,19 +102,11 @@ __global__ void __launch_bounds__(FwdConfig<D>::THREADS, FwdConfig<D>::kMinBlock
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sKV = sQ + C::kTileQ;
 
-  const int hq = p.shape.num_heads_q;
-  const int64_t bid = blockIdx.x;
-  const int h = static_cast<int>(bid % hq);
-  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_128, bid / hq);
-  if (tr.seg < 0) return;
-  const int64_t seg = tr.seg;
-  const int64_t len = p.segments.length[seg];
-  // Later tiles of a segment see more keys (causal): run them first.
-  const int64_t q0 = ((len + BM - 1) / BM - 1 - tr.tile) * BM;
-  const int q_valid = static_cast<int>(len - q0 < BM ? len - q0 : BM);
-  const int hk = h / (hq / p.shape.num_heads_kv);
-  const FwdKeyTiles<BN> keys(p.segments, seg, q0, BM);
-  const int64_t q_tok0 = p.segments.q_start[seg] + q0;
+  FwdQueryTile qt;
+  if (!fwd_query_tile<BM>(p, qt)) return;
+  const int h = qt.h, hk = qt.hk, q_valid = qt.q_valid;
+  const int64_t q_tok0 = qt.q_tok0;
+  const FwdKeyTiles<BN> keys(p.segments, qt.seg, qt.q0, BM);
 
   const uint16_t* qb = static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride;
   const uint16_t* kb = static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride;

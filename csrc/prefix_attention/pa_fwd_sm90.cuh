@@ -147,18 +147,11 @@ __global__ void __launch_bounds__(Sm90FwdConfig::THREADS, 1)
   const uint32_t sK = sQ + C::kTileQ;          // two K buffers
   const uint32_t sV = sK + 2 * C::kTileKV;     // two V buffers
 
-  const int hq = p.shape.num_heads_q;
-  const int64_t bid = blockIdx.x;
-  const int h = static_cast<int>(bid % hq);
-  const TileRef tr = find_tile(p.segments, p.segments.order_tiles_128, bid / hq);
-  if (tr.seg < 0) return;
-  const int64_t seg = tr.seg;
-  const int64_t len = p.segments.length[seg];
-  const int64_t q0 = ((len + BM - 1) / BM - 1 - tr.tile) * BM;  // heaviest tiles first
-  const int q_valid = static_cast<int>(len - q0 < BM ? len - q0 : BM);
-  const int hk = h / (hq / p.shape.num_heads_kv);
-  const FwdKeyTiles<BN> keys(p.segments, seg, q0, BM);
-  const int64_t q_tok0 = p.segments.q_start[seg] + q0;
+  FwdQueryTile qt;
+  if (!fwd_query_tile<BM>(p, qt)) return;
+  const int h = qt.h, hk = qt.hk, q_valid = qt.q_valid;
+  const int64_t q_tok0 = qt.q_tok0;
+  const FwdKeyTiles<BN> keys(p.segments, qt.seg, qt.q0, BM);
 
   const uint16_t* qb = static_cast<const uint16_t*>(p.q.data) + h * p.q.head_stride;
   const uint16_t* kb = static_cast<const uint16_t*>(p.k.data) + hk * p.k.head_stride;
@@ -227,14 +220,18 @@ __global__ void __launch_bounds__(Sm90FwdConfig::THREADS, 1)
   // count). Two P buffers used in turn (the loop below is unrolled by two) so that no
   // register copy lands between the wgmma issues: ptxas serializes wgmma when registers
   // an issued wgmma reads are written before its wait.
-  auto step = [&](int i, uint32_t (&cur)[BN / 16][4], uint32_t (&nxt)[BN / 16][4]) {
-    issue_s(s, i + 1);
+  // O += P(i) V(i), V MN-major (pa_wgmma.cuh): k-step kk = V rows 16 kk .. 16 kk + 15.
+  auto issue_pv = [&](int i, uint32_t (&cur)[BN / 16][4]) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
       wgmma_rs_t<T, D>(o, cur[kk], sw128_desc(sV + (i & 1) * C::kTileKV + kk * 16 * 128,
                                                BN * 128, 1024));
     wgmma_commit();
+  };
+  auto step = [&](int i, uint32_t (&cur)[BN / 16][4], uint32_t (&nxt)[BN / 16][4]) {
+    issue_s(s, i + 1);
+    issue_pv(i, cur);
     wgmma_wait<1>();
     fence_regs(s);
     softmax_tile<BN, kNegScale>(s, keys, i + 1, row0, g, t, scale_log2, m_run, l_run, alpha);
@@ -258,12 +255,7 @@ __global__ void __launch_bounds__(Sm90FwdConfig::THREADS, 1)
   };
   // The last tile: O += P V only.
   auto last = [&](int i, uint32_t (&cur)[BN / 16][4]) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_rs_t<T, D>(o, cur[kk], sw128_desc(sV + (i & 1) * C::kTileKV + kk * 16 * 128,
-                                               BN * 128, 1024));
-    wgmma_commit();
+    issue_pv(i, cur);
     wgmma_wait<0>();
     fence_regs(o);
     fence_regs(cur);
