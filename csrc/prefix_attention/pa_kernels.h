@@ -61,11 +61,8 @@ inline int bwd_kv_key_tile(const PrefixAttentionShape& s, int sms) {
 // backward's Hopper KV kernel also needs 128-key blocks (bwd_kv_key_tile); its other passes
 // are unchanged.
 //
-// Defaults: the Hopper forward is on (it passed the H200's CUDA tests, sanitizers and
-// benchmarks). The Hopper backward is off for now: it met FlashAttention's rule on every
-// bf16 case of the GPU harness and ran 1.32x faster there, but the GPU machine was not
-// lent again for its full check (fp16, the CUDA test suite, compute-sanitizer, the soak);
-// DK_PA_BWD_SM90=1 turns it on (bench/NOTES-attention.md).
+// Defaults: both Hopper kernels are on; they passed the H200's CUDA tests, GPU harness,
+// compute-sanitizer and soak (bench/NOTES-attention.md).
 bool device_is_sm90();
 inline bool on_sm90(const PrefixAttentionShape& s, const char* switch_name, bool by_default) {
 #if defined(DIFFKERN_PA_SM90A) && DIFFKERN_PA_SM90A
@@ -86,7 +83,7 @@ inline bool fwd_on_sm90(const PrefixAttentionShape& s) {
   return on_sm90(s, "DK_PA_FWD_SM90", true);
 }
 inline bool bwd_on_sm90(const PrefixAttentionShape& s) {
-  return on_sm90(s, "DK_PA_BWD_SM90", false);
+  return on_sm90(s, "DK_PA_BWD_SM90", true);
 }
 
 template <class T, int D>
