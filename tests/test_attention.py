@@ -274,6 +274,30 @@ def test_opcheck():
     oc.check_opcheck(torch.ops.diffkern.prefix_attention_bwd.default, bargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eager_autograd_path_equals_the_custom_op(dtype):
+    """Eager calls that record autograd skip the custom op (an autograd.Function over the
+    same kernels): the same bits as the op's registered autograd, and the same refusal of
+    a double backward."""
+    layout = dk.PrefixLayout.from_lengths(*LAYOUTS["ragged"])
+    q, k, v = make_inputs(layout, (4, 2), 8, dtype=dtype, grad=True)
+    out = dk.prefix_attention(q, k, v, layout, scale=0.3)
+    assert "EagerPrefixAttention" in type(out.grad_fn).__name__  # the path under test
+    op_out, _ = torch.ops.diffkern.prefix_attention_fwd(q, k, v, layout.segment_index,
+                                                        layout.group_index, 0.3, False)
+    assert "EagerPrefixAttention" not in type(op_out.grad_fn).__name__
+    assert torch.equal(out, op_out)
+    for a, b in zip(grads(out, (q, k, v)), grads(op_out, (q, k, v))):
+        assert torch.equal(a, b)
+    _, lse = dk.prefix_attention(q, k, v, layout, scale=0.3, return_lse=True)
+    assert not lse.requires_grad
+    out = dk.prefix_attention(q, k, v, layout, scale=0.3)
+    gq, = torch.autograd.grad(out.sum(), q, create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gq.sum().backward()
+
+
 def test_gradcheck_float64():
     layout = dk.PrefixLayout.from_lengths([3, 1], [[2, 1], [2]])
     q, k, v = make_inputs(layout, (2, 1), 3, grad=True)

@@ -2,6 +2,7 @@
 
 - ``current_stream_handle`` / ``num_threads``: what a core call launches on.
 - ``skips_dispatcher``: whether a call may go straight to the core (the fast path).
+- ``eager_autograd``: whether a call recording autograd may skip its custom op.
 - ``promote_inputs``: array-likes to tensors, promoted as their own library would.
 
 NumPy is optional: it is never imported here. An input can only be a NumPy object if the
@@ -75,6 +76,16 @@ def skips_dispatcher(*tensors) -> bool:
         if type(t) is not _Tensor or (grad and t.requires_grad):
             return False
     return True
+
+
+def eager_autograd(*tensors) -> bool:
+    """True when a call that records autograd may use a plain ``torch.autograd.Function``
+    instead of its custom op (same results, one dispatcher round trip less in the forward
+    and in the backward): not compiling, no functorch transform, each argument exactly
+    torch.Tensor. The custom op stays the path for torch.compile, vmap and subclasses."""
+    if torch.compiler.is_compiling() or _current_level() is not None:
+        return False
+    return all(type(t) is _Tensor for t in tensors)
 
 
 # ------------------------------------------------------------------ input promotion
