@@ -71,7 +71,7 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_index: 
     lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(-math.inf) if lse.numel() else lse
-    q, k, v = (_kernel_ready(x.detach()) for x in (q, k, v))
+    q, k, v = (_kernel_ready(x) for x in (q, k, v))
     dst = out
     if q.device.type == "cpu" and q.dtype in _HALF:
         q, k, v = _cpu_compute(q, k, v)
@@ -106,7 +106,7 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return dq, dk, dv
     if Hq == 0:
         return dq, dk.zero_(), dv.zero_()
-    xs = [_kernel_ready(x.detach()) for x in (dout, q, k, v, out)]
+    xs = [_kernel_ready(x) for x in (dout, q, k, v, out)]
     dst = (dq, dk, dv)
     if q.device.type == "cpu" and q.dtype in _HALF:
         xs = _cpu_compute(*xs)
@@ -118,7 +118,7 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     else:
         nbytes = 0
     ws = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
-    _C.prefix_attention_backward(*xs, lse.detach(), segment_index, group_index, *dst, ws,
+    _C.prefix_attention_backward(*xs, lse, segment_index, group_index, *dst, ws,
                                  float(scale), bool(deterministic), num_threads(),
                                  current_stream_handle(q))
     if dst[0] is not dq:
@@ -157,12 +157,15 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerPrefixAttention(torch.autograd.Function):
     """The op's autograd in eager mode without the dispatcher (eager_autograd): the same
-    kernels, context and gradients as _fwd's registered autograd. A custom op with autograd
-    costs two dispatcher round trips per step (~0.1 ms of host time measured on the CPU),
-    as long as a small shape's forward kernel on a GPU, so the host would fall behind."""
+    kernels, context and gradients as _fwd's registered autograd. On the GPU the host time
+    from the forward's launch to the backward's is what a small shape's step waits for
+    (the forward kernel of (P, S, G) = (1024, 512, 8) takes 0.25 ms on an H200); this path,
+    and no zero-filled lse gradient, took 0.09 ms off its forward+backward
+    (bench/NOTES-attention.md)."""
 
     @staticmethod
     def forward(ctx, q, k, v, segment_index, group_index, scale, deterministic):
+        ctx.set_materialize_grads(False)  # no zero-filled lse gradient (it is never read)
         out, lse = _fwd_impl(q, k, v, segment_index, group_index, scale, deterministic)
         _setup_context(ctx, (q, k, v, segment_index, group_index, scale, deterministic),
                        (out, lse))
@@ -170,6 +173,8 @@ class _EagerPrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:  # only lse (no gradient) was used
+            return (None,) * 7
         q, k, v, out, lse, segment_index, group_index = ctx.saved_tensors
         # With create_graph the backward op records itself, as on the op's path: its
         # gradients then require grad, and differentiating them raises (no formula).
