@@ -648,7 +648,7 @@ def test_cuda_kv_key_tiles_agree(cuda_device, monkeypatch, d):
 
 
 # On Hopper the backward's KV kernel with 128 keys at head dim 128 can run on warpgroup MMA
-# (csrc/prefix_attention/pa_bwd_kv_sm90.cuh; off by default for now, pa_kernels.h):
+# (csrc/prefix_attention/pa_bwd_kv_sm90.cuh; on by default there, pa_kernels.h):
 # DK_PA_BWD_SM90=1 / 0 forces it or the mma.sync kernel.
 # Both meet the rule in both modes, unsplit and split (float32 partials), with GQA/MQA, and
 # the Hopper kernel's deterministic mode repeats its bits.
