@@ -298,6 +298,26 @@ def test_eager_autograd_path_equals_the_custom_op(dtype):
         gq.sum().backward()
 
 
+def test_eager_autograd_path_under_checkpoint_and_in_place_edits():
+    """The eager Function path with activation checkpointing (saved-tensor hooks) gives the
+    plain gradients, and an input edited in place after the forward is refused."""
+    from torch.utils.checkpoint import checkpoint
+
+    layout = dk.PrefixLayout.from_lengths(*LAYOUTS["empty_suffix"])
+    q, k, v = make_inputs(layout, (4, 2), 8, grad=True)
+    f = lambda q, k, v: dk.prefix_attention(q, k, v, layout) * 1.5  # noqa: E731
+    plain = grads(f(q, k, v), (q, k, v))
+    ckpt = grads(checkpoint(f, q, k, v, use_reentrant=False), (q, k, v))
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+    x = q.detach().clone().requires_grad_()
+    y = x * 1  # a non-leaf that the forward saves
+    out = dk.prefix_attention(y, k, v, layout)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_gradcheck_float64():
     layout = dk.PrefixLayout.from_lengths([3, 1], [[2, 1], [2]])
     q, k, v = make_inputs(layout, (2, 1), 3, grad=True)
