@@ -2,6 +2,7 @@
 
     python bench/attention.py [--device cpu|cuda|auto] [--quick] [--repeats R]
                               [--json PATH] [--plot PATH]
+                              [--shape P,S,G[,HQ,HKV,D] ...] [--methods NAME,...]
 
 One group per shape: a prefix of P tokens shared by G suffixes of S tokens each; Hq query
 heads, Hkv KV heads, head dim D. CUDA (default): bf16, Hq = 32, D = 128,
@@ -36,6 +37,11 @@ input gradients, folded back to the packed form, against the fp32 reference
 (tests/reference/prefix_attention_ref.py); "x torch" divides that by the error of the same
 reference computed in the benchmark's dtype (FlashAttention's rule: <= 2x for outputs,
 <= 3x for gradients).
+
+--shape (repeatable) measures your shapes instead of the defaults (HQ, HKV, D default to
+32, 32, 128 on CUDA and 4, 4, 32 on the CPU; the correctness check runs on the first);
+--methods keeps only the named methods (e.g. --methods diffkern,sdpa_cudnn --repeats 200
+for a close race at one shape).
 
 --plot PATH adds two sweeps (forward+backward only): G in 1..16 at P = 4096, S = 512 and
 P in 512..8192 at S = 512, G = 8 (smaller with --quick or on CPU) and draws time against G
@@ -98,6 +104,23 @@ def default_shapes(cuda, quick):
     shapes = [Shape(96, 32, 4, hq, hq, d), Shape(256, 64, 8, hq, hq, d),
               Shape(128, 32, 4, hq, 2, d)]
     return [shapes[0], shapes[2]] if quick else shapes
+
+
+def parse_shape(text, cuda):
+    """'P,S,G' or 'P,S,G,HQ,HKV,D' -> Shape (argparse type; a clear error otherwise)."""
+    import argparse
+
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (3, 6) or min(vals) < 0 or (len(vals) == 6 and (
+            min(vals[3:]) < 1 or vals[3] % vals[4])):
+        raise argparse.ArgumentTypeError(
+            f"expected P,S,G or P,S,G,HQ,HKV,D (non-negative integers, HKV dividing HQ), "
+            f"got {text!r}")
+    hq, hkv, d = vals[3:] if len(vals) == 6 else ((32, 32, 128) if cuda else (4, 4, 32))
+    return Shape(*vals[:3], hq, hkv, d)
 
 
 def sweeps(cuda, quick):
@@ -466,7 +489,16 @@ def run_shape(methods, shape, device, dtype, repeats, budget_s, log):
 def main():
     ap = H.parser(__doc__, devices=("cpu", "cuda", "auto"), device_default="auto", repeats=10)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--shape", action="append", default=None, metavar="P,S,G[,HQ,HKV,D]",
+                    help="measure this shape instead of the defaults (repeatable)")
+    ap.add_argument("--methods", default=None, metavar="NAME,...",
+                    help=f"only these methods, from {','.join(METHODS)}")
     args = ap.parse_args()
+    if args.methods is not None:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in METHODS]
+        if unknown or not chosen:
+            ap.error(f"--methods: expected names from {','.join(METHODS)}, got {args.methods!r}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -480,10 +512,19 @@ def main():
     t_start = time.perf_counter()
 
     methods = make_methods(device, args.quick)
+    if args.methods is not None:
+        methods = {name: (m if name in chosen else "not in --methods")
+                   for name, m in methods.items()}
     for name, m in methods.items():
         if isinstance(m, str):
             print(f"{name}: skipped: {m}")
-    shapes = default_shapes(cuda, args.quick)
+    if args.shape:
+        try:
+            shapes = [parse_shape(t, cuda) for t in args.shape]
+        except Exception as e:
+            ap.error(f"--shape: {e}")
+    else:
+        shapes = default_shapes(cuda, args.quick)
     print(f"device {H.gpu_name() if cuda else H.cpu_name()}, {dtype}, torch {torch.__version__}\n")
     print("\n".join(H.table(COLUMNS, [])))
 
