@@ -143,13 +143,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, segment_index, group_index)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, segment_index, group_index = ctx.saved_tensors
-    if dout is None:
+def _grads(bwd, ctx, dout):
+    """q, k, v gradients (and None for the other inputs) from the saved context, through
+    ``bwd``: the backward op, or its implementation on the eager path."""
+    if dout is None:  # only lse (no gradient) was used
         return (None,) * 7
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, segment_index, group_index, ctx.scale,
-                      ctx.deterministic)
+    q, k, v, out, lse, segment_index, group_index = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, segment_index, group_index, ctx.scale,
+                     ctx.deterministic)
     return dq, dk, dv, None, None, None, None
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(_bwd, ctx, dout)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -173,15 +179,9 @@ class _EagerPrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        if dout is None:  # only lse (no gradient) was used
-            return (None,) * 7
-        q, k, v, out, lse, segment_index, group_index = ctx.saved_tensors
         # With create_graph the backward op records itself, as on the op's path: its
         # gradients then require grad, and differentiating them raises (no formula).
-        bwd = _bwd if torch.is_grad_enabled() else _bwd_impl
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, segment_index, group_index, ctx.scale,
-                         ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+        return _grads(_bwd if torch.is_grad_enabled() else _bwd_impl, ctx, dout)
 
 
 # ---------------------------------------------------------------------------- public
