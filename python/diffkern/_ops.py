@@ -63,29 +63,32 @@ def register_fast_path() -> None:
 register_fast_path()
 
 
-def skips_dispatcher(*tensors) -> bool:
-    """True when a call on these needs nothing from torch's dispatcher, so a family may call
-    its core directly (same results, less per-call overhead): not compiling (checked first:
-    under torch.compile nothing else may be traced), no functorch transform active (vmap,
-    grad: their tensors are wrappers), each argument exactly torch.Tensor (no fake or
-    subclass tensor, no array-like), and no autograd to record."""
+def eager_autograd(*tensors) -> bool:
+    """True when a call may bypass its custom op and still record autograd through a plain
+    ``torch.autograd.Function`` (same results, one dispatcher round trip less in the forward
+    and in the backward): not compiling (checked first: under torch.compile nothing else
+    may be traced), no functorch transform active (vmap, grad: their tensors are wrappers),
+    each argument exactly torch.Tensor (no fake or subclass tensor, no array-like). The
+    custom op stays the path for torch.compile, vmap and subclasses."""
     if torch.compiler.is_compiling() or _current_level() is not None:
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) is not _Tensor or (grad and t.requires_grad):
+        if type(t) is not _Tensor:
             return False
     return True
 
 
-def eager_autograd(*tensors) -> bool:
-    """True when a call that records autograd may use a plain ``torch.autograd.Function``
-    instead of its custom op (same results, one dispatcher round trip less in the forward
-    and in the backward): not compiling, no functorch transform, each argument exactly
-    torch.Tensor. The custom op stays the path for torch.compile, vmap and subclasses."""
-    if torch.compiler.is_compiling() or _current_level() is not None:
+def skips_dispatcher(*tensors) -> bool:
+    """True when a call on these needs nothing from torch's dispatcher, so a family may call
+    its core directly (same results, less per-call overhead): eager_autograd's conditions,
+    and no autograd to record."""
+    if not eager_autograd(*tensors):
         return False
-    return all(type(t) is _Tensor for t in tensors)
+    if torch.is_grad_enabled():  # (a loop, not any(): this runs on every small call)
+        for t in tensors:
+            if t.requires_grad:
+                return False
+    return True
 
 
 # ------------------------------------------------------------------ input promotion
