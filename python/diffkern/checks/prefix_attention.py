@@ -191,14 +191,16 @@ def kernel_switches(**switches):
     previous = {k: os.environ.get(k) for k in switches}
     try:
         for k, v in switches.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            _set_env(k, v)
         yield
     finally:
         for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            _set_env(k, v)
+
+
+def _set_env(name: str, value) -> None:
+    """os.environ[name] = value, or unset it for None."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
