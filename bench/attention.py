@@ -109,16 +109,14 @@ def default_shapes(cuda, quick):
 
 
 def parse_shape(text, cuda):
-    """'P,S,G' or 'P,S,G,HQ,HKV,D' -> Shape (argparse type; a clear error otherwise)."""
-    import argparse
-
+    """'P,S,G' or 'P,S,G,HQ,HKV,D' -> Shape (a clear error otherwise)."""
     try:
         vals = [int(x) for x in text.split(",")]
     except ValueError:
         vals = []
     if len(vals) not in (3, 6) or min(vals) < 0 or (len(vals) == 6 and (
             min(vals[3:]) < 1 or vals[3] % vals[4])):
-        raise argparse.ArgumentTypeError(
+        raise ValueError(
             f"expected P,S,G or P,S,G,HQ,HKV,D (non-negative integers, HKV dividing HQ), "
             f"got {text!r}")
     hq, hkv, d = vals[3:] if len(vals) == 6 else ((32, 32, 128) if cuda else (4, 4, 32))
